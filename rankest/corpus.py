@@ -1,0 +1,583 @@
+"""Corpora: documents → packed token windows → the sampled contexts (rows) of a run.
+
+Three steps, each a function:
+
+1. :func:`load_documents` — a short name of :data:`CORPORA`, an HF dataset
+   ``NAME[:CONFIG[:SPLIT]]``, or local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files.
+2. :func:`pack_windows` — tokenise, concatenate with EOS between documents, cut into
+   non-overlapping windows of ``seq_len + 1`` tokens (inputs ``w[:, :-1]``, targets ``w[:, 1:]``).
+3. :func:`plan_rows` — which (window, position) pairs become rows of the target matrix: every
+   chosen position, or ``tokens`` of them drawn uniformly without replacement (seeded), with the
+   windows in a seeded random order so that every prefix of the plan is a random subsample
+   (convergence curves are computed on prefixes). :func:`iter_batches` walks the plan.
+
+The embedded default corpus ``lee`` is the Lee background corpus (Lee, Pincombe & Welsh 2005,
+"An empirical evaluation of models of text document similarity", CogSci 2005): 300 ABC
+(Australian Broadcasting Corporation) news articles, about 360 kB, one document per line. It
+is not part of rankest: it is read from the test data of the gensim wheel
+(``gensim/test/test_data/lee_background.cor``; gensim is LGPL-2.1 and distributes the corpus
+with its tests), located without importing gensim, so ``pip install --no-deps gensim`` is
+enough. rankest never copies the text into its own files.
+
+Examples::
+
+    python -c "from rankest.corpus import load_documents; print(len(load_documents('lee')))"
+    python -c "from rankest.corpus import load_documents; print(len(load_documents('wikitext-2')))"
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import importlib.util
+import os
+import pathlib
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rankest.errors import UserError
+
+__all__ = [
+    "CorpusInfo",
+    "CORPORA",
+    "DEFAULT_CORPUS",
+    "load_documents",
+    "pack_windows",
+    "RowPlan",
+    "plan_rows",
+    "Batch",
+    "iter_batches",
+    "check_seq_len",
+]
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    """One named corpus: either an HF dataset split, or a file inside an installed package."""
+
+    name: str
+    description: str
+    hf_path: str | None = None  # datasets.load_dataset(hf_path, hf_config, split=split)
+    hf_config: str | None = None
+    split: str | None = None
+    column: str = "text"
+    package: tuple[str, str] | None = None  # (python package, file inside it): one document per line
+
+
+CORPORA: dict[str, CorpusInfo] = {
+    info.name: info
+    for info in [
+        CorpusInfo(
+            "lee",
+            "Lee background corpus: 300 ABC news articles (~360 kB), embedded via the gensim wheel",
+            package=("gensim", "test/test_data/lee_background.cor"),
+        ),
+        CorpusInfo(
+            "wikitext-2",
+            "WikiText-2 raw, test split (Merity et al. 2016)",
+            hf_path="Salesforce/wikitext",
+            hf_config="wikitext-2-raw-v1",
+            split="test",
+        ),
+        CorpusInfo(
+            "wikitext-103",
+            "WikiText-103 raw, test split (Merity et al. 2016)",
+            hf_path="Salesforce/wikitext",
+            hf_config="wikitext-103-raw-v1",
+            split="test",
+        ),
+        CorpusInfo(
+            # The Pile's validation set (Gao et al. 2020) as re-hosted by MIT HAN lab for AWQ
+            # calibration; the original the-eye.eu host is gone.
+            "pile-val",
+            "The Pile, validation split (mit-han-lab/pile-val-backup, ~1 GB download)",
+            hf_path="mit-han-lab/pile-val-backup",
+            split="validation",
+        ),
+    ]
+}
+DEFAULT_CORPUS = "lee"
+
+_GENSIM_PIP = "pip install --no-deps gensim"
+_LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json",
+                   ".json": "json", ".parquet": "parquet"}
+_SPLIT_PREFERENCE = ("test", "validation", "train")
+_RANDPERM_MAX = 1 << 24  # candidates up to which a full permutation (8 bytes each) is drawn
+
+
+# --- documents -----------------------------------------------------------------------------
+def load_documents(spec: str | os.PathLike | Sequence[str | os.PathLike], *, max_chars: int | None = None) -> list[str]:
+    """Read a corpus as a list of non-empty documents.
+
+    Parameters
+    ----------
+    spec : str, path or sequence of them
+        A short name of :data:`CORPORA`; local files (``.txt``: one document per blank-line
+        separated paragraph when the file has blank lines, else one per line; ``.jsonl`` /
+        ``.json`` with a ``text`` field; ``.parquet``), glob patterns allowed; or an HF dataset
+        ``NAME[:CONFIG[:SPLIT]]`` (column ``text``, else the first string column; without a
+        split: ``test``, else ``validation``, else ``train``). A sequence concatenates its items.
+    max_chars : int, optional
+        Stop once this many characters are read (the last document is cut).
+
+    Returns
+    -------
+    list of str
+        Documents in corpus order; whitespace-only documents dropped.
+    """
+    if max_chars is not None and max_chars <= 0:
+        raise UserError(f"max_chars must be positive, got {max_chars}")
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not items:
+        raise UserError("no corpus given; pass --corpus NAME or one or more files")
+    documents: list[str] = []
+    budget = max_chars
+    for item in items:
+        for doc in _iter_spec(os.fspath(item)):
+            if not doc.strip():
+                continue
+            if budget is not None:
+                if len(doc) >= budget:
+                    documents.append(doc[:budget])
+                    return documents
+                budget -= len(doc)
+            documents.append(doc)
+    if not documents:
+        raise UserError(f"the corpus {_describe(items)} has no non-empty documents; check its contents")
+    return documents
+
+
+def _describe(items: list[Any]) -> str:
+    names = [os.fspath(x) for x in items]
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
+
+
+def _iter_spec(spec: str) -> Iterable[str]:
+    if spec in CORPORA:
+        info = CORPORA[spec]
+        if info.package is not None:
+            return _read_lines(_package_file(*info.package))
+        return _load_hf(info.hf_path, info.hf_config, info.split, info.column, short=spec)
+    path = pathlib.Path(spec).expanduser()
+    if path.is_file():
+        return _load_local([path])
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _LOCAL_SUFFIXES)
+        if not files:
+            raise UserError(
+                f"the corpus folder {path} has no .txt/.jsonl/.json/.parquet files; pass files instead"
+            )
+        return _load_local(files)
+    if glob.has_magic(spec):
+        files = sorted(pathlib.Path(p) for p in glob.glob(os.path.expanduser(spec)))
+        if not files:
+            raise UserError(f"the corpus pattern {spec} matches no file; check the path")
+        return _load_local(files)
+    if pathlib.Path(spec).suffix.lower() in _LOCAL_SUFFIXES or spec.startswith((".", "/", "~")):
+        raise UserError(f"the corpus file {spec} does not exist; check the path")
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise UserError(
+            f"cannot read --corpus {spec!r}: use a short name ({', '.join(CORPORA)}), local "
+            "files, or an HF dataset as NAME[:CONFIG[:SPLIT]]"
+        )
+    name, config, split = (parts + [None, None])[:3]
+    return _load_hf(name, config or None, split or None, None, short=None)
+
+
+def _package_file(package: str, relative: str) -> pathlib.Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded corpus needs the Python package {package}: {_GENSIM_PIP}")
+    for folder in spec.submodule_search_locations:
+        candidate = pathlib.Path(folder) / relative
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"the package {package} is installed without {relative}; reinstall it: {_GENSIM_PIP}"
+    )
+
+
+def _read_lines(path: pathlib.Path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            yield line.rstrip("\r\n")
+
+
+def _has_blank_line(path: pathlib.Path) -> bool:
+    """Whether the first MiB of a text file has a blank (whitespace-only) line."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        head = handle.read(1 << 20)
+    return re.search(r"\n[ \t\r\f\v]*\n", head) is not None
+
+
+def _read_text(path: pathlib.Path) -> Iterator[str]:
+    """A .txt file: one document per blank-line separated paragraph when it has blank lines,
+    else one per line. Streamed, so files larger than memory are fine."""
+    if not _has_blank_line(path):
+        yield from _read_lines(path)
+        return
+    paragraph: list[str] = []
+    for line in _read_lines(path):
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "\n".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
+    """Local files: text read directly; JSON lines / JSON / Parquet through the ``datasets``
+    packaged builders (they work offline)."""
+    for path in files:
+        builder = _LOCAL_SUFFIXES.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(
+                f"cannot read the corpus file {path}: use .txt, .jsonl, .json or .parquet files"
+            )
+        if builder == "text":
+            yield from _read_text(path)
+            continue
+        try:
+            import datasets
+
+            dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+        except Exception as exc:  # datasets raises many types for a malformed file
+            raise UserError(
+                f"cannot read the corpus file {path} as {builder} ({_first_line(exc)}); check "
+                "its format (.jsonl needs one JSON object per line with a text field)"
+            ) from exc
+        yield from _column(dataset, None, str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _column(dataset: Any, column: str | None, where: str) -> Iterator[str]:
+    """The ``text`` column, else the first string column."""
+    features = dataset.features
+    if column is None or column not in features:
+        if "text" in features:
+            column = "text"
+        else:
+            strings = [k for k, v in features.items() if getattr(v, "dtype", None) in ("string", "large_string")]
+            if not strings:
+                raise UserError(
+                    f"the corpus {where} has no text column (columns: {', '.join(features)}); "
+                    "give it a string column named text"
+                )
+            column = strings[0]
+    for batch in dataset.iter(batch_size=1000):
+        for doc in batch[column]:
+            if isinstance(doc, str):
+                yield doc
+
+
+def _load_hf(name: str, config: str | None, split: str | None, column: str | None, *, short: str | None) -> Iterator[str]:
+    import datasets
+
+    label = name + (f" (config {config})" if config else "") + (f", split {split}" if split else "")
+    if short:
+        prefix = f"cannot load the corpus {short} = {label} from the Hugging Face datasets cache or Hub"
+    else:
+        close = difflib.get_close_matches(name, list(CORPORA), n=2, cutoff=0.6)
+        prefix = (
+            f"{name!r} is neither a local file nor a short name ({', '.join(CORPORA)})"
+            + (f" — did you mean {' or '.join(close)}? —" if close else "")
+            + f" and loading the Hugging Face dataset {label} failed"
+        )
+    try:
+        if split is None:
+            try:
+                names = datasets.get_dataset_split_names(name, config)
+            except Exception:  # offline: the cached dataset still knows its splits
+                names = list(datasets.load_dataset(name, config))
+            split = next((s for s in _SPLIT_PREFERENCE if s in names), names[0])
+        dataset = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown name, bad config or split: all user-facing
+        offline = any(
+            os.environ.get(k, "").strip().lower() in {"1", "on", "yes", "true"}
+            for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+        )
+        raise UserError(
+            f"{prefix} ({_first_line(exc)}" + ("; offline mode is on" if offline else "")
+            + "); download it where there is network, use local .txt/.jsonl/.parquet files, "
+            f"or the embedded corpus {DEFAULT_CORPUS}"
+        ) from exc
+    yield from _column(dataset, column, label)
+
+
+# --- windows -------------------------------------------------------------------------------
+def check_seq_len(seq_len: int, context_length: int) -> None:
+    """Raise :class:`UserError` unless ``1 ≤ seq_len ≤ context_length``."""
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq_len}")
+    if seq_len > context_length:
+        raise UserError(
+            f"--seq-len {seq_len} exceeds the teacher's context length {context_length}; "
+            f"use --seq-len {context_length} or less"
+        )
+
+
+def pack_windows(
+    documents: Iterable[str],
+    tokenizer: Any,
+    seq_len: int,
+    *,
+    max_windows: int | None = None,
+    progress: bool = True,
+    chunk_docs: int = 256,
+) -> torch.Tensor:
+    """Tokenise documents, concatenate them and cut non-overlapping windows.
+
+    Documents are tokenised without special tokens and joined with the tokenizer's EOS token
+    between consecutive documents (none when it has no EOS). The stream is cut into windows of
+    ``seq_len + 1`` tokens; the incomplete tail is dropped. Tokenisation is lazy (``chunk_docs``
+    documents at a time) and stops once ``max_windows`` windows are full.
+
+    Parameters
+    ----------
+    documents : iterable of str
+    tokenizer : a transformers tokenizer
+    seq_len : int
+        L, the teacher's input length; windows hold L + 1 tokens.
+    max_windows : int, optional
+    progress : bool
+        Show a tqdm bar (desc ``"tokenising"``).
+
+    Returns
+    -------
+    LongTensor of shape (W, seq_len + 1)
+        Inputs are ``w[:, :-1]`` and targets ``w[:, 1:]``.
+    """
+    from tqdm.auto import tqdm
+
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"max_windows must be at least 1, got {max_windows}")
+    width = seq_len + 1
+    eos = getattr(tokenizer, "eos_token_id", None)
+    docs = documents if isinstance(documents, list) else list(documents)
+    windows: list[torch.Tensor] = []
+    carry: list[int] = []
+    n_windows = 0
+    total_tokens = 0
+    bar = tqdm(total=len(docs), desc="tokenising", unit="doc", disable=not progress or len(docs) < 2 * chunk_docs)
+    try:
+        for start in range(0, len(docs), chunk_docs):
+            chunk = docs[start : start + chunk_docs]
+            encoded = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+            stream = carry
+            for i, ids in enumerate(encoded):
+                if eos is not None and (start + i) > 0:
+                    stream.append(eos)
+                stream.extend(ids)
+                total_tokens += len(ids)
+            bar.update(len(chunk))
+            n_full = len(stream) // width
+            if max_windows is not None:
+                n_full = min(n_full, max_windows - n_windows)
+            if n_full:
+                block = torch.tensor(stream[: n_full * width], dtype=torch.long).view(n_full, width)
+                windows.append(block)
+                n_windows += n_full
+                carry = stream[n_full * width :]
+            else:
+                carry = stream
+            if max_windows is not None and n_windows >= max_windows:
+                break
+    finally:
+        bar.close()
+    if n_windows == 0:
+        raise UserError(
+            f"the corpus gives {total_tokens} tokens, fewer than one window of --seq-len + 1 = "
+            f"{width}; use a bigger corpus or a smaller --seq-len"
+        )
+    return torch.cat(windows)
+
+
+# --- the row plan --------------------------------------------------------------------------
+@dataclass
+class RowPlan:
+    """Which contexts become rows.
+
+    Attributes
+    ----------
+    windows : LongTensor of shape (W',)
+        Indices into the packed windows, in a seeded random order: every prefix of the plan
+        is a uniform random subsample of the windows that hold rows.
+    positions : BoolTensor of shape (W', seq_len)
+        ``positions[k, j]``: position ``j`` of window ``windows[k]`` is a row (its context is
+        ``w[:j + 1]``, its target ``w[j + 1]``).
+    n_rows : int
+        ``positions.sum()``.
+    """
+
+    windows: torch.Tensor
+    positions: torch.Tensor
+    n_rows: int
+
+    def rows_before(self) -> torch.Tensor:
+        """LongTensor (W' + 1,): rows in the first k windows of the plan, for prefixes."""
+        counts = self.positions.sum(dim=1)
+        return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+
+def _position_mask(positions: str, seq_len: int) -> torch.Tensor:
+    """(seq_len,) bool mask of the positions a window offers as candidates."""
+    text = positions.strip().lower()
+    mask = torch.zeros(seq_len, dtype=torch.bool)
+    if text == "all":
+        mask[:] = True
+    elif text == "last":
+        mask[-1] = True
+    elif text.startswith("stride:"):
+        try:
+            k = int(text.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise UserError(f"--positions {positions}: the stride must be a positive integer, e.g. stride:64")
+        # Counted back from the last position, so stride:1 is all and the last is always in.
+        mask[torch.arange(seq_len - 1, -1, -k)] = True
+    else:
+        raise UserError(f"unknown --positions {positions!r}; use all, last or stride:K")
+    return mask
+
+
+def _sample_without_replacement(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct integers of [0, n), uniformly over k-subsets (unsorted order not meaningful).
+
+    A permutation when it is small; otherwise draw with replacement, deduplicate and
+    subsample — exchangeable in the items, hence uniform over k-subsets — so that memory
+    is O(k) rather than O(n).
+    """
+    if n <= _RANDPERM_MAX or 2 * k > n:
+        return torch.randperm(n, generator=gen)[:k]
+    chosen = torch.empty(0, dtype=torch.long)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        draw = torch.randint(n, (need + need // 8 + 16,), generator=gen)
+        chosen = torch.unique(torch.cat([chosen, draw]))
+    return chosen[torch.randperm(chosen.numel(), generator=gen)[:k]]
+
+
+def plan_rows(
+    n_windows: int,
+    seq_len: int,
+    *,
+    positions: str = "all",
+    tokens: int | None = None,
+    seed: int = 0,
+    allow_fewer: bool = False,
+) -> RowPlan:
+    """Choose the rows (contexts) of a run.
+
+    Parameters
+    ----------
+    n_windows, seq_len : int
+        Shape of the packed windows' inputs (W, L).
+    positions : {"all", "last", "stride:K"}
+        Candidate positions of each window; ``stride:K`` takes L-1, L-1-K, L-1-2K, …
+    tokens : int, optional
+        Draw this many rows uniformly without replacement among all candidates (default:
+        every candidate).
+    seed : int
+        Seeds a private ``torch.Generator``: the same seed gives the same plan.
+    allow_fewer : bool
+        When ``tokens`` exceeds the candidates, use them all with a warning instead of raising.
+
+    Returns
+    -------
+    RowPlan
+    """
+    if n_windows < 1:
+        raise UserError("the corpus gives no windows; use a bigger corpus or a smaller --seq-len")
+    mask = _position_mask(positions, seq_len)
+    slots = torch.nonzero(mask).flatten()  # (P,) candidate positions of one window
+    per_window = slots.numel()
+    n_candidates = n_windows * per_window
+    gen = torch.Generator().manual_seed(int(seed))
+    if tokens is not None:
+        if tokens < 1:
+            raise UserError(f"--tokens must be at least 1, got {tokens}")
+        if tokens > n_candidates:
+            message = (
+                f"--tokens {tokens} asks for more rows than the {n_candidates} candidates "
+                f"({n_windows} windows × {per_window} positions with --positions {positions})"
+            )
+            if not allow_fewer:
+                raise UserError(
+                    f"{message}; use a bigger corpus, --positions all or a longer --seq-len, "
+                    f"or ask for at most {n_candidates} tokens"
+                )
+            warnings.warn(f"{message}: using all {n_candidates}", stacklevel=2)
+            tokens = None
+    if tokens is None:
+        order = torch.randperm(n_windows, generator=gen)
+        return RowPlan(order, mask.expand(n_windows, seq_len).clone(), n_candidates)
+    picked = _sample_without_replacement(n_candidates, tokens, gen)
+    window_of = picked // per_window
+    used, inverse = torch.unique(window_of, return_inverse=True)  # sorted distinct windows
+    order = torch.randperm(used.numel(), generator=gen)  # random order of the windows used
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    plan_mask = torch.zeros(used.numel(), seq_len, dtype=torch.bool)
+    plan_mask[rank[inverse], slots[picked % per_window]] = True
+    return RowPlan(used[order], plan_mask, tokens)
+
+
+# --- batches -------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One batch of the plan: B windows, inputs and targets of length L.
+
+    ``input_ids`` (B, L) int64, ``targets`` (B, L) int64 (``targets[:, j]`` is the token after
+    ``input_ids[:, :j + 1]``), ``mask`` (B, L) bool (which positions are rows), ``windows``
+    (B,) int64 indices into the packed windows, ``start`` the offset of this batch in the plan.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    windows: torch.Tensor
+    start: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.mask.sum())
+
+
+def iter_batches(windows: torch.Tensor, plan: RowPlan, batch_size: int, *, start: int = 0) -> Iterator[Batch]:
+    """Walk the plan in order, ``batch_size`` windows at a time.
+
+    Parameters
+    ----------
+    windows : LongTensor of shape (W, L + 1)
+        From :func:`pack_windows`.
+    plan : RowPlan
+    batch_size : int
+    start : int
+        Skip the first ``start`` windows of the plan (to resume).
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if plan.positions.shape[1] != windows.shape[1] - 1:
+        raise ValueError(
+            f"plan for seq_len {plan.positions.shape[1]} used with windows of length {windows.shape[1]}"
+        )
+    for lo in range(start, plan.windows.numel(), batch_size):
+        idx = plan.windows[lo : lo + batch_size]
+        block = windows[idx]
+        yield Batch(block[:, :-1], block[:, 1:], plan.positions[lo : lo + batch_size], idx, lo)

