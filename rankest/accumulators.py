@@ -126,9 +126,14 @@ class RowStats(Accumulator):
                 "entropy": ent_sum / self.n_rows if self.n_rows else float("nan"), "n_rows": self.n_rows}
 
 
-def gram_nbytes(n_cols: int, *, workspace: float = 3.0) -> int:
-    """Memory the `gram` route needs: the fp64 V'×V' Gram plus the eigensolver's workspace
-    (eigvalsh in LAPACK needs about 3 more copies: the reduction to tridiagonal form)."""
+def gram_nbytes(n_cols: int, *, on_gpu: bool = False) -> int:
+    """Memory the `gram` route needs: the fp64 V'×V' Gram plus the final eigensolver's workspace.
+
+    LAPACK's eigvalsh on the CPU needs about 3 more Gram-sized buffers (the matrix copy and the
+    reduction to tridiagonal form); on a GPU, torch.linalg.eigvalsh (cuSOLVER syevd, values
+    only) needs about one copy.
+    """
+    workspace = 1.0 if on_gpu else 3.0
     return int(8 * n_cols * n_cols * (1 + workspace))
 
 

@@ -1,0 +1,27 @@
+"""rankest: how high is the rank of a language model's target distribution?
+
+Stream a teacher's log-probabilities over a corpus into accumulators (never the N×V' matrix),
+estimate the singular spectrum exactly (factor / Gram routes) or by randomized sketching, and
+report W-error curves, the rank needed for a given error, and what a rank-r head costs.
+
+    python -m rankest estimate                      # embedded teacher + corpus, offline
+    python -m rankest estimate --teacher pythia-6.9b --corpus wikitext-103 --tokens 100000
+
+Reference: Godey, de la Clergerie & Sagot (2024), "Why do small language models
+underperform? Studying LM saturation via the softmax bottleneck", arXiv 2404.07647.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import UserError  # noqa: E402
+from .spectrum import Spectrum  # noqa: E402
+
+
+def estimate(**kwargs):
+    """Estimate a teacher's target spectrum; see :func:`rankest.estimate.run_estimate`."""
+    from .estimate import run_estimate
+
+    return run_estimate(**kwargs)
+
+
+__all__ = ["Spectrum", "UserError", "estimate", "__version__"]

@@ -1,0 +1,5 @@
+"""`python -m rankest <command>`: see rankest/cli.py."""
+
+from .cli import main
+
+raise SystemExit(main())
