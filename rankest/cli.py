@@ -77,6 +77,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=_positive_int, default=256, help="window length fed to the teacher (default 256)")
     g.add_argument("--positions", type=_positions, default="all", help="which positions of a window become rows: "
                                                                        "all | last | stride:K (default all)")
+    g.add_argument("--sample", default="windows", choices=["windows", "rows"],
+                   help="draw whole windows (default: the teacher runs on ≈ N tokens) or independent "
+                        "rows (a simple random sample of contexts, up to seq-len × the forward cost)")
     e = p.add_argument_group("execution")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     e.add_argument("--device", default="auto", help="cpu | cuda | cuda:i | auto (default auto)")
@@ -133,7 +136,7 @@ def cmd_estimate(args) -> int:
     spec = run_estimate(teacher=args.teacher, revision=args.revision, corpus=corpus, tokens=args.tokens,
                         seq_len=args.seq_len, space=args.space, route=args.route, rank_max=args.rank_max,
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                        max_memory=args.max_memory, seed=args.seed, positions=args.positions,
+                        max_memory=args.max_memory, seed=args.seed, positions=args.positions, sample=args.sample,
                         gram_precision=args.gram_precision, out=args.out, overwrite=args.overwrite,
                         quiet=args.quiet, convergence=args.convergence)
     m = spec.metrics()

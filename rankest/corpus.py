@@ -481,6 +481,7 @@ def plan_rows(
     tokens: int | None = None,
     seed: int = 0,
     allow_fewer: bool = False,
+    sample: str = "windows",
 ) -> RowPlan:
     """Choose the rows (contexts) of a run.
 
@@ -497,6 +498,14 @@ def plan_rows(
         Seeds a private ``torch.Generator``: the same seed gives the same plan.
     allow_fewer : bool
         When ``tokens`` exceeds the candidates, use them all with a warning instead of raising.
+    sample : {"windows", "rows"}
+        ``windows`` (default): windows are drawn uniformly without replacement, in a seeded
+        random order, and all their candidate positions are rows, until ``tokens`` rows
+        (the last window contributes a seeded random subset of its positions). The teacher
+        then runs on ≈ tokens / positions-per-window windows: the cost of one forward pass
+        over N tokens. ``rows``: every candidate row is equally likely and rows are
+        independent of their windows — a simple random sample of contexts, but the windows
+        forwarded grow to min(W, N), up to seq_len times the cost.
 
     Returns
     -------
@@ -527,6 +536,18 @@ def plan_rows(
     if tokens is None:
         order = torch.randperm(n_windows, generator=gen)
         return RowPlan(order, mask.expand(n_windows, seq_len).clone(), n_candidates)
+    if sample == "windows":
+        order = torch.randperm(n_windows, generator=gen)
+        n_full, rest = divmod(tokens, per_window)
+        used = order[: n_full + (rest > 0)]
+        plan_mask = mask.expand(used.numel(), seq_len).clone()
+        if rest:
+            keep = slots[torch.randperm(per_window, generator=gen)[:rest]]
+            plan_mask[-1] = False
+            plan_mask[-1, keep] = True
+        return RowPlan(used, plan_mask, tokens)
+    if sample != "rows":
+        raise UserError(f"unknown sampling unit {sample!r}; use windows or rows")
     picked = _sample_without_replacement(n_candidates, tokens, gen)
     window_of = picked // per_window
     used, inverse = torch.unique(window_of, return_inverse=True)  # sorted distinct windows

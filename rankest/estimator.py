@@ -49,6 +49,7 @@ class EstimateConfig:
     max_memory: Optional[str] = None
     seed: int = 0
     positions: str = "all"
+    sample: str = "windows"
     gram_precision: str = "fp64"
     out: Optional[str] = None
     overwrite: bool = False
@@ -71,6 +72,8 @@ class EstimateConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}.")
         if self.tokens is not None and int(self.tokens) < 2:
             raise UserError(f"--tokens must be at least 2 (a spectrum needs rows), got {self.tokens}.")
+        if self.sample not in ("windows", "rows"):
+            raise UserError(f"--sample must be windows or rows, got {self.sample!r}.")
         if self.rank_max is not None and int(self.rank_max) < 1:
             raise UserError(f"--rank-max must be a positive integer, got {self.rank_max}.")
         if self.max_memory is not None:
@@ -242,7 +245,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
                             f"got {tuple(windows.shape)}.")
     else:
         windows = pack_windows(docs, teacher.tokenizer, cfg.seq_len, max_windows=max_windows, progress=not cfg.quiet)
-    plan = plan_rows(len(windows), cfg.seq_len, positions=cfg.positions, tokens=cfg.tokens, seed=cfg.seed)
+    plan = plan_rows(len(windows), cfg.seq_len, positions=cfg.positions, tokens=cfg.tokens, seed=cfg.seed,
+                     sample=cfg.sample)
     n_total = plan.n_rows
 
     # A sample of the first batch decides whether the head is linear (factor route) before anything

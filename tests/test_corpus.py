@@ -170,15 +170,33 @@ def test_plan_rows_are_uniform(monkeypatch, threshold):
     n_windows, seq_len, tokens, trials = 6, 10, 15, 1200
     counts = torch.zeros(n_windows, seq_len)
     for seed in range(trials):
-        plan = plan_rows(n_windows, seq_len, tokens=tokens, seed=seed)
+        plan = plan_rows(n_windows, seq_len, tokens=tokens, seed=seed, sample="rows")
         counts[plan.windows] += plan.positions.float()
     expected = trials * tokens / (n_windows * seq_len)
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     # Each count is Binomial(trials, 1/4): E[chi2] ≈ 59 · 0.75 ≈ 44, sd ≈ 9.
     assert chi2 < 90, chi2
     # The first window of a plan is uniformly any window holding a row.
-    firsts = [int(plan_rows(n_windows, seq_len, tokens=3, seed=s).windows[0]) for s in range(600)]
+    firsts = [int(plan_rows(n_windows, seq_len, tokens=3, seed=s, sample="rows").windows[0]) for s in range(600)]
     assert torch.bincount(torch.tensor(firsts), minlength=n_windows).min() > 60
+
+
+def test_plan_windows_sampling_is_uniform_over_windows_and_cheap():
+    # The default unit: whole windows, so the teacher runs on ≈ tokens, not tokens × seq_len.
+    n_windows, seq_len, tokens, trials = 12, 8, 20, 1200
+    seen = torch.zeros(n_windows)
+    for seed in range(trials):
+        plan = plan_rows(n_windows, seq_len, tokens=tokens, seed=seed)
+        assert plan.n_rows == tokens == int(plan.positions.sum())
+        assert plan.windows.numel() == 3  # ceil(20 / 8) windows, the last one partly used
+        assert plan.positions[:2].all() and int(plan.positions[2].sum()) == 4
+        seen[plan.windows] += 1
+    # Each window is in a plan with probability 3/12: Binomial(1200, 1/4) counts.
+    expected = trials * 3 / n_windows
+    chi2 = float(((seen - expected) ** 2 / (expected * 0.75)).sum())
+    assert chi2 < 35, chi2  # 11 degrees of freedom: P(chi2 > 35) < 1e-3
+    with pytest.raises(UserError, match="sampling unit"):
+        plan_rows(10, 8, tokens=5, sample="tokens")
 
 
 def test_plan_positions_last_and_stride():
@@ -213,7 +231,7 @@ def test_sampling_large_candidate_sets_stays_small():
 # --- batches -------------------------------------------------------------------------------
 def test_iter_batches_follow_the_plan():
     windows = torch.arange(12 * 9).view(12, 9)
-    plan = plan_rows(12, 8, tokens=30, seed=2)
+    plan = plan_rows(12, 8, tokens=30, seed=2, sample="rows")
     batches = list(iter_batches(windows, plan, 5))
     assert [b.start for b in batches] == list(range(0, plan.windows.numel(), 5))
     assert torch.equal(torch.cat([b.windows for b in batches]), plan.windows)
