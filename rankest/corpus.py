@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import difflib
 import glob
-import importlib.util
 import os
 import pathlib
 import re
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from rankest.assets import package_file
 from rankest.errors import UserError
 
 __all__ = [
@@ -191,17 +191,7 @@ def _iter_spec(spec: str) -> Iterable[str]:
 
 
 def _package_file(package: str, relative: str) -> pathlib.Path:
-    """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded corpus needs the Python package {package}: {_GENSIM_PIP}")
-    for folder in spec.submodule_search_locations:
-        candidate = pathlib.Path(folder) / relative
-        if candidate.is_file():
-            return candidate
-    raise UserError(
-        f"the package {package} is installed without {relative}; reinstall it: {_GENSIM_PIP}"
-    )
+    return package_file(package, relative, what="the embedded corpus", install=_GENSIM_PIP)
 
 
 def _read_lines(path: pathlib.Path) -> Iterator[str]:

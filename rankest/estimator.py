@@ -23,7 +23,7 @@ import torch
 from . import ops
 from .accumulators import Chunk, Factor, Gram, RowStats, gram_nbytes
 from .errors import UserError
-from .spectrum import Spectrum
+
 
 SPACES = ("clr", "prob", "logprob")
 ROUTES = ("auto", "factor", "gram", "sketch")

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from rankest.assets import package_file
 from rankest.errors import UserError
 
 __all__ = [
@@ -428,18 +429,7 @@ def _load_kwargs(dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
 
 def _gguf_location(package: str, filename: str) -> pathlib.Path:
     """The GGUF file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the embedded teacher needs the Python package {package}: {_GGUF_PIP}"
-        )
-    for folder in spec.submodule_search_locations:
-        candidate = pathlib.Path(folder) / filename
-        if candidate.is_file():
-            return candidate
-    raise UserError(
-        f"the package {package} is installed but has no {filename}; reinstall it: {_GGUF_PIP}"
-    )
+    return package_file(package, filename, what="the embedded teacher", install=_GGUF_PIP)
 
 
 def _load_gguf(file: pathlib.Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:

