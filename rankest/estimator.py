@@ -152,7 +152,14 @@ def choose_route(cfg: EstimateConfig, *, n_cols: int, linear: Optional[bool], bu
     if cfg.route == "sketch":
         if not _sketch_available():
             raise UserError("the sketch route is not available in this rankest build.")
-        return "sketch", "requested"
+        k = sketch_rank(cfg, n_cols)
+        if k >= n_cols:
+            import warnings
+
+            warnings.warn(f"--rank-max {k} >= V' = {n_cols}: a sketch cannot beat the exact Gram here; "
+                          f"using the exact gram route instead", stacklevel=2)
+            return "gram", f"sketch requested with k = {k} >= V' = {n_cols}: the exact gram route instead"
+        return "sketch", f"requested, k = {k}"
     # auto
     if cfg.space == "clr" and linear:
         return "factor", "auto: clr rows of a linear head (checked on the first batch) — exact, O(N·d²)"
@@ -160,9 +167,15 @@ def choose_route(cfg: EstimateConfig, *, n_cols: int, linear: Optional[bool], bu
         why = "auto: " + ("logits are not head(features); " if cfg.space == "clr" else "") + gram_why
         return "gram", why
     if _sketch_available():
-        return "sketch", f"auto: {gram_why}; a single-pass sketch of TᵀT with k = rank-max instead"
+        return "sketch", (f"auto: {gram_why}; a single-pass Nyström sketch of TᵀT with k = "
+                          f"{sketch_rank(cfg, n_cols)} instead")
     raise UserError(f"no exact route fits: {gram_why}. Raise --max-memory, lower the vocabulary, or use "
                     f"--space clr (factor route).")
+
+
+def sketch_rank(cfg: EstimateConfig, n_cols: int) -> int:
+    """k of the sketch route: --rank-max, else 1024 (capped below V')."""
+    return int(cfg.rank_max) if cfg.rank_max else min(1024, n_cols - 1)
 
 
 def check_linear_head(teacher, input_ids: torch.Tensor, *, max_windows: int = 2, max_len: int = 128) -> tuple[bool, float]:
@@ -269,8 +282,7 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     else:
         from .sketch import Sketch
 
-        k = int(cfg.rank_max or min(1024, teacher.n_cols))
-        acc = Sketch(teacher.n_cols, k, space=cfg.space, seed=cfg.seed,
+        acc = Sketch(teacher.n_cols, sketch_rank(cfg, teacher.n_cols), space=cfg.space, seed=cfg.seed,
                      precision="fp64" if cfg.gram_precision == "fp64" else "fast", device=teacher.device)
 
     milestones = _milestones(n_total) if cfg.convergence and acc.cheap_finalize else []

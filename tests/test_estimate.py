@@ -244,3 +244,29 @@ def test_nan_logits_error_names_the_batch(tmp_path_factory, corpus_file, capsys)
         teacher.head()[0][3, 0] = float("nan")  # one poisoned head row: every logit row gets a NaN
     with pytest.raises(Exception, match="NaN/Inf logits in batch 0"):
         run_estimate(teacher=teacher, corpus=corpus_file, tokens=64, seq_len=SEQ, quiet=True, route="gram")
+
+
+def test_sketch_route_is_one_sided_and_reported(neox64, corpus_file, tmp_path):
+    t = explicit_matrix(neox64, corpus_file, "prob")
+    exact = np.linalg.svd(t, compute_uv=False)
+    out = tmp_path / "sk"
+    spec = run_estimate(teacher=neox64, corpus=corpus_file, tokens=None, seq_len=SEQ, space="prob", route="sketch",
+                        rank_max=40, quiet=True, out=str(out))
+    assert spec.route == "sketch" and not spec.exact and spec.sigma.size == 40
+    assert np.all(spec.sigma <= exact[:40] * (1 + 1e-9))  # Nyström: σ̂_i ≤ σ_i
+    w_true = exact_w_error(exact)[:40]
+    assert np.all(spec.w_error() >= w_true - 1e-9)  # tails are upper bounds
+    trusted = spec.meta["trusted_d"]
+    assert 1 <= trusted <= 40
+    assert np.all(np.abs(spec.w_error()[:trusted] - w_true[:trusted]) <= 1e-2)
+    assert spec.energy == pytest.approx(float((t ** 2).sum()), rel=1e-10)
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["trusted_d"] == trusted and "sketch_error" in summary
+    assert "sketch" in (out / "report.md").read_text()
+
+
+def test_sketch_with_k_at_least_v_falls_back_to_gram(neox64, corpus_file):
+    with pytest.warns(UserWarning, match="exact gram route"):
+        spec = run_estimate(teacher=neox64, corpus=corpus_file, tokens=256, seq_len=SEQ, space="prob",
+                            route="sketch", rank_max=neox64.n_cols, quiet=True)
+    assert spec.route == "gram" and spec.exact
