@@ -489,7 +489,20 @@ def main(argv=None) -> int:
     ap.add_argument("--target2", type=float, default=1e-5, help="second, tighter target (from the sweeps only)")
     ap.add_argument("--no-stream", action="store_true", help="skip the streamed run")
     ap.add_argument("--out", type=Path, default=REPORTS)
+    ap.add_argument("--point", nargs=6, action="append", metavar=("N", "V", "K", "SEED", "METHOD", "IT"),
+                    help="only re-measure one method at one point (repeatable; SEED = the config's index in "
+                         "the grid, IT = its iteration knob index) and print table rows; no report")
     args = ap.parse_args(argv)
+    if args.point:
+        warmup([m for m in METHODS if not m.startswith("scipy")])
+        print(f"load average {os.getloadavg()}")
+        for n, v, k, seed, name, it in args.point:
+            a, sigma, _ = make_matrix(int(n), int(v), seed=int(seed))
+            r = measure(name, a, torch.from_numpy(a), int(k), int(it), sigma)
+            print(f"| {n} | {v} | {k} | {name} | {METHODS[name][1]}={r['knob']} | {r['time_s']:.2f} | "
+                  f"{fmt_bytes(r['peak_extra_bytes'])} | {r['max_rel_err']:.1e} |", flush=True)
+        print(f"load average {os.getloadavg()}")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_svd.py" + (" --quick" if args.quick else "") + \
         (f" --target {args.target:g}" if args.target != 1e-3 else "") + (" --no-stream" if args.no_stream else "")
