@@ -136,9 +136,10 @@ def main() -> None:
         return
 
     results = []
+    args.load_start = os.getloadavg()
     for n in [int(x) for x in args.tokens.split(",")]:
         cmd = [sys.executable, __file__, "--worker", "1", "--n", str(n)] + [
-            a for k, v in vars(args).items() if k not in ("worker", "n", "tokens", "name") and v is not None
+            a for k, v in vars(args).items() if k not in ("worker", "n", "tokens", "name", "load_start", "load_end") and v is not None
             for a in (f"--{k.replace('_', '-')}", str(v))]
         print(f"N = {n}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -149,6 +150,7 @@ def main() -> None:
         results.append(r)
         print(f"  bare {statistics.median(r['bare_s']):.2f} s, estimate {statistics.median(r['estimate_s']):.2f} s, "
               f"ratio {statistics.median(r['estimate_s']) / statistics.median(r['bare_s']):.3f}", flush=True)
+    args.load_end = os.getloadavg()
     write_report(args, results)
 
 
@@ -185,7 +187,8 @@ def write_report(args, results) -> None:
     fig.savefig(REPORTS / f"{args.name}.png", dpi=120)
     r0 = results[0]
     cmd = " ".join(["python", "benchmarks/bench_estimate.py"] + [
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("worker", "n") and v is not None])
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in ("worker", "n", "load_start", "load_end") and v is not None])
     lines = [
         f"# estimate vs bare forward — {args.teacher}, CPU",
         "",
@@ -195,7 +198,10 @@ def write_report(args, results) -> None:
         f"{r0['ops_backend']}. Teacher d = {r0['d']}, V' = {r0['n_cols']:,}, fp32, seq-len {args.seq_len}, "
         f"batch {args.batch_size} windows, corpus `{args.corpus}`, space `{args.space}`, route `{r0['route']}`.",
         "",
-        f"Medians of {args.repeats} alternating repeats in one process per N (after one warm-up run).",
+        f"Medians of {args.repeats} alternating repeats in one process per N (after one warm-up run). "
+        f"Load average at start / end: {', '.join(f'{x:.1f}' for x in args.load_start)} / "
+        f"{', '.join(f'{x:.1f}' for x in args.load_end)} (a 2-core machine shared with other jobs: "
+        f"the alternation keeps both phases under the same load).",
         "",
         "| N rows | bare forward (s) | estimate (s) | ratio | estimate tok/s | bare peak ΔRSS (MiB) | "
         "estimate peak ΔRSS (MiB) | numerical rank | rank_at(0.5/0.1/0.01) |",

@@ -175,7 +175,10 @@ class Gram(Accumulator):
 
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         # UPLO='L' reads only the lower triangle that gram_update maintains: no symmetrised copy.
-        lam = torch.linalg.eigvalsh(self.gram, UPLO="L").cpu().numpy()
+        if self.gram.device.type == "cpu":  # numpy's LAPACK: see eigh_lower
+            lam = np.linalg.eigvalsh(self.gram.numpy(), UPLO="L")
+        else:
+            lam = torch.linalg.eigvalsh(self.gram, UPLO="L").cpu().numpy()
         sigma = np.sqrt(np.clip(lam, 0.0, None))
         return Spectrum(sigma=sigma, energy=energy, n_rows=self.n_rows, n_cols=self.n_cols, space=self.space,
                         route="gram", exact=True, precision=_row_precision(self.precision))
@@ -187,8 +190,28 @@ def psd_sqrt(g: torch.Tensor) -> torch.Tensor:
     Not Cholesky: a LayerNorm's features lie on an affine hyperplane, so [H 1] (and a fresh
     model's H) is rank-deficient and Cholesky fails; eigh tolerates it (ARCHITECTURE.md).
     """
-    lam, vec = torch.linalg.eigh(g, UPLO="L")
+    lam, vec = eigh_lower(g)
     return (vec * lam.clamp_min(0).sqrt()) @ vec.T
+
+
+def eigh_lower(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs (ascending) of the symmetric matrix whose lower triangle ``g`` holds.
+
+    On CPU through numpy's LAPACK: torch 2.13's CPU eigh/svd (MKL) runs 10–200× slower whenever
+    another process holds a core (a 576² eigh took 8 s instead of 0.04 s on the shared 2-core
+    benchmark machine); numpy's is unaffected (see also rankest.linalg.sym_eigh).
+    """
+    if g.device.type == "cpu":
+        lam, vec = np.linalg.eigh(g.numpy(), UPLO="L")
+        return torch.from_numpy(lam), torch.from_numpy(vec)
+    return torch.linalg.eigh(g, UPLO="L")
+
+
+def svdvals(a: torch.Tensor) -> np.ndarray:
+    """Singular values (fp64 numpy); numpy's LAPACK on CPU for the reason given in eigh_lower."""
+    if a.device.type == "cpu":
+        return np.linalg.svd(a.numpy(), compute_uv=False)
+    return torch.linalg.svdvals(a).cpu().numpy()
 
 
 def head_gram(weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *, block: int = 8192) -> torch.Tensor:
@@ -265,7 +288,7 @@ class Factor(Accumulator):
         if self._r_w is None:
             self._r_w = psd_sqrt(self.g_w)
         r_h = psd_sqrt(self.g_h)
-        sigma = torch.linalg.svdvals(r_h @ self._r_w).cpu().numpy()
+        sigma = svdvals(r_h @ self._r_w)
         return Spectrum(sigma=sigma, energy=energy, n_rows=self.n_rows, n_cols=self.n_cols, space="clr",
                         route="factor", exact=True, precision=_row_precision(self.precision))
 
