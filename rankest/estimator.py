@@ -275,10 +275,12 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     # is accumulated.
     batches = iter_batches(windows, plan, cfg.batch_size)
     first = next(batches)
-    with torch.inference_mode():
-        linear, lin_err = check_linear_head(teacher, first.input_ids.to(teacher.device))
+    linear, lin_err = None, None  # only the clr space can use the factor route
+    if cfg.space == "clr":
+        with torch.inference_mode():
+            linear, lin_err = check_linear_head(teacher, first.input_ids.to(teacher.device))
     budget = parse_size(cfg.max_memory) if cfg.max_memory else available_memory(teacher.device) // 2
-    route, reason = choose_route(cfg, n_cols=teacher.n_cols, linear=linear if cfg.space == "clr" else None,
+    route, reason = choose_route(cfg, n_cols=teacher.n_cols, linear=linear,
                                  budget=budget, device_type=teacher.device.type)
 
     row_dtype = _row_dtype(teacher, cfg.gram_precision)
