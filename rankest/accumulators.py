@@ -64,14 +64,27 @@ class Accumulator:
     def update(self, chunk: Chunk) -> None:
         raise NotImplementedError
 
+    #: Name of the tensor attribute that is a plain sum over rows. When set, merge adds it,
+    #: state / load_state save and restore it (with n_rows); routes with more state override.
+    summed: Optional[str] = None
+
+    def _summed(self) -> torch.Tensor:
+        if self.summed is None:
+            raise NotImplementedError(f"{type(self).__name__} must set `summed` or override merge/state")
+        return getattr(self, self.summed)
+
     def merge(self, other: "Accumulator") -> None:
-        raise NotImplementedError
+        self._check_merge(other)
+        mine = self._summed()
+        mine += other._summed().to(mine.device)
+        self.n_rows += other.n_rows
 
     def state(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        return {self.summed: self._summed().cpu().numpy(), "n_rows": np.asarray(self.n_rows)}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        raise NotImplementedError
+        self._summed().copy_(torch.as_tensor(np.asarray(state[self.summed])))
+        self.n_rows = int(np.asarray(state["n_rows"]))
 
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         raise NotImplementedError
@@ -89,6 +102,7 @@ class RowStats(Accumulator):
     """‖T‖_F² and per-row teacher statistics, summed in fp64."""
 
     name = "row_stats"
+    summed = "sums"
 
     def __init__(self, device="cpu") -> None:
         super().__init__()
@@ -102,18 +116,6 @@ class RowStats(Accumulator):
         self.sums += torch.stack([s[:, 3].sum(), torch.where(has, nll, 0).sum(), has.sum().to(torch.float64),
                                   s[:, 1].sum()])
         self.n_rows += chunk.n
-
-    def merge(self, other: "RowStats") -> None:
-        self._check_merge(other)
-        self.sums += other.sums.to(self.sums.device)
-        self.n_rows += other.n_rows
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"sums": self.sums.cpu().numpy(), "n_rows": np.asarray(self.n_rows)}
-
-    def load_state(self, state) -> None:
-        self.sums.copy_(torch.as_tensor(np.asarray(state["sums"])))
-        self.n_rows = int(np.asarray(state["n_rows"]))
 
     @property
     def energy(self) -> float:
@@ -146,6 +148,7 @@ class Gram(Accumulator):
     """
 
     name = "gram"
+    summed = "gram"
 
     def __init__(self, n_cols: int, *, space: str, precision: str = "fp64", device="cpu",
                  convergence_max_cols: int = 4096) -> None:
@@ -160,18 +163,6 @@ class Gram(Accumulator):
             raise ValueError("the gram route needs target rows in every chunk")
         ops.gram_update(self.gram, chunk.rows, self.precision)
         self.n_rows += chunk.n
-
-    def merge(self, other: "Gram") -> None:
-        self._check_merge(other)
-        self.gram += other.gram.to(self.gram.device)
-        self.n_rows += other.n_rows
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"gram": self.gram.cpu().numpy(), "n_rows": np.asarray(self.n_rows)}
-
-    def load_state(self, state) -> None:
-        self.gram.copy_(torch.as_tensor(np.asarray(state["gram"])))
-        self.n_rows = int(np.asarray(state["n_rows"]))
 
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         # UPLO='L' reads only the lower triangle that gram_update maintains: no symmetrised copy.
@@ -248,6 +239,7 @@ class Factor(Accumulator):
     """
 
     name = "factor"
+    summed = "g_h"
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *,
                  precision: str = "fp64", device="cpu") -> None:
@@ -266,18 +258,6 @@ class Factor(Accumulator):
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
         ops.gram_update(self.g_h, h, self.precision)
         self.n_rows += chunk.n
-
-    def merge(self, other: "Factor") -> None:
-        self._check_merge(other)
-        self.g_h += other.g_h.to(self.g_h.device)
-        self.n_rows += other.n_rows
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {"g_h": self.g_h.cpu().numpy(), "n_rows": np.asarray(self.n_rows)}
-
-    def load_state(self, state) -> None:
-        self.g_h.copy_(torch.as_tensor(np.asarray(state["g_h"])))
-        self.n_rows = int(np.asarray(state["n_rows"]))
 
     def model_energy(self) -> float:
         """‖H̃W̃ᵀ‖_F² = trace(G_H·G_W), from the factors alone."""
