@@ -23,11 +23,9 @@ import torch
 from . import ops
 from .accumulators import Chunk, Factor, Gram, RowStats, gram_nbytes
 from .errors import UserError
+from .ops.reference import GRAM_PRECISIONS, SPACES  # one definition: the ops' contract
 
-
-SPACES = ("clr", "prob", "logprob")
 ROUTES = ("auto", "factor", "gram", "sketch")
-GRAM_PRECISIONS = ("fp64", "fast")
 
 
 @dataclass
