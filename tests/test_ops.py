@@ -109,7 +109,8 @@ def test_transform_rows_matches_reference(device, space, in_dtype, shape):
         base_rows, base_stats = torch_same_precision(logits, targets, n_cols, space, out_dtype)
         assert rows.shape == (n, n_cols) and rows.dtype == out_dtype and rows.device == logits.device
         assert stats.shape == (n, 4) and stats.dtype == ref.stats_dtype(in_dtype)
-        assert rows.is_contiguous()
+        # Unit column stride; the row stride is n_cols on the CPU, padded to 16 on CUDA.
+        assert rows.stride() == (ops.row_stride(n_cols, rows.device), 1)
         assert_close_to_reference(rows, exp_rows, base_rows, w, f"rows->{out_dtype}")
         for k, name in enumerate(ref.STAT_NAMES):
             assert_close_to_reference(stats[:, k], exp_stats[:, k], base_stats[:, k], w, name)
@@ -380,6 +381,54 @@ def test_cuda_matches_cpu_kernel():
         rg, sg = ops.transform_rows(logits.cuda(), targets.cuda(), 50_277, space, True, torch.float32)
         torch.testing.assert_close(rg.cpu(), rc, rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(sg.cpu(), sc, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+@needs_cuda
+@needs_ext
+def test_cuda_padded_rows_feed_gram_update_unchanged():
+    """transform_rows's padded CUDA rows go into gram_update as they are (no copy), with the
+    same result as a contiguous copy of the same rows (which gram_update pads itself)."""
+    v = 1000  # not a multiple of 16: padded
+    logits = make_logits(300, 1024, torch.bfloat16, "cuda", 31)
+    targets = make_targets(300, v, "cuda", 31)
+    rows, _ = ops.transform_rows(logits, targets, v, "prob", True, torch.bfloat16)
+    assert rows.stride() == (1008, 1) and rows.data_ptr() % 16 == 0
+    for precision in ref.GRAM_PRECISIONS:
+        a = torch.zeros(v, v, dtype=torch.float64, device="cuda")
+        b = torch.zeros_like(a)
+        ops.gram_update(a, rows, precision)
+        ops.gram_update(b, rows.contiguous(), precision)
+        assert torch.equal(a, b), precision
+
+
+@needs_cuda
+@needs_ext
+def test_cuda_fast_gram_w_error_within_1e3_of_fp64_on_prob_rows():
+    """The fast mode's error model (bf16 rows, fp32 accumulation per chunk, fp64 carry): its
+    W-error curve stays within 1e-3 of the fp64 oracle on prob rows (the issue's bound)."""
+    from rankest.spectrum import Spectrum
+
+    g = generator(41)
+    n, v, r = 8192, 4096, 96
+    # Logits of a rank-r "model" with a heavy-tailed spectrum, like a real head.
+    h = torch.randn(n, r, generator=g, dtype=torch.float64)
+    w = torch.randn(v, r, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, r, dtype=torch.float64)
+    logits = (4.0 * h @ w.T).to("cuda")
+    targets = torch.zeros(n, dtype=torch.long, device="cuda")
+    curves = {}
+    for precision, dtype in (("fp64", torch.float64), ("fast", torch.bfloat16)):
+        gram = torch.zeros(v, v, dtype=torch.float64, device="cuda")
+        energy = 0.0
+        for lo in range(0, n, 2048):
+            rows, stats = ops.transform_rows(logits[lo:lo + 2048], targets[lo:lo + 2048], v, "prob", True, dtype)
+            ops.gram_update(gram, rows, precision)
+            energy += float(stats[:, 3].sum())
+        lam = torch.linalg.eigvalsh(gram, UPLO="L").cpu().numpy()
+        spec = Spectrum(sigma=lam[::-1].clip(0) ** 0.5, energy=energy, n_rows=n, n_cols=v, space="prob",
+                        route="gram", exact=True, precision=precision)
+        curves[precision] = spec.w_error()
+    diff = abs(curves["fast"] - curves["fp64"]).max()
+    assert diff <= 1e-3, f"fast W-error off by {diff:.2e}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,17 @@
 // CUDA kernel of rankest::transform_rows (contract: csrc/ops/transform_rows.h).
-// One block per row: 16-byte loads where the row is aligned, a RowSummary per thread
-// (float32 math, float64 for float64 logits), warp-shuffle then shared-memory merges in a fixed
-// order (deterministic), then a second pass re-reads the row (from L2) and writes it.
+//
+// One block of 512 threads per row, two passes:
+//   pass 1  reads the logits once (16-byte loads, kUnroll of them in flight per thread) into a
+//           per-thread online-softmax summary (running max m; Σe^(z−m), Σe^(z−m)(z−m),
+//           Σe^(2(z−m)), Σz) — one exp per element, a rescale only when a vector raises the
+//           max — then merges the 512 summaries in a fixed order (warp shuffles, shared memory).
+//           While reading, it stages the row in shared memory when the row fits (≤ kSmemMax).
+//   pass 2  reads the row again (from shared memory, else from L2), writes the output row with
+//           16-byte stores, and sums Σ(z − c)² of the clr / logprob row exactly around its own
+//           centre (two-pass, so no cancellation; prob takes Σp² from pass 1).
+// float32 arithmetic (float64 for float64 logits). Rows are written at a row stride padded to
+// a multiple of kRowAlign elements (transform_rows_row_stride), so every output row starts
+// 16-byte aligned and the GEMMs that consume the rows see aligned leading dimensions.
 //
 // Only c10/cuda headers are used (no ATen/cuda/CUDAContext.h, which pulls in cublas_v2.h).
 #include <ATen/ATen.h>
@@ -10,86 +20,182 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <string>
-#include <type_traits>
 
 #include "../ops/transform_rows.h"
 
 namespace rankest {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
 constexpr int kWarp = 32;
+constexpr int kUnroll = 4;                    // 16-byte loads in flight per thread
+constexpr int64_t kSmemMax = 112 * 1024;      // stage rows up to this size: two blocks per SM
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) AlignedVec {
   T val[N];
 };
 
+// One thread's (or a merged group's) share of a row, over its elements that are not -inf.
 template <typename T>
-__device__ __forceinline__ RowSummary<T> shfl_down(const RowSummary<T>& s, int offset) {
-  constexpr unsigned kAll = 0xffffffffu;
-  RowSummary<T> o;
-  o.max = __shfl_down_sync(kAll, s.max, offset);
-  o.sum = __shfl_down_sync(kAll, s.sum, offset);
-  o.tsum = __shfl_down_sync(kAll, s.tsum, offset);
-  o.sqsum = __shfl_down_sync(kAll, s.sqsum, offset);
-  o.mean = __shfl_down_sync(kAll, s.mean, offset);
-  o.m2 = __shfl_down_sync(kAll, s.m2, offset);
-  o.count = __shfl_down_sync(kAll, s.count, offset);
-  o.n_neg_inf = __shfl_down_sync(kAll, s.n_neg_inf, offset);
-  return o;
+struct Partial {
+  T m;    // running max (-inf while empty)
+  T s;    // Σ e^(z−m)
+  T ts;   // Σ e^(z−m)·(z−m)
+  T ss;   // Σ e^(2(z−m))
+  T tot;  // Σ z
+  int cnt, nneg;
+};
+
+template <typename T>
+__device__ __forceinline__ Partial<T> empty_partial() {
+  return {static_cast<T>(-INFINITY), T(0), T(0), T(0), T(0), 0, 0};
 }
 
-// Merge of the block's summaries; the result is valid in thread 0.
+// Rescale the running sums to a new, larger max (online softmax, Milakov & Gimelshein 2018).
 template <typename T>
-__device__ RowSummary<T> block_merge(RowSummary<T> s) {
-  __shared__ RowSummary<T> warp_summary[kThreads / kWarp];
+__device__ __forceinline__ void raise_max(Partial<T>& p, T m) {
+  if (p.cnt > 0) {
+    const T shift = p.m - m;  // < 0
+    const T f = r_exp(shift);
+    p.ts = f * (p.ts + shift * p.s);
+    p.s *= f;
+    p.ss *= f * f;
+  }
+  p.m = m;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void accumulate(Partial<T>& p, const T (&v)[N]) {
+  const T neg_inf = static_cast<T>(-INFINITY);
+  T vmax = neg_inf;
+#pragma unroll
+  for (int k = 0; k < N; ++k) vmax = v[k] > vmax ? v[k] : vmax;  // NaN never becomes the max
+  if (vmax > p.m) raise_max(p, vmax);
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const bool valid = v[k] != neg_inf;  // NaN is "valid": it poisons the sums, as it should
+    const T d = v[k] - p.m;
+    const T e = valid ? r_exp(d) : T(0);
+    p.s += e;
+    p.ts += valid ? e * d : T(0);
+    p.ss += e * e;
+    p.tot += valid ? v[k] : T(0);
+    p.cnt += valid ? 1 : 0;
+    p.nneg += valid ? 0 : 1;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Partial<T> merge_partial(const Partial<T>& a, const Partial<T>& b) {
+  if (b.cnt == 0) {
+    Partial<T> r = a;
+    r.nneg += b.nneg;
+    return r;
+  }
+  if (a.cnt == 0) {
+    Partial<T> r = b;
+    r.nneg += a.nneg;
+    return r;
+  }
+  Partial<T> r;
+  r.m = a.m > b.m ? a.m : b.m;
+  const T sa = a.m - r.m, sb = b.m - r.m;
+  const T fa = sa == T(0) ? T(1) : r_exp(sa), fb = sb == T(0) ? T(1) : r_exp(sb);
+  r.s = fa * a.s + fb * b.s;
+  r.ts = fa * (a.ts + sa * a.s) + fb * (b.ts + sb * b.s);
+  r.ss = fa * fa * a.ss + fb * fb * b.ss;
+  r.tot = a.tot + b.tot;
+  r.cnt = a.cnt + b.cnt;
+  r.nneg = a.nneg + b.nneg;
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ Partial<T> shfl_down(const Partial<T>& p, int offset) {
+  constexpr unsigned kAll = 0xffffffffu;
+  return {__shfl_down_sync(kAll, p.m, offset),   __shfl_down_sync(kAll, p.s, offset),
+          __shfl_down_sync(kAll, p.ts, offset),  __shfl_down_sync(kAll, p.ss, offset),
+          __shfl_down_sync(kAll, p.tot, offset), __shfl_down_sync(kAll, p.cnt, offset),
+          __shfl_down_sync(kAll, p.nneg, offset)};
+}
+
+// Block-wide merge in a fixed order (deterministic); the result is valid in thread 0.
+template <typename T>
+__device__ Partial<T> block_merge(Partial<T> p) {
+  __shared__ Partial<T> warp_part[kThreads / kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 #pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) s = merge(s, shfl_down(s, off));
-  if (lane == 0) warp_summary[warp] = s;
+  for (int off = kWarp / 2; off > 0; off /= 2) p = merge_partial(p, shfl_down(p, off));
+  if (lane == 0) warp_part[warp] = p;
   __syncthreads();
   if (warp == 0) {
-    s = lane < kThreads / kWarp ? warp_summary[lane] : RowSummary<T>::empty();
+    p = lane < kThreads / kWarp ? warp_part[lane] : empty_partial<T>();
 #pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) s = merge(s, shfl_down(s, off));
+    for (int off = kWarp / 2; off > 0; off /= 2) p = merge_partial(p, shfl_down(p, off));
   }
-  return s;
+  return p;
 }
 
-// Calls f(j, z_j as acc_t[VEC or 1]) over the row's first n_cols elements, this thread's share:
-// an unaligned head element by element, the aligned body in 16-byte vectors, then the tail.
-template <typename in_t, typename acc_t, typename F>
-__device__ __forceinline__ void for_row(const in_t* __restrict__ z, int64_t n_cols, F&& f) {
-  constexpr int kVec = 16 / sizeof(in_t);
-  const auto addr = reinterpret_cast<std::uintptr_t>(z);
-  int64_t head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(in_t));
-  if (addr % sizeof(in_t) != 0) head = n_cols;  // cannot happen for a tensor; be safe
-  head = head < n_cols ? head : n_cols;
-  for (int64_t j = threadIdx.x; j < head; j += kThreads) {
-    const acc_t v[1] = {static_cast<acc_t>(z[j])};
-    f(j, v);
-  }
-  const int64_t n_vec = (n_cols - head) / kVec;
-  const auto* zv = reinterpret_cast<const AlignedVec<in_t, kVec>*>(z + head);
-  for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) {
-    const AlignedVec<in_t, kVec> w = zv[i];
-    acc_t v[kVec];
+// Block-wide sum in a fixed order; valid in thread 0.
+template <typename T>
+__device__ T block_sum(T x) {
+  __shared__ T warp_sum[kThreads / kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(w.val[k]);
-    f(head + i * kVec, v);
+  for (int off = kWarp / 2; off > 0; off /= 2) x += __shfl_down_sync(0xffffffffu, x, off);
+  if (lane == 0) warp_sum[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    x = lane < kThreads / kWarp ? warp_sum[lane] : T(0);
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) x += __shfl_down_sync(0xffffffffu, x, off);
   }
-  for (int64_t j = head + n_vec * kVec + threadIdx.x; j < n_cols; j += kThreads) {
-    const acc_t v[1] = {static_cast<acc_t>(z[j])};
-    f(j, v);
-  }
+  return x;
 }
 
-template <typename in_t, typename out_t, typename acc_t, typename stat_t>
+// The layout of one row for this thread: an unaligned head (element by element), an aligned
+// body of 16-byte vectors, and a tail.
+template <typename in_t>
+struct RowLayout {
+  static constexpr int kVec = 16 / sizeof(in_t);
+  int64_t head, n_vec;
+
+  __device__ RowLayout(const in_t* z, int64_t n_cols) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(z);
+    head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(in_t));
+    head = head < n_cols ? head : n_cols;
+    n_vec = (n_cols - head) / kVec;
+  }
+};
+
+// Writes N consecutive outputs at dst; 16-byte stores when `vec` (dst then 16-byte aligned).
+template <typename out_t, int N>
+__device__ __forceinline__ void store(out_t* dst, const out_t (&v)[N], bool vec) {
+  constexpr int kPer = 16 / sizeof(out_t);
+  if constexpr (N % kPer == 0) {
+    if (vec) {
+      auto* d = reinterpret_cast<AlignedVec<out_t, kPer>*>(dst);
+#pragma unroll
+      for (int c = 0; c < N / kPer; ++c) {
+        AlignedVec<out_t, kPer> w;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) w.val[k] = v[c * kPer + k];
+        d[c] = w;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) dst[k] = v[k];
+}
+
+template <typename in_t, typename out_t, typename acc_t, bool kStage>
 __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
     const in_t* __restrict__ x,
     int64_t x_stride,
@@ -97,38 +203,141 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
     int64_t n_cols,
     Space space,
     out_t* __restrict__ rows,
-    stat_t* __restrict__ stats) {
+    int64_t out_stride,
+    acc_t* __restrict__ stats) {
+  using Vec = AlignedVec<in_t, 16 / sizeof(in_t)>;
+  constexpr int kVec = RowLayout<in_t>::kVec;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Vec* staged = reinterpret_cast<Vec*>(smem_raw);
+
   const int64_t r = blockIdx.x;
   const in_t* z = x + r * x_stride;
+  const RowLayout<in_t> lay(z, n_cols);
+  const Vec* zv = reinterpret_cast<const Vec*>(z + lay.head);
+  const int tid = threadIdx.x;
 
-  RowSummary<acc_t> s = RowSummary<acc_t>::empty();
-  for_row<in_t, acc_t>(z, n_cols, [&](int64_t, const auto& v) {
-    constexpr int kN = sizeof(v) / sizeof(acc_t);
-    s = merge(s, summarize<acc_t, kN>(v, kN));
-  });
-  s = block_merge(s);
-
-  __shared__ acc_t center;
-  if (threadIdx.x == 0) {
-    const int64_t t = targets[r];
-    const RowStats<acc_t> st =
-        row_stats(s, space, t >= 0, t >= 0 ? static_cast<acc_t>(z[t]) : acc_t(0));
-    stat_t* so = stats + 4 * r;
-    so[0] = static_cast<stat_t>(st.lse);
-    so[1] = static_cast<stat_t>(st.entropy);
-    so[2] = static_cast<stat_t>(st.nll);
-    so[3] = static_cast<stat_t>(st.sq_norm);
-    center = st.center;
+  // ---- pass 1: the online-softmax summary ----
+  Partial<acc_t> p = empty_partial<acc_t>();
+  for (int64_t j = tid; j < lay.head; j += kThreads) {
+    const acc_t v[1] = {static_cast<acc_t>(z[j])};
+    accumulate(p, v);
   }
-  if (rows == nullptr) return;
-  __syncthreads();
-  const acc_t c = center;
-  out_t* o = rows + r * n_cols;
-  for_row<in_t, acc_t>(z, n_cols, [&](int64_t j, const auto& v) {
-    constexpr int kN = sizeof(v) / sizeof(acc_t);
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * kThreads < lay.n_vec; i += kUnroll * kThreads) {
+    Vec w[kUnroll];
 #pragma unroll
-    for (int k = 0; k < kN; ++k) o[j + k] = static_cast<out_t>(transform_value(space, v[k], c));
-  });
+    for (int u = 0; u < kUnroll; ++u) w[u] = zv[i + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if constexpr (kStage) staged[i + u * kThreads] = w[u];
+      acc_t v[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(w[u].val[k]);
+      accumulate(p, v);
+    }
+  }
+  for (; i < lay.n_vec; i += kThreads) {
+    const Vec w = zv[i];
+    if constexpr (kStage) staged[i] = w;
+    acc_t v[kVec];
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(w.val[k]);
+    accumulate(p, v);
+  }
+  const int64_t tail0 = lay.head + lay.n_vec * kVec;
+  for (int64_t j = tail0 + tid; j < n_cols; j += kThreads) {
+    const acc_t v[1] = {static_cast<acc_t>(z[j])};
+    accumulate(p, v);
+  }
+  p = block_merge(p);
+
+  __shared__ acc_t center_sh;
+  __shared__ acc_t stat_sh[4];
+  if (tid == 0) {
+    const acc_t nan = static_cast<acc_t>(NAN), inf = static_cast<acc_t>(INFINITY);
+    const acc_t log_sum = r_log(p.s);
+    const acc_t lse = p.m + log_sum;
+    const int64_t t = targets[r];
+    stat_sh[0] = lse;
+    stat_sh[1] = log_sum - p.ts / p.s;  // H = log Σ − Σe·d/Σ: no cancellation
+    stat_sh[2] = t >= 0 ? lse - static_cast<acc_t>(z[t]) : nan;
+    stat_sh[3] = p.ss / (p.s * p.s);    // prob: Σ p²
+    if (space == Space::kClr) {
+      center_sh = p.nneg > 0 ? -inf : p.tot / static_cast<acc_t>(p.cnt);
+    } else {
+      center_sh = lse;
+    }
+  }
+  __syncthreads();
+  const acc_t c = center_sh;
+  const bool write = rows != nullptr;
+  const bool need_sq = space != Space::kProb;
+  if (write || need_sq) {
+    // ---- pass 2: write the row; Σ(z − c)² for clr / logprob ----
+    out_t* o = write ? rows + r * out_stride : nullptr;
+    const bool vec_out = write && lay.head == 0 && reinterpret_cast<std::uintptr_t>(o) % 16 == 0;
+    const acc_t neg_inf = static_cast<acc_t>(-INFINITY);
+    acc_t q = acc_t(0);
+    auto emit = [&](int64_t j, const auto& v, bool vec) {
+      constexpr int kN = sizeof(v) / sizeof(acc_t);
+      out_t out[kN];
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        const acc_t y = transform_value(space, v[k], c);
+        out[k] = static_cast<out_t>(y);
+        if (need_sq) q += v[k] != neg_inf ? y * y : acc_t(0);
+      }
+      if (write) store(o + j, out, vec);
+    };
+    for (int64_t j = tid; j < lay.head; j += kThreads) {
+      const acc_t v[1] = {static_cast<acc_t>(z[j])};
+      emit(j, v, false);
+    }
+    for (int64_t ii = tid; ii < lay.n_vec; ii += kThreads) {
+      Vec w;
+      if constexpr (kStage) {
+        w = staged[ii];
+      } else {
+        w = zv[ii];
+      }
+      acc_t v[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(w.val[k]);
+      emit(lay.head + ii * kVec, v, vec_out);
+    }
+    for (int64_t j = tail0 + tid; j < n_cols; j += kThreads) {
+      const acc_t v[1] = {static_cast<acc_t>(z[j])};
+      emit(j, v, false);
+    }
+    if (need_sq) {
+      q = block_sum(q);
+      if (tid == 0) {
+        // clr: a -inf logit makes the row (and its norm) NaN; logprob: an infinite norm.
+        const acc_t inf = static_cast<acc_t>(INFINITY), nan = static_cast<acc_t>(NAN);
+        stat_sh[3] = p.nneg == 0 ? q : (space == Space::kClr ? nan : inf);
+      }
+    }
+  }
+  if (tid == 0) {
+    acc_t* so = stats + 4 * r;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) so[k] = stat_sh[k];
+  }
+}
+
+template <typename in_t, typename out_t, typename acc_t, bool kStage>
+void launch(const at::Tensor& x, const at::Tensor& t, int64_t n_cols, Space sp, at::Tensor* rows,
+            at::Tensor& stats, int64_t smem, cudaStream_t stream) {
+  auto kernel = transform_rows_kernel<in_t, out_t, acc_t, kStage>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  kernel<<<static_cast<unsigned>(x.size(0)), kThreads, smem, stream>>>(
+      x.data_ptr<in_t>(), x.stride(0), t.data_ptr<int64_t>(), n_cols, sp,
+      rows != nullptr ? rows->data_ptr<out_t>() : nullptr, rows != nullptr ? rows->stride(0) : 0,
+      stats.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -146,26 +355,31 @@ std::tuple<at::Tensor, at::Tensor> transform_rows_cuda(
   const at::Tensor t = targets.to(at::kLong).contiguous();
   const int64_t n = logits.size(0);
   const auto stats_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor rows = at::empty({n, write_rows ? n_cols : 0}, logits.options().dtype(out_dtype));
+  // Rows live in an (n, ld) buffer with ld a multiple of kRowAlign: every row 16-byte aligned.
+  const int64_t ld = write_rows ? transform_rows_row_stride(n_cols, true) : 0;
+  at::Tensor buffer = at::empty({n, ld}, logits.options().dtype(out_dtype));
+  at::Tensor rows = write_rows ? buffer.narrow(1, 0, n_cols) : buffer;
   at::Tensor stats = at::empty({n, 4}, logits.options().dtype(stats_dtype));
   if (n == 0) return {rows, stats};
   TORCH_CHECK(n <= INT32_MAX, "rankest.transform_rows: at most 2^31-1 rows per call, got ",
               std::to_string(n));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool pass2 = write_rows || sp != Space::kProb;
+  const int64_t stage_bytes = (n_cols + 16) * static_cast<int64_t>(logits.element_size());
+  const bool stage = pass2 && stage_bytes <= kSmemMax;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "transform_rows_cuda", [&] {
         using in_t = scalar_t;
         using acc_t = at::opmath_type<in_t>;  // float, or double for double logits
-        using stat_t = acc_t;
         AT_DISPATCH_FLOATING_TYPES_AND2(
             at::kHalf, at::kBFloat16, out_dtype, "transform_rows_cuda_out", [&] {
               using out_t = scalar_t;
-              transform_rows_kernel<in_t, out_t, acc_t, stat_t>
-                  <<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-                      x.data_ptr<in_t>(), x.stride(0), t.data_ptr<int64_t>(), n_cols, sp,
-                      write_rows ? rows.data_ptr<out_t>() : nullptr,
-                      stats.data_ptr<stat_t>());
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              at::Tensor* r = write_rows ? &rows : nullptr;
+              if (stage) {
+                launch<in_t, out_t, acc_t, true>(x, t, n_cols, sp, r, stats, stage_bytes, stream);
+              } else {
+                launch<in_t, out_t, acc_t, false>(x, t, n_cols, sp, r, stats, 0, stream);
+              }
             });
       });
   return {rows, stats};

@@ -43,7 +43,7 @@ using AddProduct =
     std::function<void(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b)>;
 
 // The blocked lower-triangle driver (device-agnostic ATen; defined in csrc/rankest.cpp).
-// `c` is the chunk already in the GEMM dtype, contiguous.
+// `c` is the chunk already in the GEMM dtype, unit column stride (any row stride).
 void gram_update_blocked(
     at::Tensor& gram,
     const at::Tensor& c,

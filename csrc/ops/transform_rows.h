@@ -14,7 +14,11 @@
 //   write_rows bool  false: rows is an (n, 0) tensor and the write pass is skipped.
 //   out_dtype        float64 | float32 | bfloat16 | float16 (dtype of rows).
 //
-//   returns rows  (n, n_cols) out_dtype, contiguous ((n, 0) when !write_rows)
+//   returns rows  (n, n_cols) out_dtype, unit column stride ((n, 0) when !write_rows).
+//                 Row stride: n_cols on the CPU (contiguous); on CUDA n_cols rounded up to a
+//                 multiple of kRowAlign = 16 elements (a view of a padded buffer), so every
+//                 row starts 16-byte aligned: 16-byte stores here, and aligned leading
+//                 dimensions for the tensor-core GEMMs that consume the rows.
 //           stats (n, 4) [logsumexp, entropy (nats), nll, sq_norm]; float64 for float64
 //                 logits, else float32. sq_norm is the squared norm of the row in `space`
 //                 before the cast to out_dtype; it is the same whether or not rows are written.
@@ -24,8 +28,9 @@
 // groups of a few elements are summarised exactly and merged (Chan et al. 1979 for mean/M2,
 // Milakov & Gimelshein 2018 for the online softmax), so no sum ever cancels catastrophically.
 //   CPU : float64 accumulation for every input dtype, one row per task (at::parallel_for).
-//   CUDA: one block per row, float32 accumulation (float64 for float64 logits); the row is
-//         re-read (from L2) for the write pass.
+//   CUDA: one block per row, float32 accumulation (float64 for float64 logits): pass 1 is an
+//         online softmax (one exp per element), pass 2 re-reads the row (from shared memory
+//         when it fits, else L2), writes it and sums Σ(z − c)² around the row's own centre.
 // A logit of -inf among the real columns is a probability of 0 (prob/logprob/entropy stay
 // finite); as in the reference, it makes the clr row and its sq_norm NaN/inf.
 //
@@ -52,6 +57,12 @@
 namespace rankest {
 
 enum class Space : int { kClr = 0, kProb = 1, kLogprob = 2 };
+
+// Row stride of the rows tensor (see the contract above): padded to kRowAlign on CUDA.
+constexpr int64_t kRowAlign = 16;
+inline int64_t transform_rows_row_stride(int64_t n_cols, bool cuda) {
+  return cuda ? (n_cols + kRowAlign - 1) / kRowAlign * kRowAlign : n_cols;
+}
 
 // Validates every argument (ValueError in Python) and parses `space`. Shared by all devices;
 // defined in csrc/rankest.cpp.

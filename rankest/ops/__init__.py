@@ -30,6 +30,7 @@ __all__ = [
     "extension_detail",
     "gram_update",
     "reference",
+    "row_stride",
     "stats_dtype",
     "transform_rows",
     "using_reference",
@@ -85,6 +86,16 @@ def _fallback(op: str, device: torch.device) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
+#: Row alignment of transform_rows's CUDA rows, in elements (kRowAlign in csrc/ops/transform_rows.h).
+ROW_ALIGN = 16
+
+
+def row_stride(n_cols: int, device: torch.device) -> int:
+    """Row stride of the rows transform_rows returns on ``device``: n_cols on the CPU; on CUDA
+    n_cols rounded up to ROW_ALIGN elements, so every row starts 16-byte aligned."""
+    return -(-n_cols // ROW_ALIGN) * ROW_ALIGN if torch.device(device).type == "cuda" else n_cols
+
+
 def transform_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -116,7 +127,12 @@ if _BACKEND is not None:
     @_register_fake("rankest::transform_rows")
     def _transform_rows_fake(logits, targets, n_cols, space, write_rows, out_dtype):
         n = logits.shape[0]
-        rows = logits.new_empty((n, n_cols if write_rows else 0), dtype=out_dtype)
+        if write_rows:
+            # The row stride of the kernels (csrc/ops/transform_rows.h): padded on CUDA.
+            ld = row_stride(n_cols, logits.device)
+            rows = logits.new_empty((n, ld), dtype=out_dtype)[:, :n_cols]
+        else:
+            rows = logits.new_empty((n, 0), dtype=out_dtype)
         return rows, logits.new_empty((n, 4), dtype=stats_dtype(logits.dtype))
 
     @_register_fake("rankest::gram_update")
