@@ -52,6 +52,18 @@ def _tokens(text: str) -> Optional[int]:
     return v
 
 
+def _passes(text: str):
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of passes or auto, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of passes or auto, got {text!r}")
+    return v
+
+
 def _positions(text: str) -> str:
     if text in ("all", "last"):
         return text
@@ -112,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--route", default="auto", choices=["auto", "factor", "gram", "sketch"],
                    help="accumulation route (default auto: factor when exact, gram when it fits, else sketch)")
     r.add_argument("--rank-max", type=_positive_int, help="sketch size k / largest rank reported")
+    r.add_argument("--passes", type=_passes, default="auto",
+                   help="sketch route: passes over the rows (auto = 1 for a neural teacher; q >= 2 caches the "
+                        "rows on disk once and runs q passes of randomized subspace iteration over them)")
+    r.add_argument("--row-cache-dtype", default="auto", choices=["auto", "fp64", "fp32", "fp16", "bf16"],
+                   help="dtype of the row cache of --passes >= 2 (auto: the rows' own dtype)")
+    r.add_argument("--keep-row-cache", action="store_true", help="keep rows.h5 of --passes >= 2 in the run folder")
     r.add_argument("--gram-precision", default="fp64", choices=["fp64", "fast"],
                    help="Gram products in fp64 (default) or fp32 with an fp64 carry")
     r.add_argument("--no-convergence", dest="convergence", action="store_false",
@@ -136,7 +154,8 @@ def cmd_estimate(args) -> int:
                         seq_len=args.seq_len, space=args.space, route=args.route, rank_max=args.rank_max,
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                         max_memory=args.max_memory, seed=args.seed, positions=args.positions, sample=args.sample,
-                        gram_precision=args.gram_precision, out=args.out, overwrite=args.overwrite,
+                        gram_precision=args.gram_precision, passes=args.passes,
+                        row_cache_dtype=args.row_cache_dtype, keep_row_cache=args.keep_row_cache, out=args.out, overwrite=args.overwrite,
                         quiet=args.quiet, convergence=args.convergence)
     m = spec.metrics()
     r = m["rank_at"]

@@ -16,6 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -41,6 +42,8 @@ class EstimateConfig:
     route: str = "auto"
     rank_max: Optional[int] = None
     passes: Union[int, str] = "auto"
+    row_cache_dtype: str = "auto"
+    keep_row_cache: bool = False
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
@@ -76,6 +79,13 @@ class EstimateConfig:
             raise UserError(f"--rank-max must be a positive integer, got {self.rank_max}.")
         if self.max_memory is not None:
             parse_size(self.max_memory)
+        if self.passes != "auto" and not (isinstance(self.passes, int) and self.passes >= 1):
+            raise UserError(f"--passes must be a positive integer or auto, got {self.passes!r}.")
+        from .rowcache import CACHE_DTYPES
+
+        if self.row_cache_dtype != "auto" and self.row_cache_dtype not in CACHE_DTYPES:
+            raise UserError(f"--row-cache-dtype must be auto or one of {', '.join(CACHE_DTYPES)}, "
+                            f"got {self.row_cache_dtype!r}.")
 
 
 def parse_size(text: str) -> int:
@@ -169,6 +179,22 @@ def choose_route(cfg: EstimateConfig, *, n_cols: int, linear: Optional[bool], bu
                           f"{sketch_rank(cfg, n_cols)} instead")
     raise UserError(f"no exact route fits: {gram_why}. Raise --max-memory, lower the vocabulary, or use "
                     f"--space clr (factor route).")
+
+
+def resolve_passes(cfg: EstimateConfig, route: str) -> tuple[int, str]:
+    """Passes of the sketch route over the rows, and why: ``auto`` is one pass for a neural
+    teacher (each pass would cost a forward over the corpus); q ≥ 2 caches the rows on disk
+    once and runs q passes of randomized subspace iteration over the cache. Exact routes take
+    one pass whatever is asked (an explicit exact route with q ≥ 2 is refused)."""
+    if cfg.passes == "auto":
+        return 1, "auto: one pass (a neural teacher's rows cost a forward pass each time)"
+    q = int(cfg.passes)
+    if route != "sketch" and q > 1:
+        if cfg.route in ("factor", "gram"):
+            raise UserError(f"--passes {q} applies to the sketch route only; the {cfg.route} route is exact in one "
+                            f"pass. Drop --passes, or use --route sketch.")
+        return 1, f"--passes {q} ignored: the {route} route is exact in one pass"
+    return q, f"--passes {q}" + (": rows cached on disk once, then re-read per pass" if q > 1 else "")
 
 
 def sketch_rank(cfg: EstimateConfig, n_cols: int) -> int:
@@ -281,9 +307,23 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     route, reason = choose_route(cfg, n_cols=teacher.n_cols, linear=linear,
                                  budget=budget, device_type=teacher.device.type)
 
+    passes, passes_why = resolve_passes(cfg, route)
+    if route != "sketch" and cfg.passes != "auto" and int(cfg.passes) > 1:
+        reason = f"{reason}; {passes_why}"
     row_dtype = _row_dtype(teacher, cfg.gram_precision)
     stats_acc = RowStats(device=teacher.device)
-    if route == "factor":
+    cache = None
+    if route == "sketch" and passes > 1:
+        import tempfile
+
+        from .rowcache import RowCache, cache_nbytes, resolve_cache_dtype
+
+        # The first pass is the teacher's; randomized_svd then re-reads the cached rows q times.
+        where = out if out is not None else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
+        cache = acc = RowCache(where / "rows.h5", teacher.n_cols, n_total,
+                               dtype=resolve_cache_dtype(cfg.row_cache_dtype, row_dtype))
+        reason = f"{reason}; {passes_why} ({cache.dtype}, {_fmt_bytes(cache_nbytes(n_total, teacher.n_cols, cache.dtype))})"
+    elif route == "factor":
         weight, bias = teacher.head()
         acc = Factor(weight, bias, teacher.n_cols, precision=cfg.gram_precision, device=teacher.device)
     elif route == "gram":
@@ -335,7 +375,11 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     t_acc = time.perf_counter() - t_loop
 
     t_fin = time.perf_counter()
-    spec = acc.finalize(energy=stats_acc.energy)
+    if cache is not None:
+        spec = _multipass_spectrum(cache, cfg, passes=passes, n_cols=teacher.n_cols, row_dtype=row_dtype,
+                                   device=teacher.device, energy=stats_acc.energy)
+    else:
+        spec = acc.finalize(energy=stats_acc.energy)
     _sync(teacher.device)
     t_fin = time.perf_counter() - t_fin
     if cfg.convergence:
@@ -365,6 +409,27 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         spec.meta["out"] = str(out)
         if return_summary:
             return spec, summary
+    return spec
+
+
+def _multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int, row_dtype: torch.dtype,
+                        device: torch.device, energy: float):
+    """q passes of randomized subspace iteration over the cached rows → a sketch-route Spectrum
+    (σ̂ ≤ σ, with the error estimates of :func:`rankest.linalg.randomized_svd`)."""
+    from .linalg import product_dtype, randomized_svd
+    from .sketch import spectrum_from_svd
+
+    precision = _sketch_precision(cfg.gram_precision, row_dtype)
+    try:
+        result = randomized_svd(cache.stream(device=device, out_dtype=product_dtype(precision)),
+                                sketch_rank(cfg, n_cols), passes=passes, method="subspace", precision=precision,
+                                seed=cfg.seed, device=device, return_vectors=False)
+    finally:
+        if not cfg.keep_row_cache:
+            cache.remove()
+    spec = spectrum_from_svd(result, space=cfg.space, energy=energy)
+    spec.meta["row_cache"] = {"dtype": cache.dtype, "rows": cache.n_rows,
+                              "path": str(cache.path) if cfg.keep_row_cache else None}
     return spec
 
 

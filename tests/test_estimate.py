@@ -270,3 +270,51 @@ def test_sketch_with_k_at_least_v_falls_back_to_gram(neox64, corpus_file):
         spec = run_estimate(teacher=neox64, corpus=corpus_file, tokens=256, seq_len=SEQ, space="prob",
                             route="sketch", rank_max=neox64.n_cols, quiet=True)
     assert spec.route == "gram" and spec.exact
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "bf16"])
+def test_multipass_sketch_beats_one_pass_and_matches_exact(neox64, corpus_file, tmp_path, cache_dtype):
+    """--passes 4: the rows are cached once (the teacher runs once) and re-read; the result is
+    still one-sided and much closer to the exact SVD than one pass (fp64 rows, fp64 cache);
+    a bf16 cache is bounded by the rounding of its rows (relative 2^-9 per entry)."""
+    t = explicit_matrix(neox64, corpus_file, "prob")
+    exact = np.linalg.svd(t, compute_uv=False)
+    k = 40
+    out = tmp_path / f"mp-{cache_dtype}"
+    one = run_estimate(teacher=neox64, corpus=corpus_file, tokens=None, seq_len=SEQ, space="prob", route="sketch",
+                       rank_max=k, quiet=True)
+    many = run_estimate(teacher=neox64, corpus=corpus_file, tokens=None, seq_len=SEQ, space="prob", route="sketch",
+                        rank_max=k, passes=4, row_cache_dtype=cache_dtype, quiet=True, out=str(out))
+    assert many.route == "sketch" and many.meta["passes"] == 4 and many.sigma.size == k
+    assert "--passes 4" in many.meta["route_reason"]
+    assert not (out / "rows.h5").exists()  # the cache is removed once the passes are done
+    rel = np.abs(many.sigma[: k // 2] - exact[: k // 2]) / exact[: k // 2]
+    rel_one = np.abs(one.sigma[: k // 2] - exact[: k // 2]) / exact[: k // 2]
+    if cache_dtype == "auto":  # fp64 rows → fp64 cache
+        assert many.meta["row_cache"]["dtype"] == "fp64"
+        assert np.all(many.sigma <= exact[:k] * (1 + 1e-9))
+        assert rel.max() <= 1e-3 and rel.max() < rel_one.max()
+    else:
+        assert rel.max() <= 1e-3 + 2 * 2.0 ** -9
+    w_true = exact_w_error(exact)[:k]
+    assert np.abs(many.w_error()[: k // 2] - w_true[: k // 2]).max() <= 1e-2
+    assert json.loads((out / "results.json").read_text())["route"] == "sketch"
+
+
+def test_passes_bad_input(neox64, corpus_file, capsys, neox_dir):
+    from rankest.errors import UserError
+
+    with pytest.raises(UserError, match="sketch route only"):
+        run_estimate(teacher=neox64, corpus=corpus_file, tokens=64, seq_len=SEQ, space="prob", route="gram",
+                     passes=3, quiet=True)
+    with pytest.raises(UserError, match="--passes"):
+        run_estimate(teacher=neox64, corpus=corpus_file, tokens=64, seq_len=SEQ, passes=0, quiet=True)
+    # auto route resolving to an exact route ignores --passes, and says so
+    spec = run_estimate(teacher=neox64, corpus=corpus_file, tokens=64, seq_len=SEQ, space="prob", passes=3,
+                        quiet=True)
+    assert spec.exact and "ignored" in spec.meta["route_reason"]
+    for bad in (["--passes", "0"], ["--passes", "two"], ["--row-cache-dtype", "int8"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["estimate", *bad])
+        assert e.value.code == 2
+        capsys.readouterr()
