@@ -69,7 +69,7 @@ if str(ROOT) not in sys.path:  # run from a checkout, installed or not
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-GOALS = {"factor": 1.02, "sketch": 1.10, "gram_fast": 1.35}  # streaming ratio to the bare forward
+GOALS = {"factor": 1.02, "factor_fast": 1.02, "sketch": 1.10, "gram_fast": 1.35}  # streaming ratio to the bare forward
 TRANSFORM_GOAL = 0.80  # transform_rows bandwidth / measured copy bandwidth
 FORBIDDEN_MODULES = ("datasets", "gguf")  # absent on the GPU machine: must never be imported
 
@@ -413,6 +413,36 @@ def naive_pass(model, windows, shape: Shape, dev, omega) -> torch.Tensor:
     return y
 
 
+def accumulate_pass(teacher, windows, shape: Shape, dev, *, side_stream: bool) -> torch.Tensor:
+    """The gram route's per-batch work written out (features → logits → transform_rows → fast
+    gram_update of bf16 prob rows), with the Gram update on the teacher's stream (serial), or on
+    a side stream while the next batch's forward runs (does overlapping pay?)."""
+    from rankest import ops
+
+    vp = teacher.n_cols
+    gram = torch.zeros(vp, vp, dtype=torch.float64, device=dev)
+    cuda = dev.type == "cuda"
+    side = torch.cuda.Stream(dev) if side_stream and cuda else None
+    main = torch.cuda.current_stream(dev) if cuda else None
+    with torch.inference_mode():
+        for lo in range(0, windows.shape[0], shape.batch_windows):
+            w = windows[lo:lo + shape.batch_windows]
+            ids = w[:, :-1].to(dev, non_blocking=True)
+            targets = w[:, 1:].reshape(-1).to(dev, non_blocking=True)
+            h = teacher.features(ids).reshape(-1, teacher.hidden_size)
+            rows, _ = ops.transform_rows(teacher.logits(h), targets, vp, "prob", True, torch.bfloat16)
+            if side is None:
+                ops.gram_update(gram, rows, "fast")
+                continue
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                ops.gram_update(gram, rows, "fast")
+            rows.record_stream(side)
+        if side is not None:
+            main.wait_stream(side)
+    return gram
+
+
 class FinalizeProbe:
     """Wraps the accumulator classes run_estimate builds: times finalize (after a sync) and
     optionally replaces it by a stub (no eigensolve), keeping the accumulator when asked."""
@@ -500,6 +530,10 @@ class _Windows(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
 
+PHASE_ORDER = ("forward", "factor", "factor_fast", "sketch", "gram_fast", "gram_fp64", "naive", "overlap_off",
+               "overlap_on")
+
+
 def sketch_available() -> bool:
     try:
         import rankest.sketch  # noqa: F401
@@ -512,6 +546,8 @@ def estimate_kwargs(shape: Shape) -> dict[str, dict]:
     common = dict(seq_len=shape.seq_len, tokens=None, batch_size=shape.batch_windows, quiet=True, convergence=False)
     return {
         "factor": dict(common, route="factor", space="clr", gram_precision="fp64"),
+        # bf16 features on tensor cores: products exact in fp32, fp32 sums per chunk, fp64 carry.
+        "factor_fast": dict(common, route="factor", space="clr", gram_precision="fast"),
         "sketch": dict(common, route="sketch", space="prob", rank_max=shape.sketch_k, gram_precision="fast"),
         # The budget only steers the route check: rankest's gram_nbytes counts 4 Gram copies
         # (81 GB at V' = 50,277, over an H100's free/2); the run itself needs ~2 (Gram + eigvalsh copy).
@@ -619,6 +655,10 @@ class Bench:
             if name == "forward":
                 sec, _ = timed(lambda: forward_pass(model, wins, s, dev), dev)
                 return {"wall": sec, "stream": sec, "finalize": 0.0, "peak_gib": peak_gib(dev)}
+            if name.startswith("overlap_"):
+                sec, g = timed(lambda: accumulate_pass(teacher, wins, s, dev, side_stream=name == "overlap_on"), dev)
+                del g
+                return {"wall": sec, "stream": sec, "finalize": 0.0, "peak_gib": peak_gib(dev)}
             if name == "naive":
                 sec, y = timed(lambda: naive_pass(model, wins, s, dev, omega), dev)
                 ok = bool(torch.isfinite(y).all())
@@ -641,7 +681,7 @@ class Bench:
                 out["metrics"] = spec.metrics()
             return out
 
-        phases = ["forward", "factor", "sketch", "gram_fast", "naive"]
+        phases = ["forward", "factor", "factor_fast", "sketch", "gram_fast", "naive", "overlap_off", "overlap_on"]
         for name in [x for x in (self.args.skip or "").split(",") if x]:
             if name in phases and name != "forward":
                 phases.remove(name)
@@ -770,9 +810,10 @@ class Bench:
                     shutil.copy2(f, Path(out) / f.name)
 
     def ratio_rows(self) -> list[tuple[str, str, dict]]:
-        labels = [("factor", "factor (clr)"), ("sketch", f"sketch (prob, k={self.shape.sketch_k}, fast)"),
+        labels = [("factor", "factor (clr)"), ("factor_fast", "factor (clr, fast)"), ("sketch", f"sketch (prob, k={self.shape.sketch_k}, fast)"),
                   ("gram_fast", "gram (prob, fast)"), ("gram_fp64", "gram (prob, fp64)"),
-                  ("naive", "naive PyTorch (fp32)")]
+                  ("naive", "naive PyTorch (fp32)"), ("overlap_off", "gram work by hand, one stream"),
+                  ("overlap_on", "same, Gram on a side stream")]
         return [(k, lab, self.res["phases"][k]) for k, lab in labels if "ratio_stream" in self.res["phases"].get(k, {})]
 
     def plot(self, path: Path) -> None:
@@ -836,11 +877,14 @@ class Bench:
               "*Streaming* = wall time of `run_estimate` minus its `finalize` (the per-token cost); *total* "
               "includes `finalize` (a one-off cost, independent of N). The gram route's finalize (the 50k "
               "fp64 eigensolve) is stubbed in the timed runs and timed alone under `--full`. "
-              "`run_estimate(convergence=False)`; the factor route accumulates its feature Gram in fp64.", ""]
+              "`run_estimate(convergence=False)`; `factor` accumulates its feature Gram in fp64, `factor_fast` "
+              "on tensor cores (bf16 features, fp32 sums per chunk, fp64 carry). `overlap_off` / `overlap_on`: "
+              "the gram route's per-batch work written out by hand, with the Gram update on the teacher's "
+              "stream or on a side stream that runs while the next batch's forward does (CUDA streams).", ""]
         L += ["## estimate vs bare forward", "",
               "| phase | repeats | wall s (median) | streaming s | finalize s | tokens/s | ratio streaming | "
               "ratio total | goal | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for name in ("forward", "factor", "sketch", "gram_fast", "gram_fp64", "naive"):
+        for name in PHASE_ORDER:
             ph = r["phases"].get(name)
             if ph is None:
                 continue
@@ -863,6 +907,12 @@ class Bench:
             L.append(f"\nsketch: generating its test matrix [Ω Θ] (V' × (l+s), CPU generator, once per run, inside "
                      f"the streaming time) took {sk['test_block_median']:.2f} s of the {sk['stream_median']:.2f} s; "
                      f"l = {sk['runs'][-1].get('sketch_l')}")
+        on, off = r["phases"].get("overlap_on", {}), r["phases"].get("overlap_off", {})
+        if "wall_median" in on and "wall_median" in off:
+            ratio = on["wall_median"] / off["wall_median"]
+            L.append(f"\noverlap: the Gram update on a side stream, concurrent with the next batch's forward, takes "
+                     f"{ratio:.3f}× the one-stream time ({'pays' if ratio < 0.98 else 'does not pay'}: "
+                     f"{on['wall_median']:.2f} s vs {off['wall_median']:.2f} s)")
         fm = r["phases"].get("factor", {}).get("runs", [{}])[-1].get("metrics") if r["phases"].get("factor", {}).get("runs") else None
         if fm:
             L.append(f"\nfactor spectrum: numerical rank {fm.get('numerical_rank')} (d = {s.hidden}), "
@@ -928,7 +978,7 @@ class Bench:
               f"{_fmt(r.get('teacher', {}).get('build_seconds'), '.0f')} s, script {r['seconds_total']:.0f} s")
         print(f"{'phase':<12}{'n':>3}{'wall s':>9}{'stream s':>10}{'final s':>9}{'tok/s':>10}{'ratio':>8}{'total':>8}"
               f"  goal")
-        for name in ("forward", "factor", "sketch", "gram_fast", "gram_fp64", "naive"):
+        for name in PHASE_ORDER:
             ph = r["phases"].get(name)
             if ph is None:
                 continue
@@ -997,7 +1047,8 @@ def main(argv=None) -> int:
     p.add_argument("--slow-phase-s", type=float, default=25.0,
                    help="run a phase whose first run took longer than this only once (default 25)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated phases to leave out: factor,sketch,gram_fast,naive")
+    p.add_argument("--skip", default="", help="comma-separated phases to leave out: factor,factor_fast,sketch,gram_fast,naive,"
+                                                    "overlap_off,overlap_on")
     args = p.parse_args(argv)
     shape = TINY if args.tiny else PYTHIA_6_9B
     if args.batches:
