@@ -723,6 +723,9 @@ class Bench:
                 self.log(f"stopping after {rnd + 1} round(s): another (~{nxt:.0f} s) would pass --budget-s {a.budget_s:.0f}")
                 break
 
+        for name in [x for x in (a.profile or "").split(",") if x]:
+            self.profile(name, lambda name=name: run_phase(name, warm_windows, stub=True))
+
         if a.full:
             try:
                 r = run_phase("gram_fp64", windows, stub=True, keep=True)
@@ -741,6 +744,27 @@ class Bench:
                 self.eigensolve(acc)
             else:
                 self.res["eigensolve"] = {"skipped": "no fp64 Gram (gram_fp64 failed)"}
+
+    def profile(self, name: str, fn) -> None:
+        """torch.profiler over one batch of a phase: the top kernels by device time, and the device's
+        busy time against the wall time (idle gaps = host-side work or syncs)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.type == "cuda" else [])
+        try:
+            t0 = time.perf_counter()
+            with profile(activities=acts) as prof:
+                fn()
+                sync(self.dev)
+            wall = time.perf_counter() - t0
+            ka = prof.key_averages()
+            attr = "device_time_total" if hasattr(ka[0], "device_time_total") else "cuda_time_total"
+            table = ka.table(sort_by=attr if self.dev.type == "cuda" else "cpu_time_total", row_limit=15)
+            busy = sum(getattr(e, "self_" + attr, 0) for e in ka) / 1e6 if self.dev.type == "cuda" else None
+            self.res.setdefault("profile", {})[name] = {"wall_s": wall, "device_busy_s": busy, "table": table}
+            self.log(f"profile {name}: wall {wall:.3f} s (profiled), device busy {_fmt(busy, '.3f')} s\n{table}")
+        except Exception as e:  # noqa: BLE001
+            self.error(f"profile_{name}", e)
 
     def eigensolve(self, acc) -> None:
         """fp64 eigvalsh of the V'×V' Gram (lower triangle), on the device, timed alone."""
@@ -917,6 +941,9 @@ class Bench:
         if fm:
             L.append(f"\nfactor spectrum: numerical rank {fm.get('numerical_rank')} (d = {s.hidden}), "
                      f"rank_at {fm.get('rank_at')}, off-model energy {_fmt(fm.get('off_model_energy'), '.2e')}")
+        for name, pr in r.get("profile", {}).items():
+            L += ["", f"### Profile of `{name}` on one batch (wall {pr['wall_s']:.3f} s under the profiler, device busy "
+                      f"{_fmt(pr.get('device_busy_s'), '.3f')} s)", "", "```", pr["table"], "```"]
         e = r.get("eigensolve")
         if e:
             L += ["", "## fp64 eigensolve of the V'×V' Gram (`--full`)", ""]
@@ -1047,6 +1074,7 @@ def main(argv=None) -> int:
     p.add_argument("--slow-phase-s", type=float, default=25.0,
                    help="run a phase whose first run took longer than this only once (default 25)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="", help="comma-separated phases to profile on one batch (torch.profiler)")
     p.add_argument("--skip", default="", help="comma-separated phases to leave out: factor,factor_fast,sketch,gram_fast,naive,"
                                                     "overlap_off,overlap_on")
     args = p.parse_args(argv)

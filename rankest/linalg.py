@@ -65,10 +65,6 @@ UNIT_ROUNDOFF = {"fp64": 2.0 ** -53, "fp32": 2.0 ** -24, "fast": 2.0 ** -21}
 #: Spectrum.precision (unit round-off of the products) for each product precision.
 SPECTRUM_PRECISION = {"fp64": "fp64", "fp32": "fp32", "fast": "bf16"}
 
-#: Rows of Ω generated from one counter (seed, stream, block): Ω's rows for columns
-#: [b·OMEGA_BLOCK, (b+1)·OMEGA_BLOCK) of T depend only on (seed, stream, b, l).
-OMEGA_BLOCK = 1024
-
 #: Counter streams: the test matrix Ω and the error probes Θ are independent.
 STREAM_OMEGA, STREAM_PROBES = 0, 1
 
@@ -123,15 +119,62 @@ def counter_seed(seed: int, stream: int, block: int) -> int:
     return h >> 1
 
 
+def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _as_int64(v: int) -> int:
+    """A 64-bit pattern as the signed int64 torch holds."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _normal_pairs_torch(i: torch.Tensor, pairs: torch.Tensor, base: int):
+    """(radius, angle) of the Box–Muller pairs (i, p): torch int64 arithmetic (wraps mod 2⁶⁴)."""
+    x = ((i[:, None] << 32) + pairs) * _as_int64(_GAMMA) + _as_int64(base)
+    x = (x ^ _lsr(x, 30)) * _as_int64(_MIX1)
+    x = (x ^ _lsr(x, 27)) * _as_int64(_MIX2)
+    x = _lsr(x ^ _lsr(x, 31), 11)  # the top 53 bits
+    u1 = (_lsr(x, 27).to(torch.float64) + 0.5) * 2.0 ** -26  # (0, 1): log never sees 0
+    u2 = (x & ((1 << 27) - 1)).to(torch.float64) * 2.0 ** -27
+    return torch.sqrt(-2.0 * torch.log(u1)), (2.0 * math.pi) * u2
+
+
+def _normal_pairs_numpy(i: np.ndarray, pairs: np.ndarray, base: int):
+    """The same (radius, angle) as :func:`_normal_pairs_torch` with numpy's native uint64 (the CPU
+    path: several times faster than torch's int64 emulation of logical shifts)."""
+    u64 = np.uint64
+    with np.errstate(over="ignore"):
+        x = ((i[:, None] << u64(32)) + pairs) * u64(_GAMMA) + u64(base)
+        x ^= x >> u64(30)
+        x *= u64(_MIX1)
+        x ^= x >> u64(27)
+        x *= u64(_MIX2)
+        x ^= x >> u64(31)
+    x >>= u64(11)
+    u1 = ((x >> u64(27)).astype(np.float64) + 0.5) * 2.0 ** -26
+    u2 = (x & u64((1 << 27) - 1)).astype(np.float64) * 2.0 ** -27
+    return np.sqrt(-2.0 * np.log(u1)), (2.0 * np.pi) * u2
+
+
 def gaussian_test_matrix(n_cols: int, n_vecs: int, *, seed: int, stream: int = STREAM_OMEGA, start: int = 0,
                 stop: Optional[int] = None, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """Rows ``start:stop`` of the Gaussian test matrix Ω (n_cols × n_vecs), regenerated from counters.
 
-    Block b (rows [b·1024, (b+1)·1024)) is ``torch.randn(1024, n_vecs)`` in fp32 from a CPU
-    ``torch.Generator`` seeded with :func:`counter_seed` (seed, stream, b). So any row range
-    can be rebuilt anywhere without storing Ω, the same Ω comes out on every device and for
-    every product precision (fp32 values are exact in fp64; bf16 rounds them), and Ω for V'
-    columns is a prefix of Ω for more columns.
+    Entries (i, 2p) and (i, 2p+1) are the Box–Muller pair (r·cos θ, r·sin θ) of SplitMix64
+    output number i·2³² + p of the sequence started at :func:`counter_seed` (seed, stream, 0)
+    (Steele, Lea & Flood 2014: a counter times the golden gamma, then the 64-bit mixer), whose
+    top 53 bits give the two uniforms (26 and 27 bits; tails cut at ≈ 5.9σ); fp64, then fp32.
+    So an entry depends on (seed, stream, i, j) alone: any row range is rebuilt anywhere without
+    storing Ω, Ω for V' rows is a prefix of Ω for more, and its first l columns are those of Ω
+    with more columns. The integer hash is computed where the matrix is needed — on the GPU for
+    a GPU sketch (milliseconds, where a CPU generator took 6 s at V' = 50k, l = 8k) — with the
+    same bits on every device; the fp64 log/sqrt/cos/sin of different libraries may differ in
+    their last ulp, which the fp32 rounding hides but for about one entry in 10⁸.
 
     Returns
     -------
@@ -140,14 +183,26 @@ def gaussian_test_matrix(n_cols: int, n_vecs: int, *, seed: int, stream: int = S
     stop = n_cols if stop is None else stop
     if not 0 <= start <= stop <= n_cols:
         raise ValueError(f"row range [{start}, {stop}) is outside [0, {n_cols})")
-    out = torch.empty(stop - start, n_vecs, dtype=torch.float32)
-    gen = torch.Generator(device="cpu")
-    for b in range(start // OMEGA_BLOCK, (stop + OMEGA_BLOCK - 1) // OMEGA_BLOCK if stop > start else 0):
-        gen.manual_seed(counter_seed(seed, stream, b))
-        blk = torch.randn(OMEGA_BLOCK, n_vecs, generator=gen, dtype=torch.float32)
-        lo, hi = max(start, b * OMEGA_BLOCK), min(stop, (b + 1) * OMEGA_BLOCK)
-        out[lo - start:hi - start] = blk[lo - b * OMEGA_BLOCK:hi - b * OMEGA_BLOCK]
-    return out.to(device=device, dtype=dtype)
+    if n_vecs >= 1 << 32:
+        raise ValueError(f"at most 2^32 - 1 test columns, got {n_vecs}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    out = torch.empty(stop - start, n_vecs, dtype=dtype, device=device)
+    base = counter_seed(seed, stream, 0)
+    n_pairs = (n_vecs + 1) // 2
+    rows_per = max(1, (1 << 21) // max(1, n_pairs))  # ~16 MB of 64-bit temporaries at a time
+    for lo in range(start, stop, rows_per):
+        hi = min(stop, lo + rows_per)
+        if device.type == "cpu":
+            r, t = _normal_pairs_numpy(np.arange(lo, hi, dtype=np.uint64), np.arange(n_pairs, dtype=np.uint64), base)
+            z = np.empty((hi - lo, 2 * n_pairs), dtype=np.float32)
+            z[:, 0::2], z[:, 1::2] = r * np.cos(t), r * np.sin(t)
+            z = torch.from_numpy(z)
+        else:
+            r, t = _normal_pairs_torch(torch.arange(lo, hi, dtype=torch.int64, device=device),
+                                       torch.arange(n_pairs, dtype=torch.int64, device=device), base)
+            z = torch.stack([r * torch.cos(t), r * torch.sin(t)], dim=2).reshape(hi - lo, 2 * n_pairs).float()
+        out[lo - start:hi - start] = z[:, :n_vecs]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +260,8 @@ def gram_apply(rows: torch.Tensor, x: torch.Tensor, *, precision: str) -> tuple[
     z : (n, m) — T·X in the product dtype. Non-finite z means non-finite rows (Ω's entries
         are never 0): callers check it instead of the larger chunk.
     """
+    if precision == "fast" and rows.device.type == "cuda" and _HAS_MM_DTYPE:
+        return _gram_apply_bf16(rows, x)
     r = rows.to(x.dtype)
     if precision != "fast":
         z = r @ x
@@ -214,6 +271,26 @@ def gram_apply(rows: torch.Tensor, x: torch.Tensor, *, precision: str) -> tuple[
         z = r @ x
         z_hi = z.to(torch.bfloat16).to(torch.float32)
         y2 = r.T @ torch.cat([z_hi, z - z_hi], dim=1)
+    return y2[:, :m].to(torch.float64) + y2[:, m:].to(torch.float64), z
+
+
+#: torch.mm(a, b, out_dtype=...) (bf16 inputs, fp32 output) exists from PyTorch 2.9 on.
+_HAS_MM_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _gram_apply_bf16(rows: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fast`` on CUDA: the same arithmetic as the CPU's (bf16 inputs, fp32 accumulation and
+    output, Z split into bf16 hi + lo) as explicit bf16 tensor-core GEMMs with fp32 output —
+    instead of TF32, which rounds the inputs to 10 bits rather than bf16's 8 and runs at half
+    the rate. Rows whose stride is 16-element aligned (transform_rows's CUDA rows) are used as
+    they are."""
+    r = rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)  # x was pre-rounded by round_test: exact
+    z = torch.mm(r, xb, out_dtype=torch.float32)
+    z_hi = z.to(torch.bfloat16)
+    z_lo = (z - z_hi.float()).to(torch.bfloat16)
+    m = x.shape[1]
+    y2 = torch.mm(r.T, torch.cat([z_hi, z_lo], dim=1), out_dtype=torch.float32)
     return y2[:, :m].to(torch.float64) + y2[:, m:].to(torch.float64), z
 
 

@@ -19,10 +19,10 @@ estimated to be within 1e-2 of the truth (first-order estimate from 16 probes, s
 same from a bound that holds with 99% probability (more conservative). Reports grey the curve
 out beyond ``trusted_d``.
 
-Test matrix: Ω and Θ are never stored in the state. Their rows for the columns
-[1024·b, 1024·(b+1)) of T come from a CPU ``torch.Generator`` seeded by a SplitMix64 hash of
-(seed, stream, b) (:func:`rankest.linalg.gaussian_test_matrix`), so a resumed or merged
-sketch — on any device — regenerates exactly the same Ω. By default the regenerated [Ω Θ] is cached on the
+Test matrix: Ω and Θ are never stored in the state. Entry (i, j) is a counter-based hash of
+(seed, stream, i, j) turned into a normal (:func:`rankest.linalg.gaussian_test_matrix`),
+computed on the sketch's device, so a resumed or merged sketch — on any device — regenerates
+the same Ω. By default the regenerated [Ω Θ] is cached on the
 device for the life of the object (V'·(l+s) values in the product dtype: half the state's size
 for fp32 products); ``cache_test_matrix=False`` regenerates it for every chunk instead (no
 extra memory, ~V'·(l+s) Gaussian draws per chunk).
@@ -43,8 +43,9 @@ from .linalg import (DEFAULT_PROBES, PRECISIONS, SPECTRUM_PRECISION, STREAM_OMEG
                      round_test, row_energy)
 from .spectrum import Spectrum
 
-#: Version of the state layout written by :meth:`Sketch.state`.
-STATE_VERSION = 1
+#: Version of the state layout written by :meth:`Sketch.state` (2: the counter-hash test matrix;
+#: a version-1 state was built with another Ω and cannot be continued).
+STATE_VERSION = 2
 
 
 class Sketch(Accumulator):
@@ -110,11 +111,12 @@ class Sketch(Accumulator):
         """[Ω Θ] (V' × (l+s)) as the products see it (product dtype, rounded for ``fast``)."""
         if self._x is not None:
             return self._x
-        omega = gaussian_test_matrix(self.n_cols, self.l, seed=self.seed, stream=STREAM_OMEGA)
+        omega = gaussian_test_matrix(self.n_cols, self.l, seed=self.seed, stream=STREAM_OMEGA, device=self.device)
         omega = round_test(omega, self.precision)
         blocks = [omega]
         if self.n_probes:
-            blocks.append(probe_matrix(self.n_cols, self.n_probes, seed=self.seed, precision=self.precision))
+            blocks.append(probe_matrix(self.n_cols, self.n_probes, seed=self.seed, precision=self.precision,
+                                       device=self.device))
         x = torch.cat(blocks, dim=1).to(device=self.device, dtype=product_dtype(self.precision))
         if self.cache_test_matrix:
             self._x = x
@@ -180,6 +182,10 @@ class Sketch(Accumulator):
         theirs = {"seed": int(np.asarray(state["seed"])), "n_cols": shape[0], "l": shape[1], "n_probes": shape[2],
                   "precision": PRECISIONS[prec] if 0 <= prec < len(PRECISIONS) else f"code {prec}"}
         self._check_same(theirs, "the checkpoint")
+        version = int(np.asarray(state.get("version", 1)))
+        if version != STATE_VERSION:
+            raise UserError(f"the checkpoint's sketch has state version {version}, this rankest writes "
+                            f"{STATE_VERSION} (another test matrix); start afresh (--overwrite)")
         y = np.asarray(state["y"])
         if y.shape != tuple(self.y.shape):
             raise UserError(f"the checkpoint's sketch has shape {y.shape}, expected {tuple(self.y.shape)}; "
@@ -229,8 +235,8 @@ def _sketch_meta(sketch_error: dict, trusted: int, *, passes: int, method: str, 
         "seed": seed,
         "sketch_precision": precision,
         "n_probes": n_probes,
-        "test_matrix": "gaussian, counter-based: torch.Generator(cpu) per 1024-column block, "
-                       "seeded by SplitMix64(seed, stream, block)",
+        "test_matrix": "gaussian, counter-based: SplitMix64 output i·2^32 + j of the stream (seed, stream) "
+                       "+ Box-Muller, generated on the sketch's device",
     }
 
 

@@ -185,11 +185,12 @@ def test_vectors(passes, method):
     assert u.shape == (N, K) and s.shape == (K,) and vt.shape == (K, V)
     eye = torch.eye(K, dtype=torch.float64)
     assert torch.allclose(vt @ vt.T, eye, atol=1e-8)
-    # the top vectors are accurate (one pass: to the sketch's leakage σ_l/σ_10 ~ 1e-3): U ≈ T·V/σ,
-    # and U·S·Vt reconstructs T's leading part
-    top, tol = 10, (1e-3 if passes == 1 else 1e-6)
-    assert torch.allclose(u[:, :top], (a @ vt[:top].T) / s[:top], atol=tol)
+    # the top vectors are accurate (one pass: to a few times the sketch's leakage σ_l/σ_10 ≈ 1e-3;
+    # 1.0–1.5× was seen over six seeds): U ≈ T·V/σ, and U·S·Vt reconstructs T's leading part
     uu, ss, vvt = torch.linalg.svd(a, full_matrices=False)
+    top = 10
+    tol = 3 * float(ss[2 * K - 1] / ss[top]) if passes == 1 else 1e-6
+    assert torch.allclose(u[:, :top], (a @ vt[:top].T) / s[:top], atol=tol)
     approx = (u[:, :top] * s[:top]) @ vt[:top]
     exact = (uu[:, :top] * ss[:top]) @ vvt[:top]
     assert float(torch.linalg.matrix_norm(approx - exact)) < tol * float(ss[0])

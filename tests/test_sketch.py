@@ -203,3 +203,41 @@ def test_bad_input():
     with pytest.raises(InputError, match=r"chunk 1 \(rows 10-19\).*row 16"):
         sk.update(Chunk(stats=torch.zeros(10, 4), rows=rows))
     assert sk.n_rows == 10  # the bad chunk was not added
+
+
+def test_state_version_1_refused():
+    sk = Sketch(V, K, space="prob", seed=3)
+    st = sk.state()
+    st["version"] = np.asarray(1)
+    with pytest.raises(UserError, match="state version 1"):
+        Sketch(V, K, space="prob", seed=3).load_state(st)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+def test_cuda_test_matrix_equals_cpu():
+    """The counter hash gives the same Ω on the GPU as on the CPU (fp32 entries; the fp64
+    log/cos of the two libraries may differ in a last ulp, which fp32 rounding hides)."""
+    from rankest.linalg import gaussian_test_matrix
+
+    a = gaussian_test_matrix(3000, 257, seed=11, dtype=torch.float32)
+    b = gaussian_test_matrix(3000, 257, seed=11, dtype=torch.float32, device="cuda").cpu()
+    assert (a != b).float().mean() <= 1e-6 and float((a - b).abs().max()) <= 1e-6
+
+
+@needs_cuda
+def test_cuda_fast_products_bf16_tensor_cores():
+    """gram_apply(fast) on CUDA (bf16 GEMMs, fp32 output, Z split hi + lo) against fp64
+    products of the same (bf16-exact) inputs: only fp32 accumulation and Z_lo's rounding remain."""
+    from rankest.linalg import gaussian_test_matrix, gram_apply, round_test
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.rand(700, 1000, generator=g).to(torch.bfloat16)
+    x = round_test(gaussian_test_matrix(1000, 48, seed=2, dtype=torch.float32), "fast")
+    y, z = gram_apply(rows.cuda(), x.cuda(), precision="fast")
+    r64, x64 = rows.double(), x.double()
+    exact = r64.T @ (r64 @ x64)
+    assert float((y.cpu() - exact).abs().max() / exact.abs().max()) <= 1e-5
+    assert float(((z.cpu().double() - r64 @ x64).abs().max()) / (r64 @ x64).abs().max()) <= 1e-5

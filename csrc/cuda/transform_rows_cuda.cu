@@ -1,8 +1,8 @@
 // CUDA kernel of rankest::transform_rows (contract: csrc/ops/transform_rows.h).
 //
 // One block of 512 threads per row, two passes:
-//   pass 1  reads the logits once (16-byte loads, kUnroll of them in flight per thread) into a
-//           per-thread online-softmax summary (running max m; Σe^(z−m), Σe^(z−m)(z−m),
+//   pass 1  reads the logits once (16-byte loads, kUnroll of them in flight per thread) into
+//           per-thread online-softmax summaries (running max m; Σe^(z−m), Σe^(z−m)(z−m),
 //           Σe^(2(z−m)), Σz) — one exp per element, a rescale only when a vector raises the
 //           max — then merges the 512 summaries in a fixed order (warp shuffles, shared memory).
 //           While reading, it stages the row in shared memory when the row fits (≤ kSmemMax).
@@ -41,26 +41,29 @@ struct alignas(sizeof(T) * N) AlignedVec {
   T val[N];
 };
 
-// One thread's (or a merged group's) share of a row, over its elements that are not -inf.
+// One thread's (or a merged group's) share of a row. -inf and NaN logits need no per-element
+// branch: e^(-inf − m) = 0 drops a -inf from the sums (its (z − m) is clamped to -1e30 so that
+// 0·(z − m) stays 0), it drives Σz to -inf (the clr centre then is -inf, as the contract says),
+// and a NaN poisons Σe. While no finite max has been seen (m = -inf) the sums hold only zeros
+// (or NaN) and are never rescaled.
 template <typename T>
 struct Partial {
-  T m;    // running max (-inf while empty)
+  T m;    // running max (-inf while no finite value has been seen)
   T s;    // Σ e^(z−m)
   T ts;   // Σ e^(z−m)·(z−m)
   T ss;   // Σ e^(2(z−m))
   T tot;  // Σ z
-  int cnt, nneg;
 };
 
 template <typename T>
 __device__ __forceinline__ Partial<T> empty_partial() {
-  return {static_cast<T>(-INFINITY), T(0), T(0), T(0), T(0), 0, 0};
+  return {static_cast<T>(-INFINITY), T(0), T(0), T(0), T(0)};
 }
 
 // Rescale the running sums to a new, larger max (online softmax, Milakov & Gimelshein 2018).
 template <typename T>
 __device__ __forceinline__ void raise_max(Partial<T>& p, T m) {
-  if (p.cnt > 0) {
+  if (p.m != static_cast<T>(-INFINITY)) {
     const T shift = p.m - m;  // < 0
     const T f = r_exp(shift);
     p.ts = f * (p.ts + shift * p.s);
@@ -77,52 +80,47 @@ __device__ __forceinline__ void accumulate(Partial<T>& p, const T (&v)[N]) {
 #pragma unroll
   for (int k = 0; k < N; ++k) vmax = v[k] > vmax ? v[k] : vmax;  // NaN never becomes the max
   if (vmax > p.m) raise_max(p, vmax);
+  const T m = p.m == neg_inf ? T(0) : p.m;  // all -inf so far: any finite reference will do
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    const bool valid = v[k] != neg_inf;  // NaN is "valid": it poisons the sums, as it should
-    const T d = v[k] - p.m;
-    const T e = valid ? r_exp(d) : T(0);
+    const T d = v[k] - m;
+    const T e = r_exp(d);
     p.s += e;
-    p.ts += valid ? e * d : T(0);
+    p.ts += e * fmax(d, static_cast<T>(-1e30));
     p.ss += e * e;
-    p.tot += valid ? v[k] : T(0);
-    p.cnt += valid ? 1 : 0;
-    p.nneg += valid ? 0 : 1;
+    p.tot += v[k];
   }
 }
 
 template <typename T>
+__device__ __forceinline__ void add_scaled(Partial<T>& r, const Partial<T>& a) {
+  if (a.m == static_cast<T>(-INFINITY)) {  // only zeros (or NaN) in the sums: nothing to rescale
+    r.s += a.s;
+    r.ts += a.ts;
+    r.ss += a.ss;
+    return;
+  }
+  const T sh = a.m - r.m;
+  const T f = sh == T(0) ? T(1) : r_exp(sh);
+  r.s += f * a.s;
+  r.ts += f * (a.ts + sh * a.s);
+  r.ss += f * f * a.ss;
+}
+
+template <typename T>
 __device__ __forceinline__ Partial<T> merge_partial(const Partial<T>& a, const Partial<T>& b) {
-  if (b.cnt == 0) {
-    Partial<T> r = a;
-    r.nneg += b.nneg;
-    return r;
-  }
-  if (a.cnt == 0) {
-    Partial<T> r = b;
-    r.nneg += a.nneg;
-    return r;
-  }
-  Partial<T> r;
-  r.m = a.m > b.m ? a.m : b.m;
-  const T sa = a.m - r.m, sb = b.m - r.m;
-  const T fa = sa == T(0) ? T(1) : r_exp(sa), fb = sb == T(0) ? T(1) : r_exp(sb);
-  r.s = fa * a.s + fb * b.s;
-  r.ts = fa * (a.ts + sa * a.s) + fb * (b.ts + sb * b.s);
-  r.ss = fa * fa * a.ss + fb * fb * b.ss;
-  r.tot = a.tot + b.tot;
-  r.cnt = a.cnt + b.cnt;
-  r.nneg = a.nneg + b.nneg;
+  Partial<T> r = {a.m > b.m ? a.m : b.m, T(0), T(0), T(0), a.tot + b.tot};
+  add_scaled(r, a);
+  add_scaled(r, b);
   return r;
 }
 
 template <typename T>
 __device__ __forceinline__ Partial<T> shfl_down(const Partial<T>& p, int offset) {
   constexpr unsigned kAll = 0xffffffffu;
-  return {__shfl_down_sync(kAll, p.m, offset),   __shfl_down_sync(kAll, p.s, offset),
-          __shfl_down_sync(kAll, p.ts, offset),  __shfl_down_sync(kAll, p.ss, offset),
-          __shfl_down_sync(kAll, p.tot, offset), __shfl_down_sync(kAll, p.cnt, offset),
-          __shfl_down_sync(kAll, p.nneg, offset)};
+  return {__shfl_down_sync(kAll, p.m, offset), __shfl_down_sync(kAll, p.s, offset),
+          __shfl_down_sync(kAll, p.ts, offset), __shfl_down_sync(kAll, p.ss, offset),
+          __shfl_down_sync(kAll, p.tot, offset)};
 }
 
 // Block-wide merge in a fixed order (deterministic); the result is valid in thread 0.
@@ -216,8 +214,8 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
   const Vec* zv = reinterpret_cast<const Vec*>(z + lay.head);
   const int tid = threadIdx.x;
 
-  // ---- pass 1: the online-softmax summary ----
-  Partial<acc_t> p = empty_partial<acc_t>();
+  // ---- pass 1: the online-softmax summary (two partials: independent dependency chains) ----
+  Partial<acc_t> p = empty_partial<acc_t>(), p_odd = empty_partial<acc_t>();
   for (int64_t j = tid; j < lay.head; j += kThreads) {
     const acc_t v[1] = {static_cast<acc_t>(z[j])};
     accumulate(p, v);
@@ -233,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
       acc_t v[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(w[u].val[k]);
-      accumulate(p, v);
+      accumulate(u % 2 ? p_odd : p, v);
     }
   }
   for (; i < lay.n_vec; i += kThreads) {
@@ -249,12 +247,12 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
     const acc_t v[1] = {static_cast<acc_t>(z[j])};
     accumulate(p, v);
   }
-  p = block_merge(p);
+  p = block_merge(merge_partial(p, p_odd));
 
   __shared__ acc_t center_sh;
   __shared__ acc_t stat_sh[4];
   if (tid == 0) {
-    const acc_t nan = static_cast<acc_t>(NAN), inf = static_cast<acc_t>(INFINITY);
+    const acc_t nan = static_cast<acc_t>(NAN);
     const acc_t log_sum = r_log(p.s);
     const acc_t lse = p.m + log_sum;
     const int64_t t = targets[r];
@@ -262,11 +260,8 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
     stat_sh[1] = log_sum - p.ts / p.s;  // H = log Σ − Σe·d/Σ: no cancellation
     stat_sh[2] = t >= 0 ? lse - static_cast<acc_t>(z[t]) : nan;
     stat_sh[3] = p.ss / (p.s * p.s);    // prob: Σ p²
-    if (space == Space::kClr) {
-      center_sh = p.nneg > 0 ? -inf : p.tot / static_cast<acc_t>(p.cnt);
-    } else {
-      center_sh = lse;
-    }
+    // clr: the mean (-inf when a logit is -inf: Σz = -inf); else the logsumexp.
+    center_sh = space == Space::kClr ? p.tot / static_cast<acc_t>(n_cols) : lse;
   }
   __syncthreads();
   const acc_t c = center_sh;
@@ -276,8 +271,9 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
     // ---- pass 2: write the row; Σ(z − c)² for clr / logprob ----
     out_t* o = write ? rows + r * out_stride : nullptr;
     const bool vec_out = write && lay.head == 0 && reinterpret_cast<std::uintptr_t>(o) % 16 == 0;
-    const acc_t neg_inf = static_cast<acc_t>(-INFINITY);
-    acc_t q = acc_t(0);
+    // Σ(z − c)²: a -inf logit makes it NaN for clr (c = -inf) and +inf for logprob, as the
+    // contract says, with no branch. Two sums for two independent dependency chains.
+    acc_t q[2] = {acc_t(0), acc_t(0)};
     auto emit = [&](int64_t j, const auto& v, bool vec) {
       constexpr int kN = sizeof(v) / sizeof(acc_t);
       out_t out[kN];
@@ -285,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
       for (int k = 0; k < kN; ++k) {
         const acc_t y = transform_value(space, v[k], c);
         out[k] = static_cast<out_t>(y);
-        if (need_sq) q += v[k] != neg_inf ? y * y : acc_t(0);
+        if (need_sq) q[k % 2] += y * y;
       }
       if (write) store(o + j, out, vec);
     };
@@ -310,12 +306,8 @@ __global__ void __launch_bounds__(kThreads) transform_rows_kernel(
       emit(j, v, false);
     }
     if (need_sq) {
-      q = block_sum(q);
-      if (tid == 0) {
-        // clr: a -inf logit makes the row (and its norm) NaN; logprob: an infinite norm.
-        const acc_t inf = static_cast<acc_t>(INFINITY), nan = static_cast<acc_t>(NAN);
-        stat_sh[3] = p.nneg == 0 ? q : (space == Space::kClr ? nan : inf);
-      }
+      const acc_t qs = block_sum(q[0] + q[1]);
+      if (tid == 0) stat_sh[3] = qs;
     }
   }
   if (tid == 0) {
