@@ -257,11 +257,19 @@ def bench_transform_rows(shape: Shape, dev, copy_gbps: float, seed: int) -> dict
     targets = [torch.randint(0, vp, (n,), device=dev, generator=gen) for _ in range(sets)]
     in_b = logits[0].element_size()
     results = {}
-    for label, space, write in (("clr", "clr", True), ("prob", "prob", True), ("clr_stats_only", "clr", False)):
+    cases = [("clr", "clr", True, "1"), ("prob", "prob", True, "1"), ("clr_stats_only", "clr", False, "1"),
+             ("prob_stats_only", "prob", False, "1"), ("clr_no_smem", "clr", True, "0"),
+             ("prob_no_smem", "prob", True, "0")]
+    for label, space, write, stage in cases:
         def call(i, space=space, write=write):
             return ops.transform_rows(logits[i % sets], targets[i % sets], vp, space, write, torch.float32)
 
-        t = time_calls(call, dev, warmup=3, reps=20)
+        # *_no_smem: pass 2 re-reads the row from L2 instead of the shared-memory copy (kernel knob).
+        os.environ["RANKEST_TRANSFORM_ROWS_STAGE"] = stage
+        try:
+            t = time_calls(call, dev, warmup=3, reps=20)
+        finally:
+            os.environ.pop("RANKEST_TRANSFORM_ROWS_STAGE", None)
         sec = statistics.median(t)
         # The fewest bytes: the n×V' real columns read once (the padded V − V' are never needed),
         # the rows written once, the stats written and the targets read.

@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "../ops/transform_rows.h"
@@ -358,7 +359,9 @@ std::tuple<at::Tensor, at::Tensor> transform_rows_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool pass2 = write_rows || sp != Space::kProb;
   const int64_t stage_bytes = (n_cols + 16) * static_cast<int64_t>(logits.element_size());
-  const bool stage = pass2 && stage_bytes <= kSmemMax;
+  // RANKEST_TRANSFORM_ROWS_STAGE=0 turns the staging off (benchmarks compare the two).
+  const char* knob = std::getenv("RANKEST_TRANSFORM_ROWS_STAGE");
+  const bool stage = pass2 && stage_bytes <= kSmemMax && !(knob != nullptr && knob[0] == '0');
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "transform_rows_cuda", [&] {
         using in_t = scalar_t;
