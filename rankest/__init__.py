@@ -18,8 +18,8 @@ from .spectrum import Spectrum  # noqa: E402
 
 
 def estimate(**kwargs):
-    """Estimate a teacher's target spectrum; see :func:`rankest.estimate.run_estimate`."""
-    from .estimate import run_estimate
+    """Estimate a teacher's target spectrum; see :func:`rankest.estimator.run_estimate`."""
+    from .estimator import run_estimate
 
     return run_estimate(**kwargs)
 

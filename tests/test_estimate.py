@@ -318,3 +318,11 @@ def test_passes_bad_input(neox64, corpus_file, capsys, neox_dir):
             cli.main(["estimate", *bad])
         assert e.value.code == 2
         capsys.readouterr()
+
+
+def test_python_api_estimate(neox64, corpus_file):
+    """rankest.estimate(...) is run_estimate under the package's name (INTERFACES.md)."""
+    import rankest
+
+    spec = rankest.estimate(teacher=neox64, corpus=corpus_file, tokens=64, seq_len=SEQ, space="prob", quiet=True)
+    assert isinstance(spec, rankest.Spectrum) and spec.n_rows == 64 and spec.route == "gram"
