@@ -358,7 +358,7 @@ def run_anisotropy(**kwargs) -> dict[str, dict[str, Any]]:
         check_seq_len(int(opts["seq_len"]), teacher.context_length)
         tokens = opts["tokens"]
         per_window = int(opts["seq_len"]) if opts["positions"] == "all" else 1
-        max_windows = None if tokens is None else math.ceil(max(8 * int(tokens), 2**16) / per_window)
+        max_windows = None if tokens is None else math.ceil(max(8 * int(tokens), 2**20) / per_window)
         windows = pack_windows(docs, teacher.tokenizer, int(opts["seq_len"]), max_windows=max_windows,
                                progress=not opts["quiet"])
         plan = plan_rows(len(windows), int(opts["seq_len"]), positions=opts["positions"], tokens=tokens,
@@ -417,7 +417,8 @@ class EstimateDiagnostics:
     The estimate asks the teacher for every layer's hidden states in the same forward that gives
     its features (:meth:`rankest.teachers.Teacher.hidden_states`), feeds the sampled rows of each
     layer here, and at the end :meth:`finish` writes anisotropy.* and head_spectrum.* into the
-    run folder under their own keys.
+    run folder under their own keys (:meth:`write`); :meth:`summary` gives the few keys the
+    estimate's results.json carries (``anisotropy``, ``depth``, ``head_singular_entropy_kl``, …).
     """
 
     def __init__(self, teacher, *, pca: bool = True) -> None:
@@ -425,6 +426,7 @@ class EstimateDiagnostics:
         self.pca = pca
         self.acc: Optional[Anisotropy] = None
         self.last_is_head_input: Optional[bool] = None
+        self._results: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One forward: returns the (B, L, d) features and accumulates the masked rows of every layer."""
@@ -436,28 +438,37 @@ class EstimateDiagnostics:
         return features
 
     def results(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        aniso: dict[str, Any] = self.acc.finalize()
-        aniso["last_is_head_input"] = self.last_is_head_input
-        aniso["source"] = self.teacher.source
-        head = teacher_head_spectrum(self.teacher)
-        head["source"] = self.teacher.source
-        return aniso, head
+        """(anisotropy result, head spectrum result), computed once."""
+        if self._results is None:
+            if self.acc is None:
+                raise UserError("no batch reached the diagnostics; raise --tokens")
+            aniso: dict[str, Any] = self.acc.finalize()
+            aniso["last_is_head_input"] = self.last_is_head_input
+            aniso["source"] = self.teacher.source
+            head = teacher_head_spectrum(self.teacher)
+            head["source"] = self.teacher.source
+            self._results = (aniso, head)
+        return self._results
 
-    def finish(self, out, *, label: str, config: dict, prov: dict) -> dict[str, Any]:
-        """Write anisotropy.{h5,json}, head_spectrum.{h5,json}, PNGs and the report.md section
-        into the run folder ``out`` (when given); return the scalar keys for results.json."""
+    def summary(self) -> dict[str, Any]:
+        """The keys the estimate adds to its own results (results.json): INTERFACES.md names."""
         aniso, head = self.results()
-        if out is not None:
-            from .diagnostics_report import write_diagnostics_report
-            from .revisions import write_results
-
-            write_results(out, "anisotropy", {label: aniso}, config=config, prov=prov)
-            write_results(out, "head_spectrum", {label: head}, config=config, prov=prov)
-            write_diagnostics_report(out, anisotropy={label: aniso}, head_spectrum={label: head},
-                                     teacher=self.teacher.name)
         return {
             "anisotropy": aniso["anisotropy"].tolist(), "depth": aniso["depth"].tolist(),
             "head_singular_entropy_kl": head["head_singular_entropy_kl"],
             "head_singular_entropy_kl_sq": head["head_singular_entropy_kl_sq"],
             "head_effective_rank": head["head_effective_rank"],
         }
+
+    def write(self, out, *, config: dict, prov: dict) -> None:
+        """anisotropy.{h5,json}, head_spectrum.{h5,json}, the PNGs and the report.md sections in
+        the run folder ``out`` (after the estimate's own report.md, whose content is kept)."""
+        from .diagnostics_report import write_diagnostics_report
+        from .revisions import write_results
+
+        aniso, head = self.results()
+        label = self.teacher.revision or self.teacher.name
+        write_results(out, "anisotropy", {label: aniso}, config=config, prov=prov)
+        write_results(out, "head_spectrum", {label: head}, config=config, prov=prov)
+        write_diagnostics_report(out, anisotropy={label: aniso}, head_spectrum={label: head},
+                                 teacher=self.teacher.name)

@@ -123,7 +123,15 @@ def resolve_checkpoints(teacher, revisions: Optional[list[str]] = None, *, cache
             raise UserError("a loaded teacher has no other revisions; pass the teacher's name or folder to sweep "
                             "--revisions")
         return [Checkpoint(teacher.revision or teacher.name, teacher, None)]
-    target = teacher if isinstance(teacher, TeacherInfo) else resolve_teacher(teacher)
+    folder = None if isinstance(teacher, TeacherInfo) else pathlib.Path(str(teacher)).expanduser()
+    if folder is not None and folder.is_dir() and not (folder / "config.json").is_file():
+        # A folder of checkpoint sub-folders is not a model itself: it needs --revisions.
+        subs = _local_checkpoints(folder)
+        if subs and not revisions:
+            raise UserError(f"{folder} holds checkpoint folders ({_summarise(subs)}), not one model; pick them "
+                            "with --revisions")
+    target = teacher if isinstance(teacher, TeacherInfo) else (
+        folder if folder is not None and folder.is_dir() and revisions else resolve_teacher(teacher))
     name = target.name if isinstance(target, TeacherInfo) else str(target)
     if not revisions:
         return [Checkpoint(name, target, None)]
