@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -51,7 +52,8 @@ def main() -> None:
     ap.add_argument("--no-estimate", action="store_true", help="skip the estimate ± --diagnostics timing")
     ap.add_argument("--out", default=str(HERE / "reports"))
     args = ap.parse_args()
-    command = "python benchmarks/diagnostics_report.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/diagnostics_report.py", *sys.argv[1:]])
+    load_start = os.getloadavg()
 
     torch.manual_seed(0)
     out = Path(args.out)
@@ -125,10 +127,15 @@ def main() -> None:
         f"{h['head_sigma_ratio'][99]:.4f} |",
         f"| head rank_at(0.5 / 0.1 / 0.01) (weight-space W-error of its own truncation) | "
         f"{h['head_rank_at']['0.5']} / {h['head_rank_at']['0.1']} / {h['head_rank_at']['0.01']} |",
-        "", "Timings on this shared 2-core machine (one run each, seconds): "
+        "", f"Timings on this shared 2-core machine (one run each, seconds; load average "
+        f"{', '.join(f'{x:.1f}' for x in load_start)} at start, {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        "at the end — other jobs shared the cores, so these are rough): "
         + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
         + (". `estimate --diagnostics` runs the same forward passes (asks the model for every layer's hidden "
            "states) and adds the per-layer fp64 sums and d×d Grams." if not args.no_estimate else "."), "",
+        "Mean norms and the PC1 share jump together in some middle layers (see the per-layer table): a share "
+        "near 1 says one direction carries almost all the variance there, while the anisotropy, a mean of "
+        "cosines, does not weigh rows by their norm.", "",
         "For reference, the paper (Godey et al. 2024, §4) reports last-layer anisotropy ≈ 0.98 for Pythia ≤ 160M "
         "and singular entropies ≈ 0.2–0.3 nats for small Pythias before their late-training jump; those are other "
         "models, shown only for scale.", "",

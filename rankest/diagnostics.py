@@ -115,8 +115,10 @@ class Anisotropy(Accumulator):
             x = h.to(device=self.unit_sum[l].device, dtype=torch.float64)
             norm = torch.linalg.vector_norm(x, dim=1)
             nonzero = norm > 0
-            # ĥ = h/‖h‖ for the non-zero rows; the zero rows contribute nothing to Σĥ.
-            self.unit_sum[l] += (x[nonzero] / norm[nonzero, None]).sum(dim=0)
+            # Σĥ = (1/‖h‖)ᵀ·H as one matrix-vector product (no n×d copy of unit vectors); a zero
+            # row gets weight 0 and contributes nothing.
+            inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
+            self.unit_sum[l] += inv @ x
             self.vec_sum[l] += x.sum(dim=0)
             self.counts[l, 0] += norm.sum()
             self.counts[l, 1] += nonzero.sum()
