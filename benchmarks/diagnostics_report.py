@@ -87,7 +87,7 @@ def main() -> None:
             folder = Path(tmp) / f"tiny{d}"
             build_tiny_neox(hidden_size=d, layers=4, heads=4, seed=i, context_length=max(args.seq_len, 256),
                             save_dir=folder)
-            name = f"random-init tiny NeoX d={d} (not a checkpoint)"
+            name = f"random-init NeoX d={d}"  # not a checkpoint: labelled as such in the report
             tiny = load_teacher(folder, device="cpu", dtype="fp32")
             tiny_aniso[name] = next(iter(rankest.anisotropy(teacher=tiny, **common).values()))
             tiny_head[name] = next(iter(rankest.head_spectrum(teacher=tiny, quiet=True).values()))
@@ -141,7 +141,7 @@ def main() -> None:
         "models, shown only for scale.", "",
         "**Checkpoints:** the embedded teacher is one checkpoint; no training checkpoints are available offline. "
         f"The {len(tiny_head)} other rows of the checkpoint plots are tiny GPT-NeoX models at random initialisation "
-        "(labelled), added for contrast only — a random Gaussian head has a nearly flat spectrum.", "",
+        "(labelled `random-init NeoX d=…`, 4 blocks, each with its own tokenizer), added for contrast only — a random Gaussian head has a nearly flat spectrum.", "",
     ]
     lines += anisotropy_markdown(all_aniso, plots["aniso"])
     lines += head_spectrum_markdown(all_head, {"head σ_i/σ_0 across models": plots["heat"],
