@@ -24,4 +24,20 @@ def estimate(**kwargs):
     return run_estimate(**kwargs)
 
 
-__all__ = ["Spectrum", "UserError", "estimate", "__version__"]
+def anisotropy(**kwargs):
+    """Per-layer anisotropy of a teacher or of each of its checkpoints; see
+    :func:`rankest.diagnostics.run_anisotropy`."""
+    from .diagnostics import run_anisotropy
+
+    return run_anisotropy(**kwargs)
+
+
+def head_spectrum(**kwargs):
+    """Singular spectrum and singular entropy of a teacher's output head, per checkpoint; see
+    :func:`rankest.diagnostics.run_head_spectrum`."""
+    from .diagnostics import run_head_spectrum
+
+    return run_head_spectrum(**kwargs)
+
+
+__all__ = ["Spectrum", "UserError", "estimate", "anisotropy", "head_spectrum", "__version__"]

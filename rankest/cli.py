@@ -20,6 +20,17 @@ EPILOG_ESTIMATE = """examples:
   python -m rankest estimate --teacher ./my-model --corpus data/*.jsonl --positions stride:16
 """
 
+EPILOG_ANISOTROPY = """examples:
+  python -m rankest anisotropy --tokens 4096 --out runs/aniso             # embedded SmolLM2, every layer
+  python -m rankest anisotropy --teacher pythia-70m --revisions step1000,step143000 --tokens 8192 --out runs/a70m
+  python -m rankest anisotropy --teacher runs/ckpts --revisions step100,step200 --out runs/a --resume
+"""
+
+EPILOG_HEAD_SPECTRUM = """examples:
+  python -m rankest head-spectrum --out runs/hs                           # embedded SmolLM2
+  python -m rankest head-spectrum --teacher pythia-160m --revisions step1000,step64000,step143000 --out runs/hs160m
+"""
+
 
 def _int_at_least(low: int, what: str):
     """argparse type: an integer ≥ low (argparse turns the error into exit 2 with usage)."""
@@ -134,7 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gram products in fp64 (default) or fp32 with an fp64 carry")
     r.add_argument("--no-convergence", dest="convergence", action="store_false",
                    help="skip the metrics at N/8, N/4, N/2")
+    r.add_argument("--diagnostics", action="store_true",
+                   help="also measure every layer's anisotropy and the head spectrum on the same batches "
+                        "(anisotropy.*, head_spectrum.* in --out)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    for name, helptext, epilog in (
+            ("anisotropy", "anisotropy (mean pairwise cosine) of every layer, per checkpoint", EPILOG_ANISOTROPY),
+            ("head-spectrum", "singular spectrum and singular entropy of the output head, per checkpoint "
+                              "(corpus options are not used)", EPILOG_HEAD_SPECTRUM)):
+        d = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+        add_model_options(d)
+        g = d.add_argument_group("checkpoints")
+        g.add_argument("--revisions", help="comma-separated checkpoints: Hub revisions (step1000,step143000), "
+                                           "local model folders, or sub-folders of a local --teacher folder")
+        g.add_argument("--resume", action="store_true", help="skip the checkpoints already in the run folder")
+        if name == "anisotropy":
+            g.add_argument("--no-pca", dest="pca", action="store_false",
+                           help="skip the per-layer d×d Gram (first-principal-direction share): 8·d²·layers bytes")
+        d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     t = sub.add_parser("teachers", help="list the teachers known by short name")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -154,9 +183,12 @@ def cmd_estimate(args) -> int:
                         seq_len=args.seq_len, space=args.space, route=args.route, rank_max=args.rank_max,
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                         max_memory=args.max_memory, seed=args.seed, positions=args.positions, sample=args.sample,
-                        gram_precision=args.gram_precision, passes=args.passes,
-                        row_cache_dtype=args.row_cache_dtype, keep_row_cache=args.keep_row_cache, out=args.out, overwrite=args.overwrite,
-                        quiet=args.quiet, convergence=args.convergence)
+                        gram_precision=args.gram_precision, out=args.out, overwrite=args.overwrite,
+                        quiet=args.quiet, convergence=args.convergence,
+                        passes=args.passes,
+                        row_cache_dtype=args.row_cache_dtype,
+                        keep_row_cache=args.keep_row_cache,
+                        diagnostics=args.diagnostics)
     m = spec.metrics()
     r = m["rank_at"]
     print(f"{spec.meta.get('teacher')} · {spec.space} · route {spec.route}: N = {spec.n_rows:,}, V' = {spec.n_cols:,}")
@@ -203,7 +235,42 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_anisotropy(args) -> int:
+    from .diagnostics import run_anisotropy
+
+    corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
+    results = run_anisotropy(teacher=args.teacher, revision=args.revision, revisions=args.revisions, corpus=corpus,
+                             tokens=args.tokens, seq_len=args.seq_len, positions=args.positions, sample=args.sample,
+                             seed=args.seed, batch_size=args.batch_size, pca=args.pca, device=args.device,
+                             dtype=args.dtype, out=args.out, overwrite=args.overwrite, resume=args.resume,
+                             quiet=args.quiet)
+    for label, r in results.items():
+        a = r["anisotropy"]
+        print(f"{label}: N = {int(r['n_rows']):,} rows, {len(a)} layers; anisotropy by depth: "
+              + " ".join(f"{x:.3f}" for x in a))
+    if args.out:
+        print(f"  wrote {args.out}/anisotropy.h5, anisotropy.json, report.md, anisotropy.png")
+    return 0
+
+
+def cmd_head_spectrum(args) -> int:
+    from .diagnostics import run_head_spectrum
+
+    results = run_head_spectrum(teacher=args.teacher, revision=args.revision, revisions=args.revisions,
+                                device=args.device, dtype=args.dtype, out=args.out, overwrite=args.overwrite,
+                                resume=args.resume, quiet=args.quiet)
+    for label, r in results.items():
+        print(f"{label}: head {r['head_n_rows']:,} × {r['head_n_cols']}, σ_0 = {r['head_sigma'][0]:.4g}, "
+              f"singular entropy KL(σ/Σσ‖u) = {r['head_singular_entropy_kl']:.4f} nats "
+              f"(σ²: {r['head_singular_entropy_kl_sq']:.4f}; max log k = {r['head_singular_entropy_max']:.4f}), "
+              f"effective rank = {r['head_effective_rank']:.1f}")
+    if args.out:
+        print(f"  wrote {args.out}/head_spectrum.h5, head_spectrum.json, report.md, head_*.png")
+    return 0
+
+
 COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_report}
+COMMANDS.update({"anisotropy": cmd_anisotropy, "head-spectrum": cmd_head_spectrum})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -56,6 +56,7 @@ class EstimateConfig:
     overwrite: bool = False
     quiet: bool = False
     convergence: bool = True
+    diagnostics: bool = False  # anisotropy + head spectrum on the same batches (rankest.diagnostics)
 
     def validate(self) -> None:
         if self.space not in SPACES:
@@ -334,6 +335,12 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         acc = Sketch(teacher.n_cols, sketch_rank(cfg, teacher.n_cols), space=cfg.space, seed=cfg.seed,
                      precision=_sketch_precision(cfg.gram_precision, row_dtype), device=teacher.device)
 
+    diag = None
+    if cfg.diagnostics:  # every layer's hidden states from the same forward pass: no extra pass
+        from .diagnostics import EstimateDiagnostics
+
+        diag = EstimateDiagnostics(teacher)
+
     milestones = _milestones(n_total) if cfg.convergence and acc.cheap_finalize else []
     convergence: dict[int, dict] = {}
 
@@ -358,7 +365,7 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     with torch.inference_mode():
         for i, batch in enumerate(_chain(first, batches)):
             ids = batch.input_ids.to(teacher.device, non_blocking=True)
-            h_all = teacher.features(ids)
+            h_all = teacher.features(ids) if diag is None else diag.forward(ids, batch.mask.to(teacher.device))
             mask = batch.mask.to(teacher.device)
             h = h_all[mask]
             targets = batch.targets.to(teacher.device)[mask]
@@ -398,6 +405,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     })
     if route == "factor":
         spec.meta["model_energy"] = acc.model_energy()
+    if diag is not None:
+        spec.meta.update(diag.summary())
     if out is not None:
         prov = provenance(teacher.device)
         prov.update({"started": started, "finished": now_iso()})
@@ -406,6 +415,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         config["teacher"] = teacher.name
         config["corpus"] = _corpus_name(cfg.corpus)
         summary = write_run(out, spec, config=config, prov=prov)
+        if diag is not None:
+            diag.write(out, config=config, prov=prov)
         spec.meta["out"] = str(out)
         if return_summary:
             return spec, summary

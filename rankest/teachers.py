@@ -364,6 +364,33 @@ class Teacher:
             out = self._base(input_ids=input_ids.to(self.device), use_cache=False)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
+    def hidden_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The features and every layer's representations from one forward pass.
+
+        Parameters
+        ----------
+        input_ids : LongTensor of shape (B, L)
+
+        Returns
+        -------
+        (features, layers)
+            ``features`` (B, L, d) as :meth:`features` returns them (the head's input);
+            ``layers`` the L_blocks + 1 tensors (B, L, d_l) of transformers'
+            ``output_hidden_states``: the embedding output first, then each block's output.
+            For GPT-NeoX and Llama in transformers ≥ 5 the last one is after the final norm,
+            i.e. equal to ``features`` (rankest.diagnostics records which).
+        """
+        with torch.inference_mode():
+            out = self._base(input_ids=input_ids.to(self.device), use_cache=False, output_hidden_states=True)
+            layers = getattr(out, "hidden_states", None)
+            if not layers:
+                raise UserError(
+                    f"teacher {self.name} ({type(self.model).__name__}) returns no hidden states "
+                    "(output_hidden_states); use a standard transformers causal LM"
+                )
+            features = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            return features, tuple(layers)
+
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head: weight of shape (logit_width, d) and bias of shape (logit_width,) or None."""
         emb = self.model.get_output_embeddings()
