@@ -24,4 +24,11 @@ def estimate(**kwargs):
     return run_estimate(**kwargs)
 
 
-__all__ = ["Spectrum", "UserError", "estimate", "__version__"]
+def fit_heads(**kwargs):
+    """Fit rank-constrained heads on a frozen teacher; see :func:`rankest.heads.run_heads`."""
+    from .heads import run_heads
+
+    return run_heads(**kwargs)
+
+
+__all__ = ["Spectrum", "UserError", "estimate", "fit_heads", "__version__"]
