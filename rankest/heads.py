@@ -534,7 +534,8 @@ def _check_cache(path: Path, want: dict[str, Any]) -> None:
 
 
 def _write_cache(path: Path, attrs: dict, train: _Source, val: _Source, quiet: bool) -> None:
-    """One pass of the teacher over both splits into an HDF5 file (fp32 features, int64 targets)."""
+    """One pass of the teacher over both splits into an HDF5 file (fp32 features, fp64 for an fp64
+    teacher; int64 targets; the row offsets of every batch, so the cached batches are the same)."""
     import h5py
     from tqdm.auto import tqdm
 
@@ -550,13 +551,15 @@ def _write_cache(path: Path, attrs: dict, train: _Source, val: _Source, quiet: b
             f.attrs["version"] = CACHE_VERSION
             bar = tqdm(total=n_train + n_val, unit="tok", unit_scale=True, desc="caching features", disable=quiet)
             for name, src, n in (("train", train, n_train), ("val", val, n_val)):
-                fd = f.create_dataset(f"{name}_features", (n, d), dtype="f4", chunks=(min(n, 1024), d))
+                # fp32 holds bf16/fp16/fp32 features exactly; an fp64 teacher keeps fp64.
+                fdt = "f8" if attrs["teacher_dtype"] == str(torch.float64) else "f4"
+                fd = f.create_dataset(f"{name}_features", (n, d), dtype=fdt, chunks=(min(n, 1024), d))
                 td = f.create_dataset(f"{name}_targets", (n,), dtype="i8")
                 f.create_dataset(f"{name}_offsets", data=src.offsets.astype(np.int64))
                 for k in range(src.n_batches):
                     h, t = src.batch(k)
                     lo, hi = int(src.offsets[k]), int(src.offsets[k + 1])
-                    fd[lo:hi] = h.float().cpu().numpy()
+                    fd[lo:hi] = h.to(torch.float64 if fdt == "f8" else torch.float32).cpu().numpy()
                     td[lo:hi] = t.cpu().numpy()
                     bar.update(hi - lo)
             bar.close()
@@ -822,7 +825,9 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
         n_gram += h.shape[0]
         k += 1
     t_trunc = time.perf_counter()
-    feat_f, w_err_feat = feature_truncations(weight.cpu(), gram.cpu(), ranks)
+    # The mean second moment G/n, not the sum: the minimiser is the same, and the balanced factors
+    # then have the scale of the logits whatever the number of rows (it matters to AdamW's steps).
+    feat_f, w_err_feat = feature_truncations(weight.cpu(), gram.cpu() / max(1, n_gram), ranks)
     weight_f, w_err_weight = weight_truncations(weight.cpu(), ranks)
 
     def ev(a, b, bi=None):
