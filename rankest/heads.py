@@ -157,60 +157,88 @@ def feature_sqrt(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[:, keep] * root, (q[:, keep] / root).T
 
 
-def _centred(weight: torch.Tensor) -> torch.Tensor:
-    w = weight.double()
-    return w - w.mean(dim=0, keepdim=True)
+def head_gram(weight: torch.Tensor, *, block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """WᵀW (d×d, fp64) and the column mean w̄ (d,) of a head, over blocks of rows.
+
+    Products in fp64 for an fp64 head, else fp32 blocks summed in fp64 (the Gram route's
+    precision: singular values below ≈ 1e-3·σ_1 lose relative accuracy, which moves a W-error by
+    far less than it shows). One V'×d×d product serves both truncations.
+    """
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    d = weight.shape[1]
+    wtw = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
+    total = torch.zeros(d, dtype=torch.float64, device=weight.device)
+    for lo in range(0, weight.shape[0], block):
+        c = weight[lo:lo + block].to(work)
+        wtw += (c.T @ c).double()
+        total += c.double().sum(0)
+    return 0.5 * (wtw + wtw.T), total / weight.shape[0]
 
 
-def feature_truncations(weight: torch.Tensor, gram: torch.Tensor, ranks: Sequence[int]
+def feature_truncations(weight: torch.Tensor, gram: torch.Tensor, ranks: Sequence[int], *,
+                        gram_w: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                         ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], np.ndarray]:
     """Best rank-r heads of the centred head W_c in the feature metric, as factors (A, B).
 
     Parameters
     ----------
     weight : (V', d) the teacher's head on the real columns.
-    gram : (d, d) HᵀH of the metric rows (fp64).
+    gram : (d, d) the feature Gram HᵀH (or its mean over rows) of the metric rows, fp64.
     ranks : the ranks wanted.
+    gram_w : :func:`head_gram` of ``weight``, when already computed.
 
     Returns
     -------
-    factors : {r: (A (V'×r), B (r×d))} in fp64 with A·B = [W_c·L]_r·L⁺, balanced (A = M·V_r·S_r^{-1/2},
-        B = S_r^{1/2}·V_rᵀ·L⁺ with M = W_c·L = U·S·Vᵀ).
-    w_error : (d,) float64, w_error[i-1] = W-error of the logit matrix at rank i.
+    factors : {r: (A (V'×r), B (r×d))} with A·B = [W_c·L]_r·L⁺ (the Eckart–Young truncation in the
+        metric of G), balanced: with M = W_c·L = U·S·Vᵀ, A = M·V_r·S_r^{-1/2} = W_c·(L·V_r·S_r^{-1/2})
+        and B = S_r^{1/2}·V_rᵀ·L⁺. Column i of A (row i of B) does not depend on r, so one V'×d×r_max
+        product makes every rank. A in fp64 for an fp64 head, else fp32; B in fp64.
+    w_error : (d,) float64, w_error[i-1] = W-error of the logit matrix H·W_cᵀ at rank i.
     """
-    L, Lp = feature_sqrt(gram)
-    m = _centred(weight) @ L  # (V', k): ‖(W_c − W_r)·L‖_F = ‖H·(W_c − W_r)ᵀ‖_F
-    s2, v = torch.linalg.eigh(m.T @ m)  # right singular vectors of M, ascending
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    wtw, mean = gram_w if gram_w is not None else head_gram(weight)
+    wcwc = wtw - weight.shape[0] * torch.outer(mean, mean)  # W_cᵀW_c without forming W_c
+    L, Lp = feature_sqrt(gram.to(wtw.device))
+    s2, v = torch.linalg.eigh(L.T @ wcwc @ L)  # MᵀM (k×k): right singular vectors of M, ascending
     s2, v = s2.flip(0).clamp_min(0), v.flip(1)
-    w_err = _suffix_w_error(s2.numpy(), weight.shape[1])
-    mv = m @ v  # columns M·v_i = s_i·u_i
+    w_err = _suffix_w_error(s2.cpu().numpy(), weight.shape[1])
     s = s2.sqrt()
-    out = {}
-    for r in ranks:
-        k = min(r, s.numel())
-        sk = s[:k]
-        inv = torch.where(sk > 0, sk.clamp_min(1e-300).rsqrt(), torch.zeros_like(sk))
-        a = mv[:, :k] * inv
-        b = (sk.sqrt()[:, None]) * (v[:, :k].T @ Lp)
-        if k < r:  # G of rank < r: the extra directions carry nothing
-            a = torch.cat([a, a.new_zeros(a.shape[0], r - k)], 1)
-            b = torch.cat([b, b.new_zeros(r - k, b.shape[1])], 0)
-        out[r] = (a, b)
-    return out, w_err
+    r_max = min(max(ranks), s.numel())
+    sk = s[:r_max]
+    inv = torch.where(sk > 0, sk.clamp_min(1e-300).rsqrt(), torch.zeros_like(sk))
+    c = (L @ v[:, :r_max]) * inv  # (d, r_max)
+    a_all = (weight.to(work) - mean.to(work)) @ c.to(work)  # W_c·C, columns M·v_i / sqrt(s_i)
+    b_all = sk.sqrt()[:, None] * (v[:, :r_max].T @ Lp)
+    return {r: _pad(a_all, b_all, r) for r in ranks}, w_err
 
 
-def weight_truncations(weight: torch.Tensor, ranks: Sequence[int]
+def _pad(a_all: torch.Tensor, b_all: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first r factor columns / rows; zeros past the rank of the metric (nothing to carry)."""
+    k = min(r, a_all.shape[1])
+    a, b = a_all[:, :k], b_all[:k]
+    if k < r:
+        a = torch.cat([a, a.new_zeros(a.shape[0], r - k)], 1)
+        b = torch.cat([b, b.new_zeros(r - k, b.shape[1])], 0)
+    return a, b
+
+
+def weight_truncations(weight: torch.Tensor, ranks: Sequence[int], *,
+                       gram_w: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                        ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], np.ndarray]:
     """Rank-r truncations of the head matrix W itself (the paper's Fig. 8), as factors.
 
-    Returns {r: (W·V_r (V'×r), V_rᵀ (r×d))} in fp64 (V = right singular vectors of W, from
-    eigh of WᵀW) and w_error (d,): sqrt(Σ_{i>r} σ_i²)/‖W‖_F.
+    Returns {r: (W·V_r (V'×r), V_rᵀ (r×d))} (V = right singular vectors of W, from eigh of the
+    fp64 WᵀW; A in W's working precision as in :func:`feature_truncations`) and w_error (d,):
+    sqrt(Σ_{i>r} σ_i²)/‖W‖_F.
     """
-    w = weight.double()
-    s2, v = torch.linalg.eigh(w.T @ w)
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    wtw, _ = gram_w if gram_w is not None else head_gram(weight)
+    s2, v = torch.linalg.eigh(wtw)
     s2, v = s2.flip(0).clamp_min(0), v.flip(1)
-    w_err = _suffix_w_error(s2.numpy(), weight.shape[1])
-    return {r: (w @ v[:, :r], v[:, :r].T.contiguous()) for r in ranks}, w_err
+    w_err = _suffix_w_error(s2.cpu().numpy(), weight.shape[1])
+    r_max = max(ranks)
+    a_all = weight.to(work) @ v[:, :r_max].to(work)
+    return {r: _pad(a_all, v[:, :r_max].T, r) for r in ranks}, w_err
 
 
 def _suffix_w_error(s2: np.ndarray, d: int) -> np.ndarray:
@@ -314,8 +342,9 @@ class HeadSweep:
                 sa, sb = (1.0, 1.0) if init == "normal" else (r ** -0.5, d ** -0.5)
                 a = torch.randn(n_cols, r, generator=gen, dtype=torch.float64) * sa
                 b = torch.randn(r, d, generator=gen, dtype=torch.float64) * sb
-            pa = torch.nn.Parameter(a.to(device=device, dtype=dtype).contiguous())
-            pb = torch.nn.Parameter(b.to(device=device, dtype=dtype).contiguous())
+            # Copies: the same svd factors may start several heads (the LR search).
+            pa = torch.nn.Parameter(a.to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format))
+            pb = torch.nn.Parameter(b.to(device=device, dtype=dtype).clone(memory_format=torch.contiguous_format))
             pbias = None
             if bias is not None:
                 start = bias if init == "svd" else torch.zeros_like(bias)
@@ -827,8 +856,9 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
     t_trunc = time.perf_counter()
     # The mean second moment G/n, not the sum: the minimiser is the same, and the balanced factors
     # then have the scale of the logits whatever the number of rows (it matters to AdamW's steps).
-    feat_f, w_err_feat = feature_truncations(weight.cpu(), gram.cpu() / max(1, n_gram), ranks)
-    weight_f, w_err_weight = weight_truncations(weight.cpu(), ranks)
+    gram_w = head_gram(weight)
+    feat_f, w_err_feat = feature_truncations(weight, gram / max(1, n_gram), ranks, gram_w=gram_w)
+    weight_f, w_err_weight = weight_truncations(weight, ranks, gram_w=gram_w)
 
     def ev(a, b, bi=None):
         return evaluate_head(val_h, val_t, a.to(device, head_dtype), None if b is None else b.to(device, head_dtype),
@@ -856,7 +886,6 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
         torch.cuda.reset_peak_memory_stats(device)
     history = np.zeros((steps, len(specs)))
     t_heads = 0.0
-    feat_before = train_src.seconds
     bar = tqdm(total=steps, unit="step", desc=f"heads ×{len(specs)}", disable=cfg.quiet, dynamic_ncols=True)
     for s in range(steps):
         h, t = train_src.batch(s % train_src.n_batches)
@@ -891,8 +920,8 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
         meta={"steps": steps, "n_train_rows": n_train, "n_val_rows": n_val, "gram_rows": n_gram,
               "rows_per_step": n_train / max(1, train_src.n_batches), "batch_size": cfg.batch_size,
               "epochs": steps / max(1, train_src.n_batches),
-              "seconds_features": train_src.seconds - feat_before, "seconds_heads": t_heads,
-              "seconds_per_step": (train_src.seconds - feat_before + t_heads) / steps,
+              "seconds_features": train_src.seconds + val_src.seconds, "seconds_heads": t_heads,
+              "seconds_per_step": (train_src.seconds + t_heads) / steps,
               "seconds_heads_per_step": t_heads / steps, "seconds_truncation": t_trunc, **mem})
     return res
 
