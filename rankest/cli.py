@@ -232,10 +232,12 @@ def cmd_heads(args) -> int:
     m = res.meta
     print(f"{m['teacher']} · heads ({m['objective']}, init {m['init']}): {m['steps']} steps, "
           f"{m['n_train_rows']:,} training rows, {m['n_val_rows']:,} validation rows")
-    print(f"  {'rank':>6} {'val loss':>9} {'accuracy':>9} {'trunc loss':>10} {'W-err W':>8} {'W-err HWc':>9}")
+    print(f"  {'rank':>6} {'val loss':>9} {'accuracy':>9} {'trunc W':>9} {'W-err W':>8} {'trunc HWc':>9} "
+          f"{'W-err HWc':>9}")
     for i, lab in enumerate(res.labels):
-        print(f"  {lab:>6} {res.val_loss[i]:9.4f} {res.val_accuracy[i]:9.4f} {res.truncation_loss[i]:10.4f} "
-              f"{res.head_w_error_weight[i]:8.3f} {res.head_w_error_feature[i]:9.3f}")
+        print(f"  {lab:>6} {res.val_loss[i]:9.4f} {res.val_accuracy[i]:9.4f} {res.truncation_loss[i]:9.4f} "
+              f"{res.head_w_error_weight[i]:8.3f} {res.truncation_loss_feature[i]:9.4f} "
+              f"{res.head_w_error_feature[i]:9.3f}")
     print(f"  teacher {res.reference['loss']:9.4f} {res.reference['accuracy']:9.4f}")
     if args.out:
         print(f"  wrote {args.out}/heads.h5, heads.json, heads.md")

@@ -25,8 +25,9 @@ the sweep, each with its W-error:
   ``head_w_error_weight`` = sqrt(Σ_{i>r} σ_i(W)²) / ‖W‖_F, loss ``truncation_loss``.
 * feature metric (the ``svd`` init): the best rank-r approximation of the centred logit matrix
   H·W_cᵀ (W_c = W − 1·w̄ᵀ, columns centred over V'; softmax ignores the per-row shift h·w̄).
-  With the fp64 feature Gram G = HᵀH = L·Lᵀ (L from eigh, never Cholesky: a LayerNorm can leave
-  H rank-deficient), ‖H·W_cᵀ − H·W_rᵀ‖_F = ‖(W_c − W_r)·L‖_F, so W_r = [W_c·L]_r · L⁺ with
+  With the fp64 feature Gram G = HᵀH = L·Lᵀ (L from eigh with its eigenvalues floored at
+  d·eps·λ_max, never Cholesky: a LayerNorm or fewer rows than d leave H rank-deficient),
+  ‖H·W_cᵀ − H·W_rᵀ‖_F = ‖(W_c − W_r)·L‖_F, so W_r = [W_c·L]_r · L⁻¹ with
   [·]_r the truncated SVD (Eckart–Young in the metric of G). ``head_w_error_feature`` =
   sqrt(Σ_{i>r} s_i²)/sqrt(Σ s_i²), s = σ(W_c·L) — the W-error of the teacher's ``clr`` matrix on
   these rows (the factor route of ``estimate``); loss ``truncation_loss_feature``.
@@ -143,18 +144,22 @@ def _head_seed(seed: int, rank: int) -> int:
 
 # ---- truncations of the teacher's head -------------------------------------------------------
 def feature_sqrt(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L (d×k) with L·Lᵀ = G and its pseudo-inverse L⁺ (k×d), from eigh in fp64.
+    """L (d×d) with L·Lᵀ = G (floored) and its inverse L⁻¹, from eigh in fp64.
 
-    k counts the eigenvalues above d·eps·λ_max: the directions the features actually span
-    (a LayerNorm with β = 0 leaves H of rank d − 1, ARCHITECTURE.md).
+    Eigenvalues below τ = d·eps·λ_max are raised to τ. Directions the metric rows do not span
+    (fewer rows than d, or a LayerNorm with β = 0 leaving H of rank d − 1, ARCHITECTURE.md) then
+    weigh ≈ 1e-13 of the rest: every truncation below the span's rank is the feature-metric one to
+    that precision, they come last, and the full-rank head is W_c itself — new rows with a
+    component outside the span keep the teacher's logits.
     """
     g = gram.double()
     g = 0.5 * (g + g.T)
     evals, q = torch.linalg.eigh(g)
-    tol = evals.max().clamp_min(0) * g.shape[0] * torch.finfo(torch.float64).eps
-    keep = evals > tol
-    root = evals[keep].sqrt()
-    return q[:, keep] * root, (q[:, keep] / root).T
+    top = evals.max()
+    if not bool(top > 0):  # no features at all: the Euclidean metric
+        top = torch.ones((), dtype=g.dtype, device=g.device)
+    root = evals.clamp_min(top * g.shape[0] * torch.finfo(torch.float64).eps).sqrt()
+    return q * root, (q / root).T
 
 
 def head_gram(weight: torch.Tensor, *, block: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +194,9 @@ def feature_truncations(weight: torch.Tensor, gram: torch.Tensor, ranks: Sequenc
 
     Returns
     -------
-    factors : {r: (A (V'×r), B (r×d))} with A·B = [W_c·L]_r·L⁺ (the Eckart–Young truncation in the
+    factors : {r: (A (V'×r), B (r×d))} with A·B = [W_c·L]_r·L⁻¹ (the Eckart–Young truncation in the
         metric of G), balanced: with M = W_c·L = U·S·Vᵀ, A = M·V_r·S_r^{-1/2} = W_c·(L·V_r·S_r^{-1/2})
-        and B = S_r^{1/2}·V_rᵀ·L⁺. Column i of A (row i of B) does not depend on r, so one V'×d×r_max
+        and B = S_r^{1/2}·V_rᵀ·L⁻¹. Column i of A (row i of B) does not depend on r, so one V'×d×r_max
         product makes every rank. A in fp64 for an fp64 head, else fp32; B in fp64.
     w_error : (d,) float64, w_error[i-1] = W-error of the logit matrix H·W_cᵀ at rank i.
     """
@@ -415,7 +420,8 @@ class HeadsConfig:
     objective: str = "ce"
     lr: Optional[float] = None
     lr_search: bool = False
-    steps: Optional[int] = None  # default: one pass over the training rows
+    steps: Optional[int] = None  # default: one pass over the training rows; more passes recompute the
+    # features on the fly (once per pass for all heads) unless cache_features is given
     batch_size: int = 8  # windows per optimiser step (the paper: 256 sequences)
     gram_rows: Optional[int] = None  # rows of the feature metric (default max(4096, 4d))
     weight_decay: float = 0.01
@@ -853,6 +859,10 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
         gram += hd.T @ hd
         n_gram += h.shape[0]
         k += 1
+    if n_gram < d:
+        warnings.warn(f"the feature metric comes from {n_gram} training rows, fewer than d = {d}: truncations past "
+                      f"rank {n_gram} follow the head's own metric; raise --tokens for a full-rank metric",
+                      stacklevel=2)
     t_trunc = time.perf_counter()
     # The mean second moment G/n, not the sum: the minimiser is the same, and the balanced factors
     # then have the scale of the logits whatever the number of rows (it matters to AdamW's steps).
@@ -946,14 +956,15 @@ def _lr_search(cfg, ranks, labels, train_src: _Source, d, n_cols, feat_f, bias, 
         sweep.step(h, t, **teacher_kw)
     parts = [train_src.batch(k) for k in range(n_b - held, n_b)]
     hh, tt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    scores = sweep.evaluate(hh, tt)
+    scores = sweep.evaluate(hh, tt, **teacher_kw)
+    key = "kl" if cfg.objective == "kl" else "loss"  # scored by the objective being trained
     table, lrs = {}, []
     for i, lab in enumerate(labels):
         block = specs[i * len(LR_SEARCH_FACTORS):(i + 1) * len(LR_SEARCH_FACTORS)]
         losses = scores[i * len(LR_SEARCH_FACTORS):(i + 1) * len(LR_SEARCH_FACTORS)]
-        best = min(range(len(block)), key=lambda j: (not math.isfinite(losses[j]["loss"]), losses[j]["loss"]))
+        best = min(range(len(block)), key=lambda j: (not math.isfinite(losses[j][key]), losses[j][key]))
         lrs.append(block[best].lr)
-        table[lab] = {f"{sp.lr:.3g}": e["loss"] for sp, e in zip(block, losses)}
+        table[lab] = {f"{sp.lr:.3g}": e[key] for sp, e in zip(block, losses)}
     table["search_steps"] = search_steps
     table["held_out_rows"] = int(hh.shape[0])
     return lrs, table

@@ -121,8 +121,8 @@ def test_truncations_equal_explicit_svd_heads():
 
 
 def test_feature_truncation_rank_deficient_features():
-    """Features on a hyperplane through 0 (a LayerNorm with β = 0): G has rank d − 1; the full-rank
-    truncation must still reproduce the logits H·W_cᵀ on such rows (pseudo-inverse, not Cholesky)."""
+    """Features on a hyperplane through 0 (a LayerNorm with β = 0): G has rank d − 1; rank d − 1 already
+    reproduces the logits H·W_cᵀ on such rows (eigh with a floor, not Cholesky)."""
     rng = np.random.default_rng(12)
     d, v = 16, 40
     h = rng.standard_normal((200, d))
@@ -134,6 +134,15 @@ def test_feature_truncation_rank_deficient_features():
         a, b = (x.numpy() for x in ff[r])
         np.testing.assert_allclose(h @ (a @ b).T, h @ wc.T, atol=1e-9 * np.abs(h @ wc.T).max())
     assert werr[d - 2] < 1e-7  # rank d − 1 already explains everything
+    np.testing.assert_allclose(np.matmul(*(x.numpy() for x in ff[d])), wc, atol=1e-8 * np.abs(wc).max())
+    # Fewer metric rows (10) than d: rank 10 reproduces their logits, and the full-rank head is W_c
+    # itself, so new rows outside their span keep the teacher's logits.
+    few = rng.standard_normal((10, d))
+    ff, werr = feature_truncations(torch.from_numpy(w), torch.from_numpy(few.T @ few), [10, d])
+    a, b = (x.numpy() for x in ff[10])
+    np.testing.assert_allclose(few @ (a @ b).T, few @ wc.T, atol=1e-8 * np.abs(few @ wc.T).max())
+    np.testing.assert_allclose(np.matmul(*(x.numpy() for x in ff[d])), wc, atol=1e-8 * np.abs(wc).max())
+    assert werr[9] < 1e-6
 
 
 # ---- the sweep -------------------------------------------------------------------------------------
@@ -299,6 +308,13 @@ def test_cli_writes_the_run_folder(neox_dir, corpus_file, tmp_path, capsys):
 
     back = HeadsResult.load(out / "heads.h5")
     assert back.val_loss == summary["val_loss"] and back.w_error_weight_curve.shape == (32,)
+    # A teacher the paper used gets its digitised Fig. 6 numbers in the report.
+    from rankest.heads_report import PAPER_FIG6, paper_key, write_heads_report
+
+    back.meta["teacher"] = "EleutherAI/pythia-1b"
+    assert paper_key(back.meta["teacher"]) == "pythia-1b" and paper_key(neox_dir) is None
+    text = write_heads_report(tmp_path, back).read_text()
+    assert "Paper Fig. 6 (pythia-1b" in text and f"r = 2048: {PAPER_FIG6['pythia-1b'][2048]}" in text
     assert cli.main(["heads", "--teacher", neox_dir, "--corpus", corpus_file, "--ranks", "8,abc", "--quiet"]) == 2
     assert "--ranks entry 'abc'" in capsys.readouterr().err
 
