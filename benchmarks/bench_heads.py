@@ -1,6 +1,6 @@
 """`heads`: one 8-rank sweep against eight single-rank runs on the same tokens (CPU, embedded teacher).
 
-    python benchmarks/bench_heads.py                     # embedded SmolLM2-135M, ~6 min on 2 busy cores
+    python benchmarks/bench_heads.py                     # embedded SmolLM2-135M, ~10 min on 2 busy cores
     python benchmarks/bench_heads.py --tokens 1024 --val-tokens 512 --ranks 8,32,128,full
 
 The sweep trains every rank on the same feature batches, so the teacher forward (train and
@@ -32,7 +32,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="smollm2-135m-instruct")
     ap.add_argument("--ranks", default="8,16,32,64,128,256,512,full")
-    ap.add_argument("--tokens", type=int, default=512, help="training rows")
+    ap.add_argument("--tokens", type=int, default=768, help="training rows (≥ d, so the feature metric has full rank)")
     ap.add_argument("--val-tokens", type=int, default=256)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2, help="windows per optimiser step")
