@@ -693,9 +693,9 @@ def _split_windows(n_windows: int, cfg: HeadsConfig, per_window: int) -> tuple[t
     n_val_w = math.ceil(int(cfg.val_tokens) / per_window)
     n_val_rows = min(int(cfg.val_tokens), n_val_w * per_window)
     if n_val_rows < MIN_VAL_ROWS:
-        raise UserError(f"the validation split would hold {n_val_rows} rows ({n_val_w} windows × {per_window} "
-                        f"positions), fewer than the {MIN_VAL_ROWS} needed to measure loss and accuracy; raise "
-                        f"--val-tokens to at least {MIN_VAL_ROWS} or use --positions all.")
+        raise UserError(f"the validation split would hold {n_val_rows} rows ({n_val_w} windows × up to "
+                        f"{per_window} positions), fewer than the {MIN_VAL_ROWS} needed to measure loss and "
+                        f"accuracy; raise --val-tokens to at least {MIN_VAL_ROWS}.")
     if n_val_w >= n_windows:
         raise UserError(f"the corpus gives {n_windows} windows of {cfg.seq_len + 1} tokens, but the validation "
                         f"split alone needs {n_val_w} ({cfg.val_tokens} rows) and training at least one more; "
