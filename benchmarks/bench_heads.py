@@ -43,8 +43,6 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import numpy as np
-
     from rankest import fit_heads
     from rankest.heads import parse_ranks
     from rankest.heads_report import plot_loss_vs_rank

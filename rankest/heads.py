@@ -776,7 +776,6 @@ def run_heads(**kwargs) -> HeadsResult:
     # Can the teacher serve the objective? kl distils head(features), which must be the model's own
     # distribution; checked on a prefix of the first validation windows.
     linear, lin_err = None, None
-    cache = None
     if cache_path is not None:
         attrs = _cache_attrs(cfg, teacher, corpus_name)
         if cache_path.is_file():
