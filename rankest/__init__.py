@@ -40,4 +40,11 @@ def head_spectrum(**kwargs):
     return run_head_spectrum(**kwargs)
 
 
-__all__ = ["Spectrum", "UserError", "estimate", "anisotropy", "head_spectrum", "__version__"]
+def fit_heads(**kwargs):
+    """Fit rank-constrained heads on a frozen teacher; see :func:`rankest.heads.run_heads`."""
+    from .heads import run_heads
+
+    return run_heads(**kwargs)
+
+
+__all__ = ["Spectrum", "UserError", "estimate", "fit_heads", "anisotropy", "head_spectrum", "__version__"]

@@ -115,6 +115,36 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+EPILOG_HEADS = """examples:
+  python -m rankest heads --ranks 8,32,128,full --init svd --steps 200 --out runs/heads     # embedded teacher, CPU
+  python -m rankest heads --teacher pythia-1b --corpus wikitext-103 --tokens 2000000 --batch-size 64 \\
+      --ranks 32,64,128,256,512,1024,2048,full --cache-features feats.h5 --out runs/heads-p1b
+"""
+
+
+def add_heads_options(p: argparse.ArgumentParser) -> None:
+    """Options of `heads` (the model options plus the heads group); --tokens counts training rows."""
+    add_model_options(p)
+    g = p.add_argument_group("heads")
+    g.add_argument("--ranks", default="32,64,128,256,512,1024,2048,full",
+                   help="ranks r of the heads, comma-separated, 'full' = min(d, V'); larger ranks become full "
+                        "(default 32,64,128,256,512,1024,2048,full)")
+    g.add_argument("--init", default="normal", choices=["normal", "scaled", "svd"],
+                   help="normal: N(0,1) coefficients (the paper's, default); scaled: variance-preserving; "
+                        "svd: best rank-r approximation of the teacher's head in the feature metric")
+    g.add_argument("--objective", default="ce", choices=["ce", "kl"],
+                   help="ce: next-token cross-entropy (the paper's, default); kl: distil the teacher's distribution")
+    g.add_argument("--lr", type=float, help="peak learning rate of every head (default: the paper's by rank)")
+    g.add_argument("--lr-search", action="store_true",
+                   help="try 0.5×, 1×, 2× the paper's LR per rank on a held-out slice of the training rows")
+    g.add_argument("--steps", type=_positive_int, help="optimiser steps (default: one pass over the training rows)")
+    g.add_argument("--val-tokens", type=_positive_int, default=4096,
+                   help="held-out validation rows, whole windows never trained on (default 4096)")
+    g.add_argument("--cache-features", metavar="FILE.h5",
+                   help="compute the teacher's features once into this HDF5 file, or reuse it if it exists "
+                        "(refused when written for another teacher, tokenizer or rows)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -167,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("teachers", help="list the teachers known by short name")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    h = sub.add_parser("heads", help="fit rank-constrained heads W = A·B on a frozen teacher's features",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_HEADS)
+    add_heads_options(h)
+    h.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     rp = sub.add_parser("report", help="re-render a run folder's report, or compare several run folders")
     rp.add_argument("folders", nargs="+", help="run folders written by `estimate`")
@@ -269,8 +304,33 @@ def cmd_head_spectrum(args) -> int:
     return 0
 
 
-COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_report}
-COMMANDS.update({"anisotropy": cmd_anisotropy, "head-spectrum": cmd_head_spectrum})
+def cmd_heads(args) -> int:
+    from .heads import run_heads
+
+    corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
+    res = run_heads(teacher=args.teacher, revision=args.revision, corpus=corpus, tokens=args.tokens,
+                    val_tokens=args.val_tokens, seq_len=args.seq_len, positions=args.positions, sample=args.sample,
+                    ranks=args.ranks, init=args.init, objective=args.objective, lr=args.lr,
+                    lr_search=args.lr_search, steps=args.steps, batch_size=args.batch_size,
+                    cache_features=args.cache_features, device=args.device, dtype=args.dtype, seed=args.seed,
+                    out=args.out, overwrite=args.overwrite, quiet=args.quiet)
+    m = res.meta
+    print(f"{m['teacher']} · heads ({m['objective']}, init {m['init']}): {m['steps']} steps, "
+          f"{m['n_train_rows']:,} training rows, {m['n_val_rows']:,} validation rows")
+    print(f"  {'rank':>6} {'val loss':>9} {'accuracy':>9} {'trunc W':>9} {'W-err W':>8} {'trunc HWc':>9} "
+          f"{'W-err HWc':>9}")
+    for i, lab in enumerate(res.labels):
+        print(f"  {lab:>6} {res.val_loss[i]:9.4f} {res.val_accuracy[i]:9.4f} {res.truncation_loss[i]:9.4f} "
+              f"{res.head_w_error_weight[i]:8.3f} {res.truncation_loss_feature[i]:9.4f} "
+              f"{res.head_w_error_feature[i]:9.3f}")
+    print(f"  teacher {res.reference['loss']:9.4f} {res.reference['accuracy']:9.4f}")
+    if args.out:
+        print(f"  wrote {args.out}/heads.h5, heads.json, heads.md")
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_report, "heads": cmd_heads,
+            "anisotropy": cmd_anisotropy, "head-spectrum": cmd_head_spectrum}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
