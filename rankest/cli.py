@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gram products in fp64 (default) or fp32 with an fp64 carry")
     r.add_argument("--no-convergence", dest="convergence", action="store_false",
                    help="skip the metrics at N/8, N/4, N/2")
+    c = p.add_argument_group("checkpoints (need --out)")
+    c.add_argument("--checkpoint-every", type=_positive_int, metavar="CHUNKS",
+                   help="write DIR/checkpoint.h5 every CHUNKS chunks (always on SIGINT/SIGTERM with --out)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.h5 (starts afresh when there is none)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     t = sub.add_parser("teachers", help="list the teachers known by short name")
@@ -137,7 +142,10 @@ def cmd_estimate(args) -> int:
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                         max_memory=args.max_memory, seed=args.seed, positions=args.positions, sample=args.sample,
                         gram_precision=args.gram_precision, out=args.out, overwrite=args.overwrite,
-                        quiet=args.quiet, convergence=args.convergence)
+                        quiet=args.quiet, convergence=args.convergence, checkpoint_every=args.checkpoint_every,
+                        resume=args.resume)
+    if spec is None:  # a process of a torchrun job other than rank 0: rank 0 reports
+        return 0
     m = spec.metrics()
     r = m["rank_at"]
     print(f"{spec.meta.get('teacher')} · {spec.space} · route {spec.route}: N = {spec.n_rows:,}, V' = {spec.n_cols:,}")
@@ -198,9 +206,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"rankest: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rankest: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("rankest: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:  # noqa: BLE001 - the one place internal errors are turned into exit 1
         if args.debug:
             traceback.print_exc()
