@@ -279,6 +279,8 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
             raise UserError(f"the run in {folder} has finished (results.h5 and no {CHECKPOINT_NAME}); nothing to "
                             f"resume: pass --overwrite to compute it again, or choose another --out.")
         folder = prepare_run_folder(folder, overwrite=cfg.overwrite or cfg.resume)
+        for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # a writer killed mid-write left it
+            stale.unlink(missing_ok=True)
         if has_ckpt:
             ckpt = read_checkpoint(folder / CHECKPOINT_NAME)
             check_same_run(ckpt.config, run_config, ckpt.path)
