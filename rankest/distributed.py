@@ -28,6 +28,10 @@ import torch
 from .errors import UserError
 
 
+#: Values reduced per collective call (2^24 fp64 = 128 MiB of scratch per process).
+REDUCE_BLOCK = 1 << 24
+
+
 @dataclass
 class World:
     """This process's place in the run: ``size`` processes, this one is ``rank``."""
@@ -147,10 +151,16 @@ def reduce_state(world: World, state: dict[str, np.ndarray], fixed: tuple[str, .
         if key in fixed:
             out[key] = value
             continue
-        t = torch.from_numpy(np.array(value, copy=True).reshape(-1)).to(world.device)
-        dist.reduce(t, dst=0, op=dist.ReduceOp.SUM)
+        flat = value.reshape(-1)
+        total = np.empty_like(flat) if world.main else None
+        # Blocks of ≤ REDUCE_BLOCK values: a 50k² Gram (20 GB) needs one block of scratch, not a copy.
+        for lo in range(0, max(flat.size, 1), REDUCE_BLOCK):
+            t = torch.tensor(flat[lo:lo + REDUCE_BLOCK]).to(world.device)  # a copy: the live state stays
+            dist.reduce(t, dst=0, op=dist.ReduceOp.SUM)
+            if world.main:
+                total[lo:lo + REDUCE_BLOCK] = t.cpu().numpy()
         if world.main:
-            out[key] = t.cpu().numpy().reshape(value.shape)
+            out[key] = total.reshape(value.shape)
     return out if world.main else None
 
 

@@ -472,11 +472,12 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     bar.close()
     _sync(teacher.device)  # GPU work is asynchronous: the stream time must include the last batch
     t_acc = time.perf_counter() - t_loop
-    if world.active:  # rank 0 finalises the sum of every shard; the other ranks are done
-        acc_sum, stats_sum = summed(acc), summed(stats_acc)
+    if world.active:  # rank 0 finalises the sum of every shard (in place: no copy); the other ranks are done
+        totals = [(a, distributed.reduce_state(world, a.state(), a.fixed_state_keys)) for a in (stats_acc, acc)]
         if not world.main:
             return None
-        acc, stats_acc = acc_sum, stats_sum
+        for a, state in totals:
+            a.load_state(state)
 
     t_fin = time.perf_counter()
     spec = acc.finalize(energy=stats_acc.energy)
