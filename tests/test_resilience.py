@@ -46,6 +46,16 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 TOKENS, SEQ = 2048, 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here and in the subprocesses: on 2 shared cores, 2 threads per process
+    ran the stream 5–8× slower (benchmarks/reports/resilience_cpu.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
     rng = np.random.default_rng(7)
@@ -73,10 +83,16 @@ def cli_args(neox_dir, corpus_file, out, tokens=TOKENS):
 
 
 def api_kwargs(teacher, corpus_file, out=None, **kw):
-    base = dict(teacher=teacher, corpus=corpus_file, tokens=512, seq_len=SEQ, batch_size=1, route="gram",
+    base = dict(teacher=teacher, corpus=corpus_file, tokens=256, seq_len=SEQ, batch_size=1, route="gram",
                 space="prob", quiet=True, out=None if out is None else str(out))
     base.update(kw)
     return base
+
+
+@pytest.fixture(scope="module")
+def ref256(teacher64, corpus_file):
+    """The uninterrupted in-process run of `api_kwargs` (256 rows, 8 chunks), no run folder."""
+    return run_estimate(**api_kwargs(teacher64, corpus_file))
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +120,7 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -182,8 +199,8 @@ def _signal_at_batch(monkeypatch, teacher, k, signum):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_writes_checkpoint_and_resume_matches(teacher64, corpus_file, tmp_path, monkeypatch, signum):
-    want = run_estimate(**api_kwargs(teacher64, corpus_file))
+def test_signal_writes_checkpoint_and_resume_matches(teacher64, corpus_file, tmp_path, monkeypatch, signum, ref256):
+    want = ref256
     out = tmp_path / "run"
     handler_before = signal.getsignal(signum)
     with monkeypatch.context() as m:
@@ -201,7 +218,7 @@ def test_signal_writes_checkpoint_and_resume_matches(teacher64, corpus_file, tmp
 
 # ---- a failing disk during a checkpoint ------------------------------------------------------------
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
-def test_failed_checkpoint_write_keeps_previous(teacher64, corpus_file, tmp_path, monkeypatch, code):
+def test_failed_checkpoint_write_keeps_previous(teacher64, corpus_file, tmp_path, monkeypatch, code, ref256):
     out = tmp_path / "run"
     original = ckpt_mod._write_file
     seen = {"n": 0, "before": None}
@@ -224,7 +241,7 @@ def test_failed_checkpoint_write_keeps_previous(teacher64, corpus_file, tmp_path
     assert not list(out.glob(".*.tmp"))
     monkeypatch.setattr(ckpt_mod, "_write_file", original)
     got = run_estimate(**api_kwargs(teacher64, corpus_file, out, checkpoint_every=2, resume=True))
-    assert_same_spectrum(got, run_estimate(**api_kwargs(teacher64, corpus_file)), c=1.0)
+    assert_same_spectrum(got, ref256, c=1.0)
 
 
 def test_failed_first_checkpoint_says_none_exists(teacher64, corpus_file, tmp_path, monkeypatch):
@@ -249,7 +266,7 @@ def test_resume_refuses_other_configuration(teacher64, corpus_file, tmp_path, mo
     out = tmp_path / "run"
     _interrupted_run(monkeypatch, teacher64, corpus_file, out)
     with pytest.raises(UserError) as info:
-        run_estimate(**api_kwargs(teacher64, corpus_file, out, resume=True, seed=1, tokens=600))
+        run_estimate(**api_kwargs(teacher64, corpus_file, out, resume=True, seed=1, tokens=300))
     msg = str(info.value)
     assert "seed" in msg and "tokens" in msg and "space" not in msg and "--overwrite" in msg
     # Same options, other text in the same corpus file: the rows differ, and that is refused too.
@@ -264,8 +281,8 @@ def test_resume_refuses_other_configuration(teacher64, corpus_file, tmp_path, mo
     assert got.meta["resumed_at_rows"] == 3 * SEQ
 
 
-def test_resume_of_finished_run_is_refused_and_of_empty_folder_starts(neox_dir, corpus_file, tmp_path, capsys,
-                                                                      reference):
+def test_resume_of_finished_run_is_refused(neox_dir, corpus_file, tmp_path, capsys, reference):
+    """(--resume of a folder without a checkpoint starts afresh: the kill -9 test's first process.)"""
     out = tmp_path / "done"
     out.mkdir()
     shutil.copy(reference, out / "results.h5")
@@ -323,7 +340,7 @@ def test_damaged_checkpoint_refused_by_resume(kind, a_checkpoint, neox_dir, corp
     out = tmp_path / "run"
     out.mkdir()
     _damage(kind, a_checkpoint, out / CHECKPOINT_NAME, "state/gram/gram")
-    code = cli.main(cli_args(neox_dir, corpus_file, out)[:-2] + ["--out", str(out), "--resume", "--tokens", "512"])
+    code = cli.main(cli_args(neox_dir, corpus_file, out)[:-2] + ["--out", str(out), "--resume", "--tokens", "256"])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert any(n in err for n in NEEDLES[kind]) and err.startswith("rankest: error:") and "\n" not in err
@@ -519,9 +536,7 @@ def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, tmp_path
     out = tmp_path / "run2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rankest",
            *cli_args(neox_dir, corpus_file, out), "--checkpoint-every", "5"]
-    env = _env()
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("route gram: N = 2,048") == 1, "only rank 0 reports"
     got = read_spectrum_h5(out / "results.h5")
