@@ -32,7 +32,7 @@ from rankest.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, Interrupte
 from rankest.distributed import sum_states
 from rankest.errors import UserError
 from rankest.estimator import run_estimate
-from rankest.results import SCHEMA_VERSION, read_spectrum_h5
+from rankest.results import read_spectrum_h5
 from rankest.sketch import Sketch
 from rankest.teachers import load_teacher
 
