@@ -67,6 +67,9 @@ class Accumulator:
     #: Name of the tensor attribute that is a plain sum over rows. When set, merge adds it,
     #: state / load_state save and restore it (with n_rows); routes with more state override.
     summed: Optional[str] = None
+    #: Entries of ``state()`` that identify the accumulator (seed, shapes) and are equal on every
+    #: shard; every other entry is a sum over rows, which is how rankest.distributed reduces states.
+    fixed_state_keys: tuple[str, ...] = ()
 
     def _summed(self) -> torch.Tensor:
         if self.summed is None:

@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--diagnostics", action="store_true",
                    help="also measure every layer's anisotropy and the head spectrum on the same batches "
                         "(anisotropy.*, head_spectrum.* in --out)")
+    c = p.add_argument_group("checkpoints (need --out)")
+    c.add_argument("--checkpoint-every", type=_positive_int, metavar="CHUNKS",
+                   help="write DIR/checkpoint.h5 every CHUNKS chunks (always on SIGINT/SIGTERM with --out)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.h5 (starts afresh when there is none)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     for name, helptext, epilog in (
@@ -223,7 +228,11 @@ def cmd_estimate(args) -> int:
                         passes=args.passes,
                         row_cache_dtype=args.row_cache_dtype,
                         keep_row_cache=args.keep_row_cache,
-                        diagnostics=args.diagnostics)
+                        diagnostics=args.diagnostics,
+                        checkpoint_every=args.checkpoint_every,
+                        resume=args.resume)
+    if spec is None:  # a process of a torchrun job other than rank 0: rank 0 reports
+        return 0
     m = spec.metrics()
     r = m["rank_at"]
     print(f"{spec.meta.get('teacher')} · {spec.space} · route {spec.route}: N = {spec.n_rows:,}, V' = {spec.n_cols:,}")
@@ -344,9 +353,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"rankest: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rankest: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("rankest: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except Exception as e:  # noqa: BLE001 - the one place internal errors are turned into exit 1
         if args.debug:
             traceback.print_exc()

@@ -12,8 +12,11 @@ No N×V' matrix is ever built: memory is that of one chunk plus the accumulators
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .accumulators import Chunk, Factor, Gram, RowStats, gram_nbytes
 from .errors import UserError
 from .ops.reference import GRAM_PRECISIONS, SPACES  # one definition: the ops' contract
@@ -56,6 +59,8 @@ class EstimateConfig:
     overwrite: bool = False
     quiet: bool = False
     convergence: bool = True
+    checkpoint_every: Optional[int] = None
+    resume: bool = False
     diagnostics: bool = False  # anisotropy + head spectrum on the same batches (rankest.diagnostics)
 
     def validate(self) -> None:
@@ -80,6 +85,13 @@ class EstimateConfig:
             raise UserError(f"--rank-max must be a positive integer, got {self.rank_max}.")
         if self.max_memory is not None:
             parse_size(self.max_memory)
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise UserError(f"--checkpoint-every must be a positive number of chunks, got {self.checkpoint_every}.")
+        for flag, on in (("--checkpoint-every", self.checkpoint_every is not None), ("--resume", self.resume)):
+            if on and not self.out:
+                raise UserError(f"{flag} needs a run folder for the checkpoint; add --out DIR.")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out while --overwrite starts it afresh; pass only one.")
         if self.passes != "auto" and not (isinstance(self.passes, int) and self.passes >= 1):
             raise UserError(f"--passes must be a positive integer or auto, got {self.passes!r}.")
         from .rowcache import CACHE_DTYPES
@@ -87,6 +99,10 @@ class EstimateConfig:
         if self.row_cache_dtype != "auto" and self.row_cache_dtype not in CACHE_DTYPES:
             raise UserError(f"--row-cache-dtype must be auto or one of {', '.join(CACHE_DTYPES)}, "
                             f"got {self.row_cache_dtype!r}.")
+        # Not yet part of a checkpoint: the diagnostics' accumulators and the row cache of --passes.
+        for flag, on in (("--diagnostics", self.diagnostics), ("--passes >= 2", self.passes not in ("auto", 1))):
+            if on and (self.resume or self.checkpoint_every is not None):
+                raise UserError(f"{flag} is not checkpointed yet: run it without --checkpoint-every/--resume.")
 
 
 def parse_size(text: str) -> int:
@@ -253,9 +269,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     :class:`~rankest.spectrum.Spectrum` (with ``meta`` holding teacher, corpus, route, NLL and
     provenance); writes a run folder when ``out`` is given.
     """
-    from .corpus import DEFAULT_CORPUS, check_seq_len, iter_batches, load_documents, pack_windows, plan_rows
-    from .results import now_iso, prepare_run_folder, provenance, write_run
-    from .teachers import DEFAULT_TEACHER, load_teacher
+    from .corpus import DEFAULT_CORPUS
+    from .teachers import DEFAULT_TEACHER
 
     unknown = set(kwargs) - set(EstimateConfig.__dataclass_fields__)
     if unknown:
@@ -266,7 +281,47 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     if cfg.corpus is None:
         cfg.corpus = DEFAULT_CORPUS
     cfg.validate()
-    out = prepare_run_folder(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
+    # Under torchrun (WORLD_SIZE > 1) join the process group; one process: nothing happens.
+    world, run_device = distributed.setup(cfg.device)
+    try:
+        return _estimate(cfg, world, run_device, return_summary=return_summary)
+    finally:
+        distributed.shutdown(world)
+
+
+def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, *, return_summary: bool):
+    """The body of :func:`run_estimate` for one process of ``world`` (rank 0 alone writes files and
+    returns the spectrum; the other ranks return None)."""
+    from .checkpoint import (CHECKPOINT_NAME, Interrupted, StopOnSignal, check_same_run, read_checkpoint,
+                             remove_checkpoint, rng_state, set_rng_state, write_checkpoint)
+    from .corpus import check_seq_len, iter_batches, load_documents, pack_windows, plan_rows
+    from .results import now_iso, prepare_run_folder, provenance, write_run
+    from .teachers import load_teacher
+
+    run_config = _run_config(cfg)
+    ckpt = None  # rank 0's checkpoint when resuming (it alone holds the summed states)
+
+    def prepare():
+        nonlocal ckpt
+        folder = Path(cfg.out)
+        has_ckpt = cfg.resume and (folder / CHECKPOINT_NAME).is_file()
+        if cfg.resume and not has_ckpt and (folder / "results.h5").is_file():
+            raise UserError(f"the run in {folder} has finished (results.h5 and no {CHECKPOINT_NAME}); nothing to "
+                            f"resume: pass --overwrite to compute it again, or choose another --out.")
+        folder = prepare_run_folder(folder, overwrite=cfg.overwrite or cfg.resume)
+        for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # a writer killed mid-write left it
+            stale.unlink(missing_ok=True)
+        if has_ckpt:
+            ckpt = read_checkpoint(folder / CHECKPOINT_NAME)
+            check_same_run(ckpt.config, run_config, ckpt.path)
+            return ckpt.position
+        if cfg.resume:
+            print(f"rankest: no {CHECKPOINT_NAME} in {folder}; starting from the beginning", file=sys.stderr)
+        return None
+
+    # Rank 0 prepares the folder and reads the checkpoint; the others learn the position.
+    position = distributed.on_main(world, prepare) if cfg.out else None
+    out = Path(cfg.out) if cfg.out and world.main else None
     started = now_iso()
     t0 = time.perf_counter()
 
@@ -280,7 +335,7 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     docs = None if pretokenised else load_documents(cfg.corpus)
     # A loaded Teacher may be passed directly (tests and notebooks reuse one model across runs).
     teacher = cfg.teacher if not isinstance(cfg.teacher, str) else load_teacher(
-        cfg.teacher, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype)
+        cfg.teacher, revision=cfg.revision, device=run_device, dtype=cfg.dtype)
     check_seq_len(cfg.seq_len, teacher.context_length)
     # Tokenise enough of the corpus that the sample is drawn from a pool ≥ 8× its size.
     per_window = cfg.seq_len if cfg.positions == "all" else 1
@@ -295,6 +350,11 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     plan = plan_rows(len(windows), cfg.seq_len, positions=cfg.positions, tokens=cfg.tokens, seed=cfg.seed,
                      sample=cfg.sample)
     n_total = plan.n_rows
+    # What the data and teacher resolved to: a checkpoint of other rows or another model is refused.
+    derived = {"n_cols": teacher.n_cols, "teacher_dtype": str(teacher.dtype).replace("torch.", ""),
+               "n_rows": n_total, "rows_sha256": _rows_fingerprint(windows, plan)}
+    if position is not None:  # (a collective: rank 0 checks, every rank raises on a difference)
+        distributed.on_main(world, lambda: check_same_run(ckpt.derived, derived, ckpt.path, "data or teacher"))
 
     # A sample of the first batch decides whether the head is linear (factor route) before anything
     # is accumulated.
@@ -305,8 +365,11 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         with torch.inference_mode():
             linear, lin_err = check_linear_head(teacher, first.input_ids.to(teacher.device))
     budget = parse_size(cfg.max_memory) if cfg.max_memory else available_memory(teacher.device) // 2
-    route, reason = choose_route(cfg, n_cols=teacher.n_cols, linear=linear,
-                                 budget=budget, device_type=teacher.device.type)
+    if position is not None:  # resuming: the checkpoint's route, whatever memory says today
+        route, reason = position["route"], position["route_reason"]
+    else:  # rank 0 decides (free memory differs between processes)
+        route, reason = distributed.on_main(world, lambda: choose_route(
+            cfg, n_cols=teacher.n_cols, linear=linear, budget=budget, device_type=teacher.device.type))
 
     passes, passes_why = resolve_passes(cfg, route)
     if route != "sketch" and cfg.passes != "auto" and int(cfg.passes) > 1:
@@ -319,11 +382,15 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
 
         from .rowcache import RowCache, cache_nbytes, resolve_cache_dtype
 
+        if world.active:
+            raise UserError("--passes >= 2 runs in one process (each pass re-reads one row cache); drop torchrun "
+                            "or use --passes 1.")
         # The first pass is the teacher's; randomized_svd then re-reads the cached rows q times.
         where = out if out is not None else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
         cache = acc = RowCache(where / "rows.h5", teacher.n_cols, n_total,
                                dtype=resolve_cache_dtype(cfg.row_cache_dtype, row_dtype))
-        reason = f"{reason}; {passes_why} ({cache.dtype}, {_fmt_bytes(cache_nbytes(n_total, teacher.n_cols, cache.dtype))})"
+        reason = (f"{reason}; {passes_why} ({cache.dtype}, "
+                  f"{_fmt_bytes(cache_nbytes(n_total, teacher.n_cols, cache.dtype))})")
     elif route == "factor":
         weight, bias = teacher.head()
         acc = Factor(weight, bias, teacher.n_cols, precision=cfg.gram_precision, device=teacher.device)
@@ -337,49 +404,141 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
 
     diag = None
     if cfg.diagnostics:  # every layer's hidden states from the same forward pass: no extra pass
+        if world.active:
+            raise UserError("--diagnostics runs in one process for now; drop torchrun or --diagnostics.")
         from .diagnostics import EstimateDiagnostics
 
         diag = EstimateDiagnostics(teacher)
 
     milestones = _milestones(n_total) if cfg.convergence and acc.cheap_finalize else []
     convergence: dict[int, dict] = {}
+    # The plan's batches: batch j holds windows [j·B, (j+1)·B) of the plan, rows
+    # [rows_before[j·B], rows_before[(j+1)·B]) in the plan's order. With P processes, rounds of P
+    # consecutive batches, batch j on rank j mod P: the rows never depend on P.
+    bsz, n_win = cfg.batch_size, plan.windows.numel()
+    rows_before = plan.rows_before()
+    n_batches = -(-n_win // bsz)
 
-    def feed(chunk: Chunk) -> None:
-        # Split the chunk at convergence milestones so each snapshot covers exactly its prefix.
-        start = 0
-        while start < chunk.n:
-            nxt = next((m for m in milestones if m > acc.n_rows), None)
-            stop = chunk.n if nxt is None else min(chunk.n, start + nxt - acc.n_rows)
-            part = chunk.slice(start, stop)
+    def row_at(j: int) -> int:  # first global row of batch j (n_total for j = n_batches)
+        return int(rows_before[min(j * bsz, n_win)])
+
+    next_batch = 0
+    if position is not None:
+        next_batch = int(position["next_batch"])
+        if world.main:  # rank 0 carries the sum of every shard so far; the others start at zero
+            for a in (stats_acc, acc):
+                if a.name not in ckpt.states:
+                    raise UserError(f"the checkpoint {ckpt.path} has no {a.name} state; delete it and start afresh.")
+                a.load_state(ckpt.states[a.name])
+            convergence.update(ckpt.convergence)
+            set_rng_state(ckpt.rng, teacher.device)
+    rows_at_start = row_at(next_batch)
+
+    def summed(a):  # this accumulator's state summed over the processes (rank 0), or itself
+        if not world.active:
+            return a
+        state = distributed.reduce_state(world, a.state(), a.fixed_state_keys)
+        if not world.main:
+            return None
+        total = copy.deepcopy(a)
+        total.load_state(state)
+        return total
+
+    def snapshot(m: int) -> None:
+        acc_m, stats_m = summed(acc), summed(stats_acc)
+        if world.main:
+            convergence[m] = acc_m.finalize(energy=stats_m.energy).metrics()
+
+    def feed(chunk: Optional[Chunk], g0: int, lo: int, hi: int) -> None:
+        # One round: the chunk (None when this rank has no batch) starts at global row g0; the
+        # round covers global rows [lo, hi). Every rank stops at each milestone m in (lo, hi] with
+        # exactly its rows < m fed, so each snapshot covers exactly the first m rows of the plan.
+        done = 0
+        n = 0 if chunk is None else chunk.n
+        for m in (m for m in milestones if lo < m <= hi):
+            cut = min(max(m - g0, done), n)
+            if cut > done:
+                part = chunk.slice(done, cut)
+                acc.update(part)
+                stats_acc.update(part)
+                done = cut
+            snapshot(m)
+        if n > done:
+            part = chunk.slice(done, n)
             acc.update(part)
             stats_acc.update(part)
-            if nxt is not None and acc.n_rows == nxt:
-                convergence[nxt] = acc.finalize(energy=stats_acc.energy).metrics()
-            start = stop
+
+    def chunk_of(batch) -> Chunk:
+        ids = batch.input_ids.to(teacher.device, non_blocking=True)
+        h_all = teacher.features(ids) if diag is None else diag.forward(ids, batch.mask.to(teacher.device))
+        mask = batch.mask.to(teacher.device)
+        h = h_all[mask]
+        targets = batch.targets.to(teacher.device)[mask]
+        logits = teacher.logits(h)
+        rows, stats = ops.transform_rows(logits, targets, teacher.n_cols, cfg.space, route != "factor", row_dtype)
+        if not bool(torch.isfinite(stats[:, 0]).all()):
+            raise UserError(f"the teacher produced NaN/Inf logits in batch {batch.start // bsz} (windows "
+                            f"{batch.windows[:4].tolist()}…); "
+                            f"try --dtype fp32 or check the model weights.")
+        return Chunk(stats=stats, rows=rows if route != "factor" else None, features=h)
+
+    def save_checkpoint(j: int) -> None:
+        # Collective: the states are summed onto rank 0, which writes; a failed write stops every rank.
+        states = {a.name: distributed.reduce_state(world, a.state(), a.fixed_state_keys) for a in (stats_acc, acc)}
+        message = None
+        if world.main:
+            try:
+                write_checkpoint(out / CHECKPOINT_NAME, config=run_config, derived=derived, convergence=convergence,
+                                 states=states, rng=rng_state(teacher.device),
+                                 position={"next_batch": j, "n_batches": n_batches, "rows_done": row_at(j),
+                                           "route": route, "route_reason": reason, "world_size": world.size})
+            except UserError as e:
+                if not world.active:
+                    raise
+                message = str(e)
+        message = distributed.broadcast(world, message)
+        if message is not None:
+            from .checkpoint import CheckpointWriteError
+
+            raise CheckpointWriteError(message)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_total, unit="tok", unit_scale=True, desc=f"estimate {route}", disable=cfg.quiet,
-               dynamic_ncols=True)
+    bar = tqdm(total=n_total, initial=rows_at_start, unit="tok", unit_scale=True, desc=f"estimate {route}",
+               disable=cfg.quiet or not world.main, dynamic_ncols=True)
+    every = cfg.checkpoint_every
     t_loop = time.perf_counter()
-    with torch.inference_mode():
-        for i, batch in enumerate(_chain(first, batches)):
-            ids = batch.input_ids.to(teacher.device, non_blocking=True)
-            h_all = teacher.features(ids) if diag is None else diag.forward(ids, batch.mask.to(teacher.device))
-            mask = batch.mask.to(teacher.device)
-            h = h_all[mask]
-            targets = batch.targets.to(teacher.device)[mask]
-            logits = teacher.logits(h)
-            rows, stats = ops.transform_rows(logits, targets, teacher.n_cols, cfg.space, route != "factor", row_dtype)
-            if not bool(torch.isfinite(stats[:, 0]).all()):
-                raise UserError(f"the teacher produced NaN/Inf logits in batch {i} (windows "
-                                f"{batch.windows[:4].tolist()}…); "
-                                f"try --dtype fp32 or check the model weights.")
-            feed(Chunk(stats=stats, rows=rows if route != "factor" else None, features=h))
-            bar.update(int(h.shape[0]))
+    # SIGINT/SIGTERM: checkpoint at the end of the round, then stop (only with a run folder).
+    try:
+        with torch.inference_mode(), StopOnSignal(enabled=bool(cfg.out) and cache is None) as stop:
+            for j0 in range(next_batch, n_batches, world.size):
+                j1 = min(j0 + world.size, n_batches)
+                mine = j0 + world.rank
+                chunk = chunk_of(next(iter_batches(windows, plan, bsz, start=mine * bsz))) if mine < j1 else None
+                feed(chunk, row_at(mine), row_at(j0), row_at(j1))
+                bar.update(row_at(j1) - row_at(j0))  # global rows of the round: the bar shows global tokens/s
+                stopping = bool(cfg.out) and distributed.any_true(world, stop.signum is not None)
+                if j1 < n_batches and (stopping or (every and j1 // every > j0 // every)):
+                    save_checkpoint(j1)
+                if stopping and j1 < n_batches:
+                    bar.close()
+                    signum = stop.signum or 15
+                    raise Interrupted(f"stopped after {row_at(j1):,} of {n_total:,} rows; the checkpoint "
+                                      f"{Path(cfg.out) / CHECKPOINT_NAME} holds them: rerun the same command with "
+                                      f"--resume to continue", signum)
+    except BaseException:
+        if cache is not None:  # an intermediate file: nothing of the result is lost with it
+            cache.remove()
+        raise
     bar.close()
     _sync(teacher.device)  # GPU work is asynchronous: the stream time must include the last batch
     t_acc = time.perf_counter() - t_loop
+    if world.active:  # rank 0 finalises the sum of every shard (in place: no copy); the other ranks are done
+        totals = [(a, distributed.reduce_state(world, a.state(), a.fixed_state_keys)) for a in (stats_acc, acc)]
+        if not world.main:
+            return None
+        for a, state in totals:
+            a.load_state(state)
 
     t_fin = time.perf_counter()
     if cache is not None:
@@ -401,7 +560,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         "hidden_size": teacher.hidden_size, "logit_width": teacher.logit_width, "seed": cfg.seed,
         "dtype": str(teacher.dtype).replace("torch.", ""), "device": str(teacher.device),
         "seconds_total": time.perf_counter() - t0, "seconds_stream": t_acc, "seconds_finalize": t_fin,
-        "tokens_per_second": n_total / t_acc if t_acc > 0 else None,
+        "tokens_per_second": (n_total - rows_at_start) / t_acc if t_acc > 0 else None,
+        "world_size": world.size, "resumed_at_rows": rows_at_start,
     })
     if route == "factor":
         spec.meta["model_energy"] = acc.model_energy()
@@ -417,6 +577,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         summary = write_run(out, spec, config=config, prov=prov)
         if diag is not None:
             diag.write(out, config=config, prov=prov)
+        # The results now hold everything the checkpoint did: a finished run folder has none.
+        remove_checkpoint(out / CHECKPOINT_NAME)
         spec.meta["out"] = str(out)
         if return_summary:
             return spec, summary
@@ -455,6 +617,30 @@ def _corpus_name(corpus) -> str:
     return corpus if isinstance(corpus, str) else ",".join(map(str, corpus))
 
 
-def _chain(first, rest):
-    yield first
-    yield from rest
+#: Options that do not change the result (where and how the run executes): a run may resume
+#: with other values of these.
+NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "device", "max_memory")
+
+
+def _run_config(cfg: EstimateConfig) -> dict:
+    """The options a checkpoint must share with the run that resumes it (JSON-able)."""
+    out = {}
+    for f in fields(cfg):
+        if f.name in NOT_COMPARED:
+            continue
+        v = getattr(cfg, f.name)
+        if f.name == "teacher":
+            v = v if isinstance(v, str) else getattr(v, "name", str(v))
+            v = str(Path(v).resolve()) if Path(v).exists() else v  # ./m and /abs/m are one teacher
+        elif f.name == "corpus":
+            v = _corpus_name(v)
+        out[f.name] = v
+    return out
+
+
+def _rows_fingerprint(windows: torch.Tensor, plan) -> str:
+    """sha256 of the sampled windows' tokens and the plan's row positions: the rows themselves."""
+    h = hashlib.sha256()
+    h.update(windows[plan.windows].contiguous().numpy().tobytes())
+    h.update(plan.positions.contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -145,8 +145,10 @@ def write_spectrum_h5(spec: Spectrum, path, *, group: str = "/", config: dict | 
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             g = f.require_group(group)
-            g.create_dataset("sigma", data=spec.sigma)
-            g.create_dataset("w_error", data=spec.w_error())
+            # Fletcher-32 checksums: a corrupted byte makes the reader fail instead of a changed σ.
+            for name, data in (("sigma", spec.sigma), ("w_error", spec.w_error())):
+                data = np.asarray(data)
+                g.create_dataset(name, data=data, **({"fletcher32": True, "chunks": True} if data.size else {}))
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["format"] = "rankest.results"
             g.attrs["spectrum"] = json.dumps(_jsonable({
@@ -161,7 +163,8 @@ def write_spectrum_h5(spec: Spectrum, path, *, group: str = "/", config: dict | 
 
 
 def read_spectrum_h5(path, *, group: str = "/") -> Spectrum:
-    """Read a spectrum; refuse files that are not rankest results or are of a newer schema."""
+    """Read a spectrum; refuse (UserError) a file that is missing, truncated, corrupt, not a
+    rankest results file, or of a newer schema."""
     import h5py
 
     path = Path(path)
@@ -171,19 +174,32 @@ def read_spectrum_h5(path, *, group: str = "/") -> Spectrum:
         f = h5py.File(path, "r")
     except OSError as e:
         raise UserError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}") from e
-    with f:
-        if f.attrs.get("format") != "rankest.results":
-            raise UserError(f"{path} is not a rankest results file.")
-        version = int(f.attrs.get("schema_version", -1))
-        if version > SCHEMA_VERSION:
-            raise UserError(f"{path} has schema version {version}, newer than this rankest reads "
-                            f"({SCHEMA_VERSION}); upgrade rankest.")
-        g = f[group]
-        info = json.loads(g.attrs["spectrum"])
-        sigma = np.asarray(g["sigma"][...], dtype=np.float64)
-    conv = {int(k): v for k, v in info.pop("convergence", {}).items()}
-    energy = info.pop("energy")
-    return Spectrum(sigma=sigma, energy=float("nan") if energy is None else energy, convergence=conv, **info)
+    try:
+        with f:
+            fmt = f.attrs.get("format")
+            if fmt != "rankest.results":
+                what = "a rankest checkpoint, not results" if fmt == "rankest.checkpoint" else "not a rankest results file"
+                raise UserError(f"{path} is {what}; give the results.h5 of a finished run folder.")
+            version = int(f.attrs.get("schema_version", -1))
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{path} has schema version {version}, newer than this rankest reads "
+                                f"({SCHEMA_VERSION}); upgrade rankest.")
+            g = f[group]
+            info = json.loads(g.attrs["spectrum"])
+            sigma = np.asarray(g["sigma"][...], dtype=np.float64)
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        # A damaged dataset fails its checksum (OSError); a missing part is a KeyError.
+        raise UserError(f"{path} is a damaged rankest results file ({type(e).__name__}: {e}); "
+                        f"recompute it (estimate --overwrite).") from e
+    try:
+        conv = {int(k): v for k, v in info.pop("convergence", {}).items()}
+        energy = info.pop("energy")
+        return Spectrum(sigma=sigma, energy=float("nan") if energy is None else energy, convergence=conv, **info)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is a damaged rankest results file (its spectrum record is incomplete: "
+                        f"{type(e).__name__}: {e}); recompute it (estimate --overwrite).") from e
 
 
 def write_run(out: Path, spec: Spectrum, *, config: dict, prov: dict) -> dict:

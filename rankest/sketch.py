@@ -76,6 +76,7 @@ class Sketch(Accumulator):
     """
 
     name = "sketch"
+    fixed_state_keys = ("seed", "shape", "precision", "version")
 
     def __init__(self, n_cols: int, k: int, *, space: str, l: Optional[int] = None, seed: int = 0,
                  precision: str = "fp64", device="cpu", n_probes: int = DEFAULT_PROBES,
