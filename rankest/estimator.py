@@ -53,6 +53,13 @@ class EstimateConfig:
     overwrite: bool = False
     quiet: bool = False
     convergence: bool = True
+    # n-gram targets (--teacher ngram:N), see rankest.ngram
+    tokenizer: Optional[str] = None
+    smoothing: str = "mle"
+    min_count: int = 1
+    contexts: Union[int, str, None] = "all"
+    weighting: str = "equal"
+    corpus_fractions: Union[str, list, None] = None
 
     def validate(self) -> None:
         if self.space not in SPACES:
@@ -239,6 +246,10 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     if cfg.corpus is None:
         cfg.corpus = DEFAULT_CORPUS
     cfg.validate()
+    if isinstance(cfg.teacher, str) and cfg.teacher.startswith("ngram:"):
+        from .ngram import run_ngram_estimate
+
+        return run_ngram_estimate(cfg)
     out = prepare_run_folder(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
     started = now_iso()
     t0 = time.perf_counter()
