@@ -671,3 +671,42 @@ def render_ngram_section(spec, sweep: dict, out) -> str:
                          f"{r['0.5']} | {r['0.1']} | {r['0.01']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+# ---- comparison report (rankest.report.compare_runs) -------------------------------------------
+#: Godey et al. (2024), Fig. 7, digitised (ARCHITECTURE.md, ±0.02): 5-gram MLE prob matrices.
+PAPER_FIG7 = {"w_error_at_1000": (0.50, 0.57), "w_error_at_2000": (0.39, 0.49),
+              "d_at_0.1": {"Llama-2": (7000, 9000), "Pythia": (10000, 12000)}}
+
+
+def draw_paper_fig7(ax) -> None:
+    """The paper's Fig. 7 ranges on a W-error plot: W-error at d = 1000 and 2000, and where the
+    curves cross 0.1 for each tokenizer."""
+    lo, hi = PAPER_FIG7["w_error_at_1000"]
+    ax.plot([1000, 1000], [lo, hi], color="k", lw=3, alpha=0.6, label="paper Fig. 7 (5-gram MLE, 3 corpora)")
+    lo, hi = PAPER_FIG7["w_error_at_2000"]
+    ax.plot([2000, 2000], [lo, hi], color="k", lw=3, alpha=0.6)
+    for (tok, (a, b)), style in zip(PAPER_FIG7["d_at_0.1"].items(), ("-", "--")):
+        ax.plot([a, b], [0.1, 0.1], color="k", lw=3, alpha=0.4, ls=style, label=f"paper: W-error 0.1 ({tok})")
+    ax.set_xlim(left=1)
+
+
+def ngram_compare_lines(specs, folders) -> list[str]:
+    """A table of the n-gram facts of the n-gram runs among ``specs`` (empty when none)."""
+    rows = [(label, s, f) for (label, s), f in zip(specs, folders) if "contexts" in s.meta]
+    if not rows:
+        return []
+    lines = ["", "## n-gram runs", "",
+             "Paper (Godey et al. 2024, Fig. 7, digitised): 5-gram MLE probability rows, W-error(1000) ≈ 0.50–0.57, "
+             "W-error(2000) ≈ 0.39–0.49, W-error ≤ 0.1 past d ≈ 7–9k (Llama-2 tokenizer) or 10–12k (Pythia), on "
+             "corpora far larger than a local run's: the curve moves with the corpus size (see each run's sweep).", "",
+             "| run | order | tokenizer | smoothing | weighting | tokens | contexts C | singleton share | W-error(1000) | W-error(2000) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, s, f in rows:
+        m = s.meta
+        w = s.w_error()
+        at = lambda d: f"{w[d - 1]:.3f}" if d <= w.size else "—"  # noqa: E731
+        lines.append(f"| `{f}` | {m.get('order')} | {m.get('tokenizer')} | {m.get('smoothing')} | {m.get('weighting')} | "
+                     f"{m.get('n_tokens', 0):,} | {m.get('contexts', 0):,} | {m.get('singleton_context_share', float('nan')):.3f} | "
+                     f"{at(1000)} | {at(2000)} |")
+    return lines + [""]
