@@ -37,7 +37,8 @@ def brute_counts(stream, n):
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_ngram_count_matches_brute_force(impl, order, dtype):
     rng = np.random.default_rng(order)
-    for vocab, length in ((3, 3000), (50, 2000), (100000, 500)):  # dense repeats, sparse, all distinct
+    # dense repeats, sparse, all distinct; 2^40 forces the general (unpacked) path: n·40 bits > 128
+    for vocab, length in ((3, 3000), (50, 2000), (100000, 500), (2**40 if dtype == torch.int64 else 2**31 - 1, 300)):
         stream = random_stream(rng, length, vocab).to(dtype)
         grams, counts = impl.ngram_count(stream, order)
         got = [(tuple(g), int(c)) for g, c in zip(grams.tolist(), counts.tolist())]
@@ -48,8 +49,14 @@ def test_ngram_count_matches_brute_force(impl, order, dtype):
 def test_ngram_count_edge_cases():
     assert ops.ngram_count(torch.tensor([1, 2], dtype=torch.int64), 3)[0].shape == (0, 3)
     assert ops.ngram_count(torch.full((10,), -1, dtype=torch.int64), 2)[0].shape == (0, 2)
-    g, c = ops.ngram_count(torch.zeros(10000, dtype=torch.int64), 4)  # one n-gram, many times
-    assert g.tolist() == [[0, 0, 0, 0]] and c.tolist() == [9997]
+    for big in (0, 2**60):  # one n-gram many times, packed and general path
+        g, c = ops.ngram_count(torch.full((10000,), big, dtype=torch.int64), 4)
+        assert g.tolist() == [[big] * 4] and c.tolist() == [9997]
+    # the general path with repeats: a few huge token values
+    rng = np.random.default_rng(0)
+    stream = torch.from_numpy(rng.choice(np.array([2**50, 2**50 + 1, 7, -1]), size=3000))
+    g, c = ops.ngram_count(stream, 3)
+    assert [(tuple(x), int(y)) for x, y in zip(g.tolist(), c.tolist())] == brute_counts(stream, 3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -12,10 +12,11 @@
 //                  increase: the CSR layout of the count matrix, rows = contexts.
 //           counts (M,) int64: occurrences of each n-gram.
 //
-// Memory: an open-addressing hash table of (first position, count) pairs, 16 bytes × at most
-// 2M slots (it doubles at half load), plus the outputs: proportional to the distinct n-grams,
-// never to V per context. Keys are positions into the stream (a window is compared token by
-// token), so no n-gram is copied until the output is written.
+// Memory: an open-addressing hash table of at most 2M slots (it doubles at half load), plus the
+// outputs: proportional to the distinct n-grams, never to V per context. When n × bits(max
+// token) <= 128 (5-grams of any vocabulary below 2^25) a slot is (128-bit packed n-gram, count),
+// 32 bytes; otherwise (first position in the stream, count), 16 bytes, windows compared token
+// by token.
 // Work: O(L·n) expected for hashing, O(M log M · n) for the final sort. Single-threaded and
 // deterministic (the output is sorted, so independent of the hash order).
 #pragma once
