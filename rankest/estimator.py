@@ -249,7 +249,7 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     if isinstance(cfg.teacher, str) and cfg.teacher.startswith("ngram:"):
         from .ngram import run_ngram_estimate
 
-        return run_ngram_estimate(cfg)
+        return run_ngram_estimate(cfg, return_summary=return_summary)
     out = prepare_run_folder(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
     started = now_iso()
     t0 = time.perf_counter()

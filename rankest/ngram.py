@@ -539,9 +539,13 @@ def is_ngram_teacher(teacher) -> bool:
     return isinstance(teacher, str) and teacher.startswith("ngram:")
 
 
-def run_ngram_estimate(cfg) -> Any:
-    """``estimate --teacher ngram:N``: EstimateConfig (with the n-gram fields) → Spectrum and
-    a run folder with the same result names as a neural teacher plus the n-gram facts."""
+def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
+    """``estimate --teacher ngram:N``: EstimateConfig (with the n-gram fields) → Spectrum (and
+    the results.json summary with ``return_summary``) and a run folder with the same result
+    names as a neural teacher plus the n-gram facts. The neural-teacher options ``--tokens``,
+    ``--seq-len``, ``--positions``, ``--sample``, ``--batch-size``, ``--dtype`` do not apply
+    (contexts are chosen with ``--contexts`` / ``--min-count``); ``--gram-precision`` is
+    always fp64 here."""
     from .corpus import DEFAULT_CORPUS, load_documents
     from .estimator import _corpus_name, parse_size
     from .results import now_iso, prepare_run_folder, provenance, write_run, write_text_atomic
@@ -617,11 +621,15 @@ def run_ngram_estimate(cfg) -> Any:
         config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out", "overwrite", "quiet")}
         config["corpus"] = _corpus_name(corpus)
         config["tokenizer"] = tok_name
-        write_run(out, spec, config=config, prov=prov)
+        summary = write_run(out, spec, config=config, prov=prov)
         extra = render_ngram_section(spec, sweep, out)
         report = out / "report.md"
         write_text_atomic(report, report.read_text() + extra)
         spec.meta["out"] = str(out)
+        if return_summary:
+            return spec, summary
+    if return_summary:
+        return spec, spec.summary()
     return spec
 
 
