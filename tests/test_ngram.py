@@ -321,8 +321,10 @@ def test_estimate_run_folder(tiny_neox_dir, tmp_path):
     from rankest.corpus import DEFAULT_CORPUS, load_documents
 
     out = tmp_path / "run"
+    corpus = tmp_path / "small.txt"  # the first 80 documents of the embedded corpus (speed)
+    corpus.write_text("\n\n".join(load_documents(DEFAULT_CORPUS)[:80]))
     spec = run_estimate(teacher="ngram:3", tokenizer=str(tiny_neox_dir), space="prob", out=str(out), quiet=True,
-                        corpus_fractions="0.25,0.5,1", seed=1)
+                        corpus=str(corpus), corpus_fractions="0.25,0.5,1", seed=1)
     summary = json.loads((out / "results.json").read_text())
     for key in ("sigma_1", "energy", "rank_at", "numerical_rank", "effective_rank", "stable_rank", "off_model_energy",
                 "n_rows", "n_cols", "space", "route", "teacher", "corpus", "nll", "perplexity", "convergence",
@@ -337,7 +339,7 @@ def test_estimate_run_folder(tiny_neox_dir, tmp_path):
     assert "## n-gram target" in (out / "report.md").read_text()
     # the same rows built directly, densified, and SVD'd
     tok, _ = load_tokenizer(str(tiny_neox_dir))
-    counts = count_ngrams(tokenize_documents(load_documents(DEFAULT_CORPUS), tok), 3)
+    counts = count_ngrams(tokenize_documents(load_documents(str(corpus)), tok), 3)
     assert spec.meta["contexts"] == counts.n_contexts == spec.n_rows
     np.testing.assert_allclose(spec.meta["singleton_context_share"], float((counts.ctx_count == 1).mean()))
     rows = build_rows(counts, vocab=len(tok))

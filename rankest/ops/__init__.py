@@ -62,8 +62,11 @@ def _kernel_devices(op: str) -> frozenset[str]:
     if _BACKEND is None:
         return frozenset()
     keys = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
-    return frozenset(dev for dev, key in keys.items()
-                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"rankest::{op}", key))
+    try:
+        return frozenset(dev for dev, key in keys.items()
+                         if torch._C._dispatch_has_kernel_for_dispatch_key(f"rankest::{op}", key))
+    except RuntimeError:  # a library built from older sources, without this op: the reference runs
+        return frozenset()
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:
@@ -80,6 +83,9 @@ def _fallback(op: str, device: torch.device) -> None:
         why = (f"the compiled extension is unavailable ({_DETAIL}); install a C++ compiler and "
                "ninja (pip install ninja), then re-import, or build it with "
                "`pip install -e . --no-build-isolation`")
+    elif not _KERNEL_DEVICES.get(op):
+        why = (f"the extension ({_BACKEND}: {_DETAIL}) was built from older sources without this op; "
+               "rebuild it with `pip install -e . --no-build-isolation`")
     else:
         why = (f"the extension ({_BACKEND}) has no {device.type} kernel; rebuild it where "
                f"{device.type} is available (RANKEST_FORCE_CUDA=1 for CUDA)")
@@ -144,7 +150,7 @@ if _BACKEND is not None:
 
     # ngram_count has no fake kernel: its output size (the number of distinct n-grams) is
     # data-dependent and it runs on concrete CPU token streams only.
-    if torch._C._dispatch_has_kernel_for_dispatch_key("rankest::sparse_gram_update", "CPU"):
+    if "cpu" in _kernel_devices("sparse_gram_update"):  # absent from a library built from older sources
         @_register_fake("rankest::sparse_gram_update")
         def _sparse_gram_update_fake(gram, crow, col, val):
             return None
