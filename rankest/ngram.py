@@ -489,11 +489,12 @@ def ngram_spectrum(rows: NgramRows, *, route: str = "auto", budget: Optional[int
     bounds = sorted(set(list(range(0, n, CHUNK_ROWS)) + milestones + [n]))
     for a, b in zip(bounds[:-1], bounds[1:]):
         idx = sel[a:b]
-        energy += rows.row_energy(idx)
         if isinstance(acc, SparseGram):
+            energy += rows.row_energy(idx)
             acc.update(idx)
         else:
             x = torch.from_numpy(rows.dense_chunk(idx))
+            energy += float((x ** 2).sum())  # the merged column √(V−m)·a carries (V−m)·a² exactly
             acc.update(Chunk(stats=torch.zeros(idx.size, 4, dtype=torch.float64), rows=x))
         if b in milestones:
             g = acc.gram() if isinstance(acc, SparseGram) else acc.gram
