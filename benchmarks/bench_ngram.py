@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", default="gpt2")
     ap.add_argument("--orders", default="3,5")
-    ap.add_argument("--contexts", type=int, default=20000, help="C sampled contexts for the Gram timing")
+    ap.add_argument("--contexts", type=int, default=4000, help="C sampled contexts for the Gram timing")
     ap.add_argument("--svd-contexts", type=int, default=3000, help="C for the dense SVD comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reports"))
     args = ap.parse_args(argv)

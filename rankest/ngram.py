@@ -700,6 +700,18 @@ def draw_paper_fig7(ax) -> None:
     ax.set_xlim(left=1)
 
 
+def ngram_label(meta: dict) -> str:
+    """' TOKENIZER SMOOTHING [weighted by count] [C=used/observed]' for an n-gram run, '' otherwise."""
+    if "contexts" not in meta:
+        return ""
+    out = f" {meta.get('tokenizer')} {meta.get('smoothing')}"
+    if meta.get("weighting") == "count":
+        out += " count-weighted"
+    if meta.get("contexts") != meta.get("contexts_total"):
+        out += f" C={meta.get('contexts'):,}/{meta.get('contexts_total'):,}"
+    return out
+
+
 def ngram_compare_lines(specs, folders) -> list[str]:
     """A table of the n-gram facts of the n-gram runs among ``specs`` (empty when none)."""
     rows = [(label, s, f) for (label, s), f in zip(specs, folders) if "contexts" in s.meta]
@@ -709,13 +721,13 @@ def ngram_compare_lines(specs, folders) -> list[str]:
              "Paper (Godey et al. 2024, Fig. 7, digitised): 5-gram MLE probability rows, W-error(1000) ≈ 0.50–0.57, "
              "W-error(2000) ≈ 0.39–0.49, W-error ≤ 0.1 past d ≈ 7–9k (Llama-2 tokenizer) or 10–12k (Pythia), on "
              "corpora far larger than a local run's: the curve moves with the corpus size (see each run's sweep).", "",
-             "| run | order | tokenizer | smoothing | weighting | tokens | contexts C | singleton share | W-error(1000) | W-error(2000) |",
+             "| run | order | tokenizer | smoothing | weighting | tokens | contexts C used / observed | singleton share | W-error(1000) | W-error(2000) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, s, f in rows:
         m = s.meta
         w = s.w_error()
         at = lambda d: f"{w[d - 1]:.3f}" if d <= w.size else "—"  # noqa: E731
         lines.append(f"| `{f}` | {m.get('order')} | {m.get('tokenizer')} | {m.get('smoothing')} | {m.get('weighting')} | "
-                     f"{m.get('n_tokens', 0):,} | {m.get('contexts', 0):,} | {m.get('singleton_context_share', float('nan')):.3f} | "
+                     f"{m.get('n_tokens', 0):,} | {m.get('contexts', 0):,} / {m.get('contexts_total', 0):,} | {m.get('singleton_context_share', float('nan')):.3f} | "
                      f"{at(1000)} | {at(2000)} |")
     return lines + [""]

@@ -195,7 +195,9 @@ def compare_runs(folders: Sequence[Path], out: Path) -> Path:
     specs = []
     for folder in folders:
         spec = read_spectrum_h5(Path(folder) / "results.h5")
-        ng = f" {spec.meta.get('tokenizer')} {spec.meta.get('smoothing')}" if "tokenizer" in spec.meta else ""
+        from .ngram import ngram_label
+
+        ng = ngram_label(spec.meta)
         specs.append((f"{spec.meta.get('teacher', Path(folder).name)}{ng} {spec.space}/{spec.route}", spec))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
