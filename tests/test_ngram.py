@@ -349,6 +349,12 @@ def test_estimate_run_folder(tiny_neox_dir, tmp_path):
     nll = -sum(float(c) * math.log(c / counts.ctx_count[i]) for i in range(counts.n_contexts)
                for c in counts.counts[counts.ptr[i]:counts.ptr[i + 1]]) / counts.ctx_count.sum()
     np.testing.assert_allclose(spec.meta["nll"], nll, rtol=1e-10)
+    # the comparison report lists the n-gram facts and draws the paper's Fig. 7 ranges
+    from rankest.report import compare_runs
+
+    md = compare_runs([out, out], tmp_path / "cmp").read_text()
+    assert "## n-gram runs" in md and f"{spec.meta['contexts']:,} / {counts.n_contexts:,}" in md
+    assert (tmp_path / "cmp" / "compare_w_error.png").is_file()
 
 
 def test_cli_bad_input(tiny_neox_dir, capsys):
@@ -369,3 +375,26 @@ def test_cli_bad_input(tiny_neox_dir, capsys):
         assert main(["estimate", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert "rankest: error:" in err and needle in err, (argv, err)
+
+
+def test_gguf_bpe_builder_matches_transformers():
+    """The builder setup-tokenizers uses for Pythia's / GPT-2's GGUF vocabularies, checked
+    offline on the embedded teacher's GGUF against transformers' own GGUF tokenizer."""
+    from rankest.corpus import DEFAULT_CORPUS, load_documents
+    from rankest.offline_tokenizers import build_from_gguf, load_tokenizer
+    from rankest.teachers import DEFAULT_TEACHER, TEACHERS, _gguf_location
+
+    mine = build_from_gguf(_gguf_location(*TEACHERS[DEFAULT_TEACHER].gguf))
+    ref, name = load_tokenizer("smollm2")
+    assert name == "smollm2" and len(mine) == len(ref)
+    texts = load_documents(DEFAULT_CORPUS)[:40] + ["Hello   world!\n\n  tabs\tand émojis 🙂 <|endoftext|> 1234567"]
+    for t in texts:
+        assert mine(t, add_special_tokens=False)["input_ids"] == ref(t, add_special_tokens=False)["input_ids"], t[:80]
+
+
+def test_named_tokenizer_not_set_up(tmp_path, monkeypatch):
+    from rankest.offline_tokenizers import load_tokenizer
+
+    monkeypatch.setenv("RANKEST_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="setup-tokenizers"):
+        load_tokenizer("pythia")
