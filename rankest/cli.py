@@ -18,6 +18,7 @@ EPILOG_ESTIMATE = """examples:
   python -m rankest estimate --teacher pythia-6.9b --corpus wikitext-103 --tokens 200000 --out runs/p69
   python -m rankest estimate --teacher pythia-160m --space prob --route gram --tokens 50000
   python -m rankest estimate --teacher ./my-model --corpus data/*.jsonl --positions stride:16
+  python -m rankest estimate --teacher ngram:5 --tokenizer pythia --space prob --corpus lee   # the paper's Fig. 7
 """
 
 
@@ -65,7 +66,7 @@ def _positions(text: str) -> str:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs a model (same names, same meanings)."""
     g = p.add_argument_group("teacher and corpus")
-    g.add_argument("--teacher", help="short name (see `rankest teachers`), a local model folder, "
+    g.add_argument("--teacher", help="short name (see `rankest teachers`), a local model folder, ngram:N (an n-gram target), "
                                      "default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--revision", help="checkpoint of the teacher, e.g. step143000 for Pythia")
     g.add_argument("--corpus", nargs="+", help="NAME[:CONFIG[:SPLIT]] of a HF dataset, a short name "
