@@ -53,8 +53,9 @@ CHUNK_ROWS = 4096  # contexts per chunk (dense chunks: CHUNK_ROWS × (m+1) fp64)
 def parse_order(teacher: str) -> int:
     """``ngram:5`` → 5."""
     _, _, n = str(teacher).partition(":")
-    if not n.isdigit() or int(n) < 1:
-        raise UserError(f"an n-gram teacher is written ngram:N with N ≥ 1 (e.g. ngram:5), got {teacher!r}.")
+    if not n.isdigit() or int(n) < 2:
+        raise UserError(f"an n-gram teacher is written ngram:N with N ≥ 2 (e.g. ngram:5; a unigram model has a "
+                        f"single context, one row), got {teacher!r}.")
     return int(n)
 
 

@@ -364,6 +364,7 @@ def test_cli_bad_input(tiny_neox_dir, capsys):
     cases = [
         (["--teacher", "ngram:3", "--space", "clr"] + tk, "log 0"),
         (["--teacher", "ngram:0", "--space", "prob"] + tk, "ngram:N"),
+        (["--teacher", "ngram:1", "--space", "prob"] + tk, "ngram:N"),
         (["--teacher", "ngram:3", "--space", "prob", "--smoothing", "add-k:-1"] + tk, "--smoothing"),
         (["--teacher", "ngram:3", "--space", "prob", "--contexts", "1"] + tk, "--contexts"),
         (["--teacher", "ngram:3", "--space", "prob", "--corpus-fractions", "0.5,2"] + tk, "--corpus-fractions"),
