@@ -93,6 +93,12 @@ def build_from_gguf(path: os.PathLike):
     merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
     f = r.fields.get("tokenizer.ggml.token_type")
     types = [int(f.parts[i][0]) for i in f.data] if f is not None else [1] * len(tokens)
+    # GPT-NeoX's GGUF pads the vocabulary to the model's logit width with placeholders
+    # "[PAD50277]"… (user-defined, never produced): they are not tokens, so V' stops before them
+    # (Pythia's real vocabulary is 50,277).
+    while tokens and types[-1] == 4 and tokens[-1] == f"[PAD{len(tokens) - 1}]":
+        tokens.pop()
+        types.pop()
     vocab = {t: i for i, t in enumerate(tokens)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
