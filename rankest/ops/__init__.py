@@ -29,8 +29,10 @@ __all__ = [
     "extension_backend",
     "extension_detail",
     "gram_update",
+    "ngram_count",
     "reference",
     "row_stride",
+    "sparse_gram_update",
     "stats_dtype",
     "transform_rows",
     "using_reference",
@@ -61,8 +63,11 @@ def _kernel_devices(op: str) -> frozenset[str]:
     if _BACKEND is None:
         return frozenset()
     keys = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
-    return frozenset(dev for dev, key in keys.items()
-                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"rankest::{op}", key))
+    try:
+        return frozenset(dev for dev, key in keys.items()
+                         if torch._C._dispatch_has_kernel_for_dispatch_key(f"rankest::{op}", key))
+    except RuntimeError:  # a library built from older sources, without this op: the reference runs
+        return frozenset()
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:
@@ -79,6 +84,9 @@ def _fallback(op: str, device: torch.device) -> None:
         why = (f"the compiled extension is unavailable ({_DETAIL}); install a C++ compiler and "
                "ninja (pip install ninja), then re-import, or build it with "
                "`pip install -e . --no-build-isolation`")
+    elif not _KERNEL_DEVICES.get(op):
+        why = (f"the extension ({_BACKEND}: {_DETAIL}) was built from older sources without this op; "
+               "rebuild it with `pip install -e . --no-build-isolation`")
     else:
         why = (f"the extension ({_BACKEND}) has no {device.type} kernel; rebuild it where "
                f"{device.type} is available (RANKEST_FORCE_CUDA=1 for CUDA)")
@@ -121,6 +129,23 @@ def gram_update(gram: torch.Tensor, chunk: torch.Tensor, precision: str) -> None
     reference.gram_update(gram, chunk, precision)
 
 
+def ngram_count(tokens: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct n-grams (lexicographic) and their counts; see :func:`reference.ngram_count`."""
+    if isinstance(tokens, torch.Tensor) and _has_kernel("ngram_count", tokens.device):
+        return torch.ops.rankest.ngram_count.default(tokens, int(order))
+    _fallback("ngram_count", getattr(tokens, "device", torch.device("cpu")))
+    return reference.ngram_count(tokens, order)
+
+
+def sparse_gram_update(gram: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor) -> None:
+    """``gram += TᵀT`` (lower triangle) from CSR rows; see :func:`reference.sparse_gram_update`."""
+    if isinstance(gram, torch.Tensor) and _has_kernel("sparse_gram_update", gram.device):
+        torch.ops.rankest.sparse_gram_update.default(gram, crow, col, val)
+        return
+    _fallback("sparse_gram_update", getattr(gram, "device", torch.device("cpu")))
+    reference.sparse_gram_update(gram, crow, col, val)
+
+
 if _BACKEND is not None:
     _register_fake = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
 
@@ -139,5 +164,12 @@ if _BACKEND is not None:
     def _gram_update_fake(gram, chunk, precision):
         return None
 
+    # ngram_count has no fake kernel: its output size (the number of distinct n-grams) is
+    # data-dependent and it runs on concrete CPU token streams only.
+    if "cpu" in _kernel_devices("sparse_gram_update"):  # absent from a library built from older sources
+        @_register_fake("rankest::sparse_gram_update")
+        def _sparse_gram_update_fake(gram, crow, col, val):
+            return None
 
-_KERNEL_DEVICES = {op: _kernel_devices(op) for op in ("transform_rows", "gram_update")}
+
+_KERNEL_DEVICES = {op: _kernel_devices(op) for op in ("transform_rows", "gram_update", "ngram_count", "sparse_gram_update")}

@@ -151,3 +151,87 @@ def gram_update(gram: torch.Tensor, chunk: torch.Tensor, precision: str) -> None
         upd = (c.T @ c).to(torch.float64)
     lower = torch.tril(torch.ones_like(gram, dtype=torch.bool))
     gram[lower] += upd[lower]
+
+
+def ngram_count(tokens: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct n-grams of a token stream and their counts (NumPy, vectorised).
+
+    Parameters
+    ----------
+    tokens : (L,) int64 / int32, CPU
+        The token stream; a negative value is a boundary (end of a document): no n-gram
+        contains it, so n-grams never span two documents.
+    order : int
+        n ≥ 1.
+
+    Returns
+    -------
+    grams : (M, n) int64
+        The M distinct windows of n consecutive non-negative tokens, in lexicographic order
+        (n-grams sharing a context are consecutive, their next tokens increasing: the CSR
+        layout of the count matrix).
+    counts : (M,) int64
+        Occurrences of each n-gram.
+
+    This reference builds the L×n window matrix (memory L·n·8 bytes) and sorts it; the compiled
+    op hashes instead, in memory proportional to M.
+    """
+    import numpy as np
+
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError("tokens must be a 1-D int64 or int32 tensor")
+    if tokens.device.type != "cpu":
+        raise ValueError(f"tokens must be on the CPU, got {tokens.device}")
+    if int(order) < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    n = int(order)
+    t = tokens.numpy().astype(np.int64)
+    if t.size < n:
+        return torch.zeros(0, n, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    win = np.lib.stride_tricks.sliding_window_view(t, n)
+    win = win[(win >= 0).all(axis=1)]
+    if win.shape[0] == 0:
+        return torch.zeros(0, n, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    grams, counts = np.unique(win, axis=0, return_counts=True)  # lexicographic rows
+    return torch.from_numpy(np.ascontiguousarray(grams)), torch.from_numpy(counts.astype(np.int64))
+
+
+def sparse_gram_update(gram: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor) -> None:
+    """``gram += TᵀT`` (lower triangle) for the rows T given in CSR form.
+
+    Parameters
+    ----------
+    gram : (V, V) float64, contiguous, CPU, modified in place
+        Only the lower triangle (diagonal included) is updated, as by :func:`gram_update`.
+    crow : (n + 1,) int64
+        Row pointers: row r holds entries crow[r] .. crow[r+1]-1; crow[0] = 0, crow[n] = nnz.
+    col : (nnz,) int64
+        Column of each entry, in [0, V), strictly increasing within each row.
+    val : (nnz,) float64
+        The entries.
+
+    The reference densifies the rows (n × V, fp64) and reuses :func:`gram_update`; the
+    compiled op never builds them.
+    """
+    if gram.dtype != torch.float64 or gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError("gram must be a square float64 matrix")
+    for name, t, dt in (("crow", crow, torch.int64), ("col", col, torch.int64), ("val", val, torch.float64)):
+        if t.dim() != 1 or t.dtype != dt:
+            raise ValueError(f"{name} must be a 1-D {dt} tensor")
+    if crow.numel() < 1 or int(crow[0]) != 0 or int(crow[-1]) != col.numel() or col.numel() != val.numel():
+        raise ValueError("crow must start at 0 and end at nnz = len(col) = len(val)")
+    v = gram.shape[0]
+    n = crow.numel() - 1
+    counts = crow.diff()
+    if bool((counts < 0).any()):
+        raise ValueError("crow must be non-decreasing")
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= v):
+        raise ValueError(f"col must be in [0, {v})")
+    row_of = torch.repeat_interleave(torch.arange(n), counts)
+    if col.numel() > 1:
+        same_row = row_of[1:] == row_of[:-1]
+        if bool((same_row & (col[1:] <= col[:-1])).any()):
+            raise ValueError("the columns of a row must be strictly increasing (canonical CSR)")
+    dense = torch.zeros(n, v, dtype=torch.float64)
+    dense[row_of, col] = val
+    gram_update(gram, dense, "fp64")

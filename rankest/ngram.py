@@ -1,0 +1,734 @@
+"""n-gram targets: the paper's count-based 5-gram rank experiment (Godey et al. 2024, Fig. 7).
+
+    python -m rankest estimate --teacher ngram:5 --tokenizer pythia --corpus wikitext-103 --space prob
+
+Rows of the target matrix T are the observed (n−1)-token contexts h, columns the vocabulary,
+entries p(w | h) of a count-based model:
+
+``mle`` (the paper's)   p = c(h w) / c(h)
+``add-k:K``             p = (c(h w) + K) / (c(h) + K·V)
+``kn``                  interpolated Kneser–Ney (Chen & Goodman 1999, eq. 17 with one discount
+                        per order, D = n1 / (n1 + 2·n2)); lower orders use continuation counts
+                        N1+(• w …); the recursion ends in the uniform distribution 1/V.
+
+Spaces: ``prob`` (the paper's) and ``clr`` (log p − mean log p; only with smoothing, since
+log 0 is −∞). Rows are weighted equally (the paper's) or by context count (``count``: row ·
+sqrt(c(h)), so TᵀT = Σ_h c(h)·p_h p_hᵀ, the Gram of one row per token occurrence).
+
+Exactness and memory
+--------------------
+Counting: :func:`rankest.ops.ngram_count` (compiled, hashed, memory ∝ distinct n-grams).
+Columns: tokens that never occur (no row gives them mass beyond the smoothing floor) are
+identical columns a·1; k identical columns have the spectrum of one column √k·a
+(TTᵀ = S Sᵀ + k·a aᵀ either way), so T is reduced *exactly* to the m observed tokens plus one
+merged "rest" column: the Gram is (m+1)², not V². The spectrum's remaining singular values are
+exactly zero. ``n_cols`` reported is still the full V.
+Gram: ``mle``/``add-k`` rows are sparse + a per-row constant, x_r = d_r + α_r·1. The sparse
+part goes through :func:`rankest.ops.sparse_gram_update` (CSR, no densifying, fp64) and the
+constant through exact rank-2 corrections (u = Σ α_r d_r, A = Σ α_r²):
+G = DᵀD + u·1ᵀ + 1·uᵀ + A·11ᵀ. ``kn`` rows are dense: densified chunk by chunk and fed to
+``ops.gram_update`` (fp64). When the (m+1)² fp64 Gram does not fit ``--max-memory`` the dense
+chunks feed the Nyström sketch (:class:`rankest.sketch.Sketch`) instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+SMOOTHING_HELP = "mle | add-k:K | kn"
+WEIGHTINGS = ("equal", "count")
+NGRAM_SPACES = ("prob", "clr")
+CHUNK_ROWS = 4096  # contexts per chunk (dense chunks: CHUNK_ROWS × (m+1) fp64)
+
+
+# ---- options -------------------------------------------------------------------------------------
+def parse_order(teacher: str) -> int:
+    """``ngram:5`` → 5."""
+    _, _, n = str(teacher).partition(":")
+    if not n.isdigit() or int(n) < 2:
+        raise UserError(f"an n-gram teacher is written ngram:N with N ≥ 2 (e.g. ngram:5; a unigram model has a "
+                        f"single context, one row), got {teacher!r}.")
+    return int(n)
+
+
+def parse_smoothing(text: str) -> tuple[str, float]:
+    """``mle`` → ("mle", 0); ``add-k:0.5`` → ("add-k", 0.5); ``kn`` → ("kn", 0)."""
+    t = str(text).strip().lower()
+    if t in ("mle", "kn"):
+        return t, 0.0
+    if t.startswith("add-k:"):
+        try:
+            k = float(t.split(":", 1)[1])
+        except ValueError:
+            k = float("nan")
+        if k > 0 and math.isfinite(k):
+            return "add-k", k
+    raise UserError(f"--smoothing must be {SMOOTHING_HELP} with K > 0 (e.g. add-k:1), got {text!r}.")
+
+
+def parse_contexts(text) -> Optional[int]:
+    """``all`` → None; ``C`` → C sampled contexts."""
+    if text is None or str(text).lower() == "all":
+        return None
+    try:
+        c = int(float(text))
+    except ValueError:
+        c = 0
+    if c < 2:
+        raise UserError(f"--contexts must be 'all' or a number of contexts ≥ 2, got {text!r}.")
+    return c
+
+
+def parse_fractions(text) -> Optional[list[float]]:
+    """``0.125,0.25,0.5,1`` → sorted fractions in (0, 1]."""
+    if text is None or text == "" or text == []:
+        return None
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    try:
+        fr = sorted({float(x) for x in items})
+    except ValueError:
+        fr = []
+    if not fr or fr[0] <= 0 or fr[-1] > 1:
+        raise UserError(f"--corpus-fractions must be comma-separated fractions in (0, 1], e.g. 0.25,0.5,1; got {text!r}.")
+    return fr
+
+
+# ---- counting ------------------------------------------------------------------------------------
+@dataclass
+class NgramCounts:
+    """Distinct n-grams of a stream in CSR layout (rows = contexts).
+
+    contexts : (C, n−1) int64, lexicographic; ptr : (C+1,) int64; next : (M,) int64 next
+    tokens (increasing within a context); counts : (M,) int64; ctx_count : (C,) c(h).
+    """
+
+    order: int
+    contexts: np.ndarray
+    ptr: np.ndarray
+    next: np.ndarray
+    counts: np.ndarray
+    ctx_count: np.ndarray
+    n_tokens: int
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.contexts.shape[0])
+
+
+def count_ngrams(tokens: torch.Tensor, order: int) -> NgramCounts:
+    """Count the n-grams of a token stream (negative tokens = document boundaries)."""
+    from . import ops
+
+    grams, counts = ops.ngram_count(tokens, order)
+    g, c = grams.numpy(), counts.numpy()
+    n_tokens = int((tokens >= 0).sum())
+    if order == 1:
+        return NgramCounts(1, np.zeros((1 if g.shape[0] else 0, 0), np.int64),
+                           np.array([0, g.shape[0]] if g.shape[0] else [0], np.int64),
+                           g[:, 0].copy(), c, np.array([c.sum()] if g.shape[0] else [], np.int64), n_tokens)
+    ctx = g[:, :-1]
+    new = np.ones(g.shape[0], dtype=bool)
+    if g.shape[0] > 1:
+        new[1:] = (ctx[1:] != ctx[:-1]).any(axis=1)
+    starts = np.flatnonzero(new)
+    ptr = np.append(starts, g.shape[0]).astype(np.int64)
+    return NgramCounts(order, np.ascontiguousarray(ctx[starts]), ptr, g[:, -1].copy(), c,
+                       np.add.reduceat(c, starts) if starts.size else np.zeros(0, np.int64), n_tokens)
+
+
+def continuation_counts(counts: NgramCounts) -> NgramCounts:
+    """The (n−1)-gram table with Kneser–Ney continuation counts N1+(• g) as its counts."""
+    n = counts.order
+    full = np.concatenate([np.repeat(counts.contexts, np.diff(counts.ptr), axis=0), counts.next[:, None]], axis=1)
+    suffix = full[:, 1:]
+    uniq, inv = np.unique(suffix, axis=0, return_inverse=True)
+    cont = np.bincount(inv.ravel(), minlength=uniq.shape[0]).astype(np.int64)  # distinct left neighbours
+    m = n - 1
+    if m == 1:
+        return NgramCounts(1, np.zeros((1, 0), np.int64), np.array([0, uniq.shape[0]], np.int64),
+                           uniq[:, 0].copy(), cont, np.array([cont.sum()], np.int64), counts.n_tokens)
+    ctx = uniq[:, :-1]
+    new = np.ones(uniq.shape[0], dtype=bool)
+    new[1:] = (ctx[1:] != ctx[:-1]).any(axis=1)
+    starts = np.flatnonzero(new)
+    return NgramCounts(m, np.ascontiguousarray(ctx[starts]), np.append(starts, uniq.shape[0]).astype(np.int64),
+                       uniq[:, -1].copy(), cont, np.add.reduceat(cont, starts), counts.n_tokens)
+
+
+def _discount(counts: np.ndarray) -> float:
+    n1, n2 = int((counts == 1).sum()), int((counts == 2).sum())
+    return n1 / (n1 + 2 * n2) if n1 + 2 * n2 else 0.5
+
+
+def _keys(rows: np.ndarray) -> np.ndarray:
+    """Rows of non-negative int64 → bytes whose order is the rows' lexicographic order."""
+    be = np.ascontiguousarray(rows.astype(">i8"))
+    return be.view(f"S{8 * rows.shape[1]}").ravel() if rows.shape[1] else np.zeros(rows.shape[0], "S1")
+
+
+# ---- tokenising ----------------------------------------------------------------------------------
+def tokenize_documents(docs: Sequence[str], tokenizer, *, progress: bool = False) -> torch.Tensor:
+    """Documents → one int64 stream with −1 between documents (no n-gram spans two)."""
+    from tqdm.auto import tqdm
+
+    parts: list[np.ndarray] = []
+    batch = 256
+    for i in tqdm(range(0, len(docs), batch), desc="tokenise", unit="batch", disable=not progress):
+        enc = tokenizer(list(docs[i:i + batch]), add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            parts.append(np.asarray(ids, dtype=np.int64))
+            parts.append(np.array([-1], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+
+
+# ---- rows ----------------------------------------------------------------------------------------
+@dataclass
+class NgramRows:
+    """The selected contexts' rows over compressed columns (see the module docstring).
+
+    cols : (m,) token id of each compressed column; rest : V − m merged columns (0: none).
+    sel : (R,) indices of the selected contexts (in the order rows are streamed).
+    """
+
+    counts: NgramCounts
+    sel: np.ndarray
+    cols: np.ndarray
+    vocab: int
+    smoothing: str
+    k: float
+    space: str
+    weighting: str
+    kn_tables: Optional[list] = None  # [(NgramCounts, D)] for orders 1..n (kn only)
+
+    @property
+    def m(self) -> int:
+        return int(self.cols.size)
+
+    @property
+    def rest(self) -> int:
+        return self.vocab - self.m
+
+    @property
+    def width(self) -> int:
+        """Columns of the compressed matrix: m, plus one merged column when it is non-zero."""
+        return self.m + (1 if self.rest and self.smoothing != "mle" else 0)
+
+    def weights(self, idx: np.ndarray) -> np.ndarray:
+        c = self.counts.ctx_count[idx].astype(np.float64)
+        return np.ones_like(c) if self.weighting == "equal" else c
+
+    def sparse_chunk(self, idx: np.ndarray):
+        """mle / add-k rows of contexts ``idx``: CSR (crow, col, val) of d_r and α_r (x_r = d_r + α_r·1),
+        scaled by sqrt(weight)."""
+        cnt = self.counts
+        lo, hi = cnt.ptr[idx], cnt.ptr[idx + 1]
+        lens = hi - lo
+        crow = np.zeros(idx.size + 1, np.int64)
+        np.cumsum(lens, out=crow[1:])
+        ent = np.repeat(lo - crow[:-1], lens) + np.arange(crow[-1])
+        c = cnt.counts[ent].astype(np.float64)
+        col = self._colmap[cnt.next[ent]]
+        n_h = np.repeat(cnt.ctx_count[idx].astype(np.float64), lens)
+        if self.smoothing == "mle":
+            val, alpha = c / n_h, np.zeros(idx.size)
+        elif self.space == "prob":
+            den = n_h + self.k * self.vocab
+            val = c / den
+            alpha = self.k / (cnt.ctx_count[idx] + self.k * self.vocab)
+        else:  # clr of add-k: log(c+k) − mean = log1p(c/k) − mean over V of the same
+            val = np.log1p(c / self.k)
+            sums = np.add.reduceat(val, crow[:-1]) if val.size else np.zeros(idx.size)
+            sums = np.where(lens > 0, sums, 0.0)
+            alpha = -sums / self.vocab
+        w = np.sqrt(self.weights(idx))
+        return crow, col, val * np.repeat(w, lens), alpha * w
+
+    def dense_chunk(self, idx: np.ndarray) -> np.ndarray:
+        """Rows of contexts ``idx`` over the compressed columns, (R, width) fp64 (merged column
+        scaled by sqrt(V − m))."""
+        out = np.zeros((idx.size, self.width), np.float64)
+        if self.smoothing != "kn":
+            crow, col, val, alpha = self.sparse_chunk(idx)
+            r = np.repeat(np.arange(idx.size), np.diff(crow))
+            out[r, col] = val
+            out[:, :self.m] += alpha[:, None]
+            if self.width > self.m:
+                out[:, self.m] = math.sqrt(self.rest) * alpha
+            return out
+        p, p_rest = self._kn_prob(idx)
+        if self.space == "clr":
+            lp, lr = np.log(p), np.log(p_rest)
+            mean = (lp.sum(axis=1) + self.rest * lr) / self.vocab
+            p, p_rest = lp - mean[:, None], lr - mean
+        w = np.sqrt(self.weights(idx))
+        out[:, :self.m] = p * w[:, None]
+        if self.width > self.m:
+            out[:, self.m] = math.sqrt(self.rest) * p_rest * w
+        return out
+
+    def _kn_prob(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Interpolated Kneser–Ney p(w | h) for contexts ``idx``: (R, m) and the (R,) value of
+        every token outside the m columns."""
+        tables = self.kn_tables
+        n = self.counts.order
+        ctx = self.counts.contexts[idx]
+        r = idx.size
+        # order 1: p1(w) = max(N1+(•w) − D, 0)/N1+(••) + D·types/N1+(••) · 1/V
+        t1, d1 = tables[0]
+        tot = float(t1.counts.sum())
+        lam1 = d1 * t1.counts.size / tot
+        p = np.full((r, self.m), lam1 / self.vocab)
+        p[:, self._colmap[t1.next]] += np.maximum(t1.counts - d1, 0.0) / tot
+        p_rest = np.full(r, lam1 / self.vocab)
+        for j in range(2, n + 1):
+            tj, dj = tables[j - 1]
+            h = ctx[:, n - j:]  # the last j − 1 tokens of the context
+            keys = _keys(h)
+            tkeys = tj._ctx_keys
+            pos = np.searchsorted(tkeys, keys)
+            found = (pos < tkeys.size) & (tkeys[np.minimum(pos, tkeys.size - 1)] == keys)
+            rows = np.flatnonzero(found)
+            ci = pos[rows]
+            lo, hi = tj.ptr[ci], tj.ptr[ci + 1]
+            lens = hi - lo
+            tot = tj.ctx_count[ci].astype(np.float64)
+            lam = np.ones(r)
+            lam[rows] = dj * lens / tot
+            p *= lam[:, None]
+            p_rest *= lam
+            ent = np.repeat(lo, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+            rr = np.repeat(rows, lens)
+            p[rr, self._colmap[tj.next[ent]]] += np.maximum(tj.counts[ent] - dj, 0.0) / np.repeat(tot, lens)
+        return p, p_rest
+
+    def row_energy(self, idx: np.ndarray) -> float:
+        """Σ ‖x_r‖² over the full V columns (fp64)."""
+        if self.smoothing == "kn":
+            return float((self.dense_chunk(idx) ** 2).sum())
+        crow, col, val, alpha = self.sparse_chunk(idx)
+        a = np.repeat(alpha, np.diff(crow))
+        nnz = np.diff(crow)
+        return float(((val + a) ** 2).sum() + ((self.vocab - nnz) * alpha ** 2).sum())
+
+    def row_stats(self, idx: np.ndarray) -> tuple[float, float, float]:
+        """(Σ c(h)·H(p_h), Σ −c(hw) log p(w|h), Σ c(h)) over contexts ``idx``: in-sample entropy
+        and NLL per token, from the probabilities of the chosen smoothing."""
+        cnt = self.counts
+        lo, hi = cnt.ptr[idx], cnt.ptr[idx + 1]
+        lens = hi - lo
+        ent_idx = np.repeat(lo, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        c = cnt.counts[ent_idx].astype(np.float64)
+        n_h = cnt.ctx_count[idx].astype(np.float64)
+        if self.smoothing == "mle":
+            p_obs = c / np.repeat(n_h, lens)
+            ent = -np.add.reduceat(p_obs * np.log(p_obs), np.cumsum(lens) - lens) if p_obs.size else np.zeros(0)
+        else:
+            if self.smoothing == "add-k":
+                den = n_h + self.k * self.vocab
+                p_obs = (c + self.k) / np.repeat(den, lens)
+                p0 = self.k / den
+                ent = -(np.add.reduceat(p_obs * np.log(p_obs), np.cumsum(lens) - lens)
+                        + (self.vocab - lens) * p0 * np.log(p0))
+            else:
+                p, p_rest = self._kn_prob(idx)
+                ent = -((p * np.log(p)).sum(axis=1) + self.rest * p_rest * np.log(p_rest))
+                rr = np.repeat(np.arange(idx.size), lens)
+                p_obs = p[rr, self._colmap[cnt.next[ent_idx]]]
+        return float((n_h * ent).sum()), float(-(c * np.log(p_obs)).sum()), float(n_h.sum())
+
+
+def build_rows(counts: NgramCounts, *, vocab: int, smoothing: str = "mle", space: str = "prob",
+               weighting: str = "equal", min_count: int = 1, contexts: Optional[int] = None,
+               seed: int = 0) -> NgramRows:
+    """Choose the contexts (≥ min_count occurrences, then C sampled, seeded; streamed in a
+    seeded random order so every prefix is a uniform subsample) and the compressed columns."""
+    kind, k = parse_smoothing(smoothing)
+    if space not in NGRAM_SPACES:
+        raise UserError(f"n-gram targets support --space prob or clr, got {space!r}.")
+    if space == "clr" and kind == "mle":
+        raise UserError("--space clr takes log p, and MLE rows have zeros (log 0 = −∞); use --space prob, or "
+                        "smoothing: --smoothing add-k:1 or --smoothing kn.")
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"--weighting must be equal or count, got {weighting!r}.")
+    if counts.n_contexts == 0:
+        raise UserError(f"the corpus has no {counts.order}-gram (fewer than {counts.order} tokens per document); "
+                        f"use a larger corpus or a lower order.")
+    if int(counts.next.max()) >= vocab:
+        raise UserError(f"a token id ({int(counts.next.max())}) is ≥ the vocabulary size {vocab}; "
+                        f"the tokenizer and the vocabulary do not match.")
+    eligible = np.flatnonzero(counts.ctx_count >= int(min_count))
+    if eligible.size < 2:
+        raise UserError(f"only {eligible.size} context(s) occur at least {min_count} times; lower --min-count.")
+    rng = np.random.default_rng(seed)
+    if contexts is not None and contexts < eligible.size:
+        eligible = np.sort(rng.choice(eligible, size=contexts, replace=False))
+    sel = rng.permutation(eligible)
+    tables = None
+    if kind == "kn":
+        tables = [None] * counts.order
+        t = counts
+        tables[t.order - 1] = (t, _discount(t.counts))
+        while t.order > 1:
+            t = continuation_counts(t)
+            tables[t.order - 1] = (t, _discount(t.counts))
+        for t, _ in tables:
+            t._ctx_keys = _keys(t.contexts)
+        # every token of the stream can have mass; the rest are identical columns
+        cols = np.unique(np.concatenate([tables[0][0].next, counts.next]))
+    else:
+        lo, hi = counts.ptr[sel], counts.ptr[sel + 1]
+        mask = np.zeros(counts.next.size, bool)
+        lens = hi - lo
+        mask[np.repeat(lo, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)] = True
+        cols = np.unique(counts.next[mask])
+    rows = NgramRows(counts, sel, cols, int(vocab), kind, k, space, weighting, tables)
+    colmap = np.full(int(vocab), -1, np.int64)
+    colmap[cols] = np.arange(cols.size)
+    rows._colmap = colmap
+    return rows
+
+
+# ---- Gram ------------------------------------------------------------------------------------
+class SparseGram:
+    """Exact fp64 Gram of mle / add-k rows from sparse chunks (module docstring): the sparse
+    part DᵀD through ops.sparse_gram_update (lower triangle), u = Σ α_r d_r and A = Σ α_r²
+    for the per-row constants. ``gram()`` returns the full (width × width) lower triangle."""
+
+    def __init__(self, rows: NgramRows) -> None:
+        self.rows = rows
+        self.g = torch.zeros(rows.width, rows.width, dtype=torch.float64)
+        self.u = np.zeros(rows.m)
+        self.a = 0.0
+        self.n_rows = 0
+
+    def update(self, idx: np.ndarray) -> None:
+        from . import ops
+
+        crow, col, val, alpha = self.rows.sparse_chunk(idx)
+        ops.sparse_gram_update(self.g, torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(val))
+        if alpha.any():
+            self.u += np.bincount(col, weights=val * np.repeat(alpha, np.diff(crow)), minlength=self.rows.m)
+            self.a += float((alpha ** 2).sum())
+        self.n_rows += idx.size
+
+    def gram(self) -> torch.Tensor:
+        """The full Gram (lower triangle valid), corrections applied to a copy."""
+        if self.a == 0.0:
+            return self.g
+        g = self.g.clone()
+        m, u, a = self.rows.m, torch.from_numpy(self.u), self.a
+        g[:m, :m] += u[:, None] + u[None, :] + a
+        if self.rows.width > m:
+            s = math.sqrt(self.rows.rest)
+            g[m, :m] += s * (u + a)
+            g[m, m] += self.rows.rest * a
+        return g
+
+
+def _spectrum_of_gram(g: torch.Tensor, *, n_rows: int, vocab: int, space: str, energy: float):
+    from .spectrum import Spectrum
+
+    lam = np.linalg.eigvalsh(g.numpy(), UPLO="L") if g.numel() else np.zeros(0)
+    sigma = np.sqrt(np.clip(lam, 0.0, None))[::-1].copy()
+    return Spectrum(sigma=sigma[:min(n_rows, sigma.size)], energy=energy, n_rows=n_rows, n_cols=vocab,
+                    space=space, route="gram", exact=True, precision="fp64")
+
+
+def ngram_spectrum(rows: NgramRows, *, route: str = "auto", budget: Optional[int] = None, rank_max: Optional[int] = None,
+                   seed: int = 0, convergence: bool = True, progress: bool = False) -> tuple[Any, str, dict]:
+    """Stream the rows into the exact Gram (or a sketch when it does not fit); returns
+    (Spectrum, route reason, timings)."""
+    from tqdm.auto import tqdm
+
+    from .accumulators import Chunk, Gram, gram_nbytes
+    from .estimator import _fmt_bytes, available_memory
+
+    w = rows.width
+    need = gram_nbytes(w) + (8 * w * w if rows.smoothing != "mle" else 0)  # + the corrected copy
+    budget = budget if budget is not None else available_memory(torch.device("cpu")) // 2
+    fits = need <= budget
+    why = (f"the compressed Gram ({w:,}² fp64: {rows.m:,} observed tokens"
+           f"{' + 1 merged column' if w > rows.m else ''}, of V = {rows.vocab:,}) plus eigensolver workspace needs "
+           f"{_fmt_bytes(need)}, {'within' if fits else 'over'} the budget of {_fmt_bytes(budget)}")
+    if route in ("auto", "gram") and not fits:
+        if route == "gram":
+            raise UserError(f"the gram route does not fit: {why}. Raise --max-memory, use --route sketch "
+                            f"--rank-max K, or fewer contexts (--contexts C / --min-count M).")
+        route = "sketch"
+    elif route == "auto":
+        route = "gram"
+    if route == "factor":
+        raise UserError("the factor route needs a neural teacher's head; n-gram targets use --route gram or sketch.")
+    reason = (("sparse CSR Gram (exact fp64)" if rows.smoothing != "kn" else "dense chunks into the fp64 Gram")
+              + f"; {why}") if route == "gram" else f"Nyström sketch from dense chunks; {why}"
+    sel = rows.sel
+    n = sel.size
+    milestones = sorted({x for x in (n // 8, n // 4, n // 2) if 1 < x < n}) if convergence and w <= 4096 and route == "gram" else []
+    conv: dict[int, dict] = {}
+    energy = 0.0
+    bar = tqdm(total=n, unit="ctx", unit_scale=True, desc=f"n-gram {route}", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    if route == "gram" and rows.smoothing != "kn":
+        acc = SparseGram(rows)
+    elif route == "gram":
+        acc = Gram(w, space=rows.space, precision="fp64")
+    else:
+        from .sketch import Sketch
+
+        k = int(rank_max) if rank_max else min(1024, w - 1)
+        if k >= w:
+            raise UserError(f"--rank-max {k} ≥ the {w} compressed columns: use --route gram.")
+        acc = Sketch(w, k, space=rows.space, seed=seed, precision="fp64")
+    bounds = sorted(set(list(range(0, n, CHUNK_ROWS)) + milestones + [n]))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        idx = sel[a:b]
+        if isinstance(acc, SparseGram):
+            energy += rows.row_energy(idx)
+            acc.update(idx)
+        else:
+            x = torch.from_numpy(rows.dense_chunk(idx))
+            energy += float((x ** 2).sum())  # the merged column √(V−m)·a carries (V−m)·a² exactly
+            acc.update(Chunk(stats=torch.zeros(idx.size, 4, dtype=torch.float64), rows=x))
+        if b in milestones:
+            g = acc.gram() if isinstance(acc, SparseGram) else acc.gram
+            conv[b] = _spectrum_of_gram(g, n_rows=b, vocab=rows.vocab, space=rows.space, energy=energy).metrics()
+        bar.update(idx.size)
+    bar.close()
+    t_stream = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if route == "gram":
+        g = acc.gram() if isinstance(acc, SparseGram) else acc.gram
+        spec = _spectrum_of_gram(g, n_rows=n, vocab=rows.vocab, space=rows.space, energy=energy)
+    else:
+        spec = acc.finalize(energy=energy)
+        spec.n_cols = rows.vocab
+    if convergence and milestones:
+        conv[n] = spec.metrics()
+    spec.convergence = conv
+    return spec, reason, {"seconds_stream": t_stream, "seconds_finalize": time.perf_counter() - t1}
+
+
+def ngram_facts(counts: NgramCounts, rows: NgramRows) -> dict[str, Any]:
+    """What the paper left implicit: contexts, singletons, sizes, and the in-sample NLL."""
+    sel = rows.sel
+    ent, nll, tok = 0.0, 0.0, 0.0
+    for a in range(0, sel.size, CHUNK_ROWS):
+        e, l, t = rows.row_stats(sel[a:a + CHUNK_ROWS])
+        ent, nll, tok = ent + e, nll + l, tok + t
+    sel_counts = counts.ctx_count[sel]
+    return {
+        "order": counts.order, "smoothing": rows.smoothing + (f":{rows.k:g}" if rows.smoothing == "add-k" else ""),
+        "weighting": rows.weighting, "n_tokens": counts.n_tokens, "distinct_ngrams": int(counts.next.size),
+        "contexts_total": counts.n_contexts, "contexts": int(sel.size),
+        "singleton_context_share": float((sel_counts == 1).mean()),
+        "singleton_context_share_all": float((counts.ctx_count == 1).mean()),
+        "vocab": rows.vocab, "observed_columns": rows.m, "gram_columns": rows.width,
+        # in-sample (training) NLL and entropy per token of the chosen model, on its contexts
+        "nll": nll / tok, "perplexity": float(np.exp(nll / tok)), "entropy": ent / tok,
+    }
+
+
+# ---- the estimate command ----------------------------------------------------------------------
+def is_ngram_teacher(teacher) -> bool:
+    return isinstance(teacher, str) and teacher.startswith("ngram:")
+
+
+def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
+    """``estimate --teacher ngram:N``: EstimateConfig (with the n-gram fields) → Spectrum (and
+    the results.json summary with ``return_summary``) and a run folder with the same result
+    names as a neural teacher plus the n-gram facts. The neural-teacher options ``--tokens``,
+    ``--seq-len``, ``--positions``, ``--sample``, ``--batch-size``, ``--dtype`` do not apply
+    (contexts are chosen with ``--contexts`` / ``--min-count``); ``--gram-precision`` is
+    always fp64 here."""
+    from .corpus import DEFAULT_CORPUS, load_documents
+    from .estimator import _corpus_name, parse_size
+    from .results import now_iso, prepare_run_folder, provenance, write_run, write_text_atomic
+    from .offline_tokenizers import load_tokenizer
+
+    order = parse_order(cfg.teacher)
+    parse_smoothing(cfg.smoothing)
+    n_ctx = parse_contexts(cfg.contexts)
+    fractions = parse_fractions(cfg.corpus_fractions)
+    if cfg.space not in NGRAM_SPACES:
+        raise UserError(f"n-gram targets support --space prob (the paper's) or clr (with smoothing), got {cfg.space!r}.")
+    if cfg.space == "clr" and parse_smoothing(cfg.smoothing)[0] == "mle":
+        raise UserError("--space clr takes log p, and MLE rows have zeros (log 0 = −∞); use --space prob, or "
+                        "smoothing: --smoothing add-k:1 or --smoothing kn.")
+    if cfg.weighting not in WEIGHTINGS:
+        raise UserError(f"--weighting must be equal or count, got {cfg.weighting!r}.")
+    if int(cfg.min_count) < 1:
+        raise UserError(f"--min-count must be ≥ 1, got {cfg.min_count}.")
+    budget = parse_size(cfg.max_memory) if cfg.max_memory else None
+    corpus = cfg.corpus if cfg.corpus is not None else DEFAULT_CORPUS
+    out = prepare_run_folder(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
+    started = now_iso()
+    t0 = time.perf_counter()
+    tok, tok_name = load_tokenizer(cfg.tokenizer)
+    vocab = len(tok)
+    docs = load_documents(corpus)
+    t_tok = time.perf_counter()
+    stream = tokenize_documents(docs, tok, progress=not cfg.quiet)
+    t_tok = time.perf_counter() - t_tok
+
+    def one(stream_part: torch.Tensor, convergence: bool):
+        t = time.perf_counter()
+        counts = count_ngrams(stream_part, order)
+        t_count = time.perf_counter() - t
+        rows = build_rows(counts, vocab=vocab, smoothing=cfg.smoothing, space=cfg.space, weighting=cfg.weighting,
+                          min_count=int(cfg.min_count), contexts=n_ctx, seed=cfg.seed)
+        spec, reason, times = ngram_spectrum(rows, route=cfg.route, budget=budget, rank_max=cfg.rank_max, seed=cfg.seed,
+                                             convergence=convergence, progress=not cfg.quiet)
+        facts = ngram_facts(counts, rows)
+        facts.update(times, seconds_count=t_count,
+                     count_tokens_per_second=counts.n_tokens / t_count if t_count > 0 else None)
+        return spec, reason, facts
+
+    sweep = {}
+    if fractions:
+        # a prefix of the stream (whole documents, in corpus order) per fraction
+        bounds = np.flatnonzero(stream.numpy() < 0) + 1
+        for f in fractions:
+            if f >= 1:
+                continue
+            cut = int(bounds[max(0, np.searchsorted(bounds, f * stream.numel()) - 1)]) if bounds.size else stream.numel()
+            cut = max(cut, int(bounds[0]) if bounds.size else cut)
+            s_f, _, facts_f = one(stream[:cut], False)
+            sweep[f] = (s_f, facts_f)
+    spec, reason, facts = one(stream, cfg.convergence)
+    if fractions:
+        sweep[1.0] = (spec, facts)
+    spec.meta.update({
+        "teacher": f"ngram:{order}", "teacher_source": "counts", "tokenizer": tok_name,
+        "corpus": _corpus_name(corpus), "route_reason": reason, "seed": cfg.seed, "device": "cpu",
+        **facts, "seconds_tokenize": t_tok, "seconds_total": time.perf_counter() - t0,
+    })
+    if sweep:
+        spec.meta["corpus_fractions"] = {
+            str(f): {"n_tokens": fa["n_tokens"], "contexts": fa["contexts"],
+                     "singleton_context_share": fa["singleton_context_share"],
+                     "rank_at": s.metrics()["rank_at"], "n_rows": s.n_rows,
+                     "w_error_at": {str(d): float(s.w_error(d)) for d in (10, 100, 1000, 2000, 10000) if d <= s.sigma.size}}
+            for f, (s, fa) in sorted(sweep.items())}
+    if out is not None:
+        prov = provenance(torch.device("cpu"))
+        prov.update({"started": started, "finished": now_iso()})
+        config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out", "overwrite", "quiet")}
+        config["corpus"] = _corpus_name(corpus)
+        config["tokenizer"] = tok_name
+        summary = write_run(out, spec, config=config, prov=prov)
+        extra = render_ngram_section(spec, sweep, out)
+        report = out / "report.md"
+        write_text_atomic(report, report.read_text() + extra)
+        spec.meta["out"] = str(out)
+        if return_summary:
+            return spec, summary
+    if return_summary:
+        return spec, spec.summary()
+    return spec
+
+
+def render_ngram_section(spec, sweep: dict, out) -> str:
+    """The n-gram facts appended to report.md (and the corpus-size sweep plot)."""
+    m = spec.meta
+    lines = ["", "## n-gram target", "",
+             f"{m['order']}-gram model, smoothing `{m['smoothing']}`, rows weighted `{m['weighting']}`"
+             f"{' (each row × sqrt(c(h)): the Gram of one row per token occurrence)' if m['weighting'] == 'count' else ' (the paper’s)'}, "
+             f"tokenizer `{m['tokenizer']}`.", "",
+             "| fact | value |", "|---|---|",
+             f"| tokens in the corpus | {m['n_tokens']:,} |",
+             f"| distinct {m['order']}-grams | {m['distinct_ngrams']:,} |",
+             f"| contexts observed / used (C) | {m['contexts_total']:,} / {m['contexts']:,} |",
+             f"| share of used contexts seen once | {m['singleton_context_share']:.3f} |",
+             f"| vocabulary V / observed columns / Gram columns | {m['vocab']:,} / {m['observed_columns']:,} / {m['gram_columns']:,} |",
+             f"| in-sample NLL per token (nats) | {m['nll']:.4f} |",
+             f"| counting throughput | {m['count_tokens_per_second'] or 0:,.0f} tokens/s |", "",
+             "MLE rows of singleton contexts are one-hot: they mostly measure the spread of the next-token "
+             "unigram distribution, not the structure of language; a large share of them pushes the rank up. "
+             "Unobserved tokens are identical columns, merged exactly into one (see rankest/ngram.py).", ""]
+    if sweep:
+        from .report import _plt, _save
+        from .spectrum import REPORTED_EPS
+
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (f, (s, fa)) in enumerate(sorted(sweep.items())):
+            w = s.w_error()
+            ax.plot(np.arange(1, w.size + 1), w, color=f"C{i}", label=f"{f:g} of the corpus ({fa['n_tokens']:,} tokens)")
+        for eps in REPORTED_EPS:
+            ax.axhline(eps, color="0.5", lw=0.5, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("d (rank kept)")
+        ax.set_ylabel("W-error(d)")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"ngram:{m['order']} · corpus-size sweep")
+        _save(fig, out / "corpus_fractions.png")
+        lines += ["## Corpus-size sweep", "", "![corpus-size sweep](corpus_fractions.png)", "",
+                  "| fraction | tokens | contexts | singleton share | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) |",
+                  "|---|---|---|---|---|---|---|"]
+        for f, (s, fa) in sorted(sweep.items()):
+            r = s.metrics()["rank_at"]
+            lines.append(f"| {f:g} | {fa['n_tokens']:,} | {fa['contexts']:,} | {fa['singleton_context_share']:.3f} | "
+                         f"{r['0.5']} | {r['0.1']} | {r['0.01']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---- comparison report (rankest.report.compare_runs) -------------------------------------------
+#: Godey et al. (2024), Fig. 7, digitised (ARCHITECTURE.md, ±0.02): 5-gram MLE prob matrices.
+PAPER_FIG7 = {"w_error_at_1000": (0.50, 0.57), "w_error_at_2000": (0.39, 0.49),
+              "d_at_0.1": {"Llama-2": (7000, 9000), "Pythia": (10000, 12000)}}
+
+
+def draw_paper_fig7(ax) -> None:
+    """The paper's Fig. 7 ranges on a W-error plot: W-error at d = 1000 and 2000, and where the
+    curves cross 0.1 for each tokenizer."""
+    lo, hi = PAPER_FIG7["w_error_at_1000"]
+    ax.plot([1000, 1000], [lo, hi], color="k", lw=3, alpha=0.6, label="paper Fig. 7 (5-gram MLE, 3 corpora)")
+    lo, hi = PAPER_FIG7["w_error_at_2000"]
+    ax.plot([2000, 2000], [lo, hi], color="k", lw=3, alpha=0.6)
+    for (tok, (a, b)), style in zip(PAPER_FIG7["d_at_0.1"].items(), ("-", "--")):
+        ax.plot([a, b], [0.1, 0.1], color="k", lw=3, alpha=0.4, ls=style, label=f"paper: W-error 0.1 ({tok})")
+    ax.set_xlim(left=1)
+
+
+def ngram_label(meta: dict) -> str:
+    """' TOKENIZER SMOOTHING [weighted by count] [C=used/observed]' for an n-gram run, '' otherwise."""
+    if "contexts" not in meta:
+        return ""
+    out = f" {meta.get('tokenizer')} {meta.get('smoothing')}"
+    if meta.get("weighting") == "count":
+        out += " count-weighted"
+    if meta.get("contexts") != meta.get("contexts_total"):
+        out += f" C={meta.get('contexts'):,}/{meta.get('contexts_total'):,}"
+    return out
+
+
+def ngram_compare_lines(specs, folders) -> list[str]:
+    """A table of the n-gram facts of the n-gram runs among ``specs`` (empty when none)."""
+    rows = [(label, s, f) for (label, s), f in zip(specs, folders) if "contexts" in s.meta]
+    if not rows:
+        return []
+    lines = ["", "## n-gram runs", "",
+             "Paper (Godey et al. 2024, Fig. 7, digitised): 5-gram MLE probability rows, W-error(1000) ≈ 0.50–0.57, "
+             "W-error(2000) ≈ 0.39–0.49, W-error ≤ 0.1 past d ≈ 7–9k (Llama-2 tokenizer) or 10–12k (Pythia), on "
+             "corpora far larger than a local run's: the curve moves with the corpus size (see each run's sweep).", "",
+             "| run | order | tokenizer | smoothing | weighting | tokens | contexts C used / observed | singleton share | W-error(1000) | W-error(2000) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, s, f in rows:
+        m = s.meta
+        w = s.w_error()
+        at = lambda d: f"{w[d - 1]:.3f}" if d <= w.size else "—"  # noqa: E731
+        lines.append(f"| `{f}` | {m.get('order')} | {m.get('tokenizer')} | {m.get('smoothing')} | {m.get('weighting')} | "
+                     f"{m.get('n_tokens', 0):,} | {m.get('contexts', 0):,} / {m.get('contexts_total', 0):,} | {m.get('singleton_context_share', float('nan')):.3f} | "
+                     f"{at(1000)} | {at(2000)} |")
+    return lines + [""]
