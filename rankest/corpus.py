@@ -399,6 +399,19 @@ def pack_windows(
 
 # --- the row plan --------------------------------------------------------------------------
 @dataclass
+def windows_for(corpus, docs, tokenizer, seq_len: int, *, max_windows: int | None, progress: bool) -> torch.Tensor:
+    """The packed windows (W, seq_len + 1) of a run: ``corpus`` itself when it is a pre-tokenised
+    LongTensor (benchmarks, synthetic tokens; its shape is checked), else ``docs`` (from
+    :func:`load_documents`, read before the teacher so a typo fails fast) packed with
+    :func:`pack_windows`."""
+    if isinstance(corpus, torch.Tensor):
+        if corpus.dim() != 2 or corpus.shape[1] != seq_len + 1:
+            raise UserError(f"pre-tokenised windows must have shape (W, seq_len + 1 = {seq_len + 1}), "
+                            f"got {tuple(corpus.shape)}.")
+        return corpus
+    return pack_windows(docs, tokenizer, seq_len, max_windows=max_windows, progress=progress)
+
+
 class RowPlan:
     """Which contexts become rows.
 

@@ -310,7 +310,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     returns the spectrum; the other ranks return None)."""
     from .checkpoint import (CHECKPOINT_NAME, Interrupted, StopOnSignal, check_same_run, read_checkpoint,
                              remove_checkpoint, rng_state, set_rng_state, write_checkpoint)
-    from .corpus import check_seq_len, iter_batches, load_documents, pack_windows, plan_rows
+    from .corpus import check_seq_len, iter_batches, load_documents, plan_rows, windows_for
     from .results import now_iso, prepare_run_folder, provenance, write_run
     from .teachers import load_teacher
 
@@ -356,13 +356,8 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     # Tokenise enough of the corpus that the sample is drawn from a pool ≥ 8× its size.
     per_window = cfg.seq_len if cfg.positions == "all" else 1
     max_windows = None if cfg.tokens is None else math.ceil(max(8 * int(cfg.tokens), 2**20) / per_window)
-    if pretokenised:
-        windows = cfg.corpus
-        if windows.dim() != 2 or windows.shape[1] != cfg.seq_len + 1:
-            raise UserError(f"pre-tokenised windows must have shape (W, seq_len + 1 = {cfg.seq_len + 1}), "
-                            f"got {tuple(windows.shape)}.")
-    else:
-        windows = pack_windows(docs, teacher.tokenizer, cfg.seq_len, max_windows=max_windows, progress=not cfg.quiet)
+    windows = windows_for(cfg.corpus, docs, teacher.tokenizer, cfg.seq_len, max_windows=max_windows,
+                          progress=not cfg.quiet)
     plan = plan_rows(len(windows), cfg.seq_len, positions=cfg.positions, tokens=cfg.tokens, seed=cfg.seed,
                      sample=cfg.sample)
     n_total = plan.n_rows

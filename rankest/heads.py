@@ -713,7 +713,7 @@ def run_heads(**kwargs) -> HeadsResult:
     pre-tokenised windows). Returns a :class:`HeadsResult`; writes heads.h5, heads.json and the
     report into ``out`` when given.
     """
-    from .corpus import DEFAULT_CORPUS, check_seq_len, load_documents, pack_windows, plan_rows
+    from .corpus import DEFAULT_CORPUS, check_seq_len, load_documents, plan_rows, windows_for
     from .estimator import check_linear_head
     from .results import now_iso, prepare_run_folder, provenance
     from .teachers import DEFAULT_TEACHER, load_teacher
@@ -758,13 +758,8 @@ def run_heads(**kwargs) -> HeadsResult:
     per_window = int(_position_mask(cfg.positions, cfg.seq_len).sum())
     need = (cfg.tokens or 0) + cfg.val_tokens
     max_windows = None if cfg.tokens is None else math.ceil(max(8 * need, 2**20) / per_window)
-    if pretokenised:
-        windows = cfg.corpus
-        if windows.dim() != 2 or windows.shape[1] != cfg.seq_len + 1:
-            raise UserError(f"pre-tokenised windows must have shape (W, seq_len + 1 = {cfg.seq_len + 1}), "
-                            f"got {tuple(windows.shape)}.")
-    else:
-        windows = pack_windows(docs, teacher.tokenizer, cfg.seq_len, max_windows=max_windows, progress=not cfg.quiet)
+    windows = windows_for(cfg.corpus, docs, teacher.tokenizer, cfg.seq_len, max_windows=max_windows,
+                          progress=not cfg.quiet)
     val_idx, train_idx = _split_windows(len(windows), cfg, per_window)
     val_plan = plan_rows(len(val_idx), cfg.seq_len, positions=cfg.positions, tokens=min(cfg.val_tokens, len(val_idx) * per_window),
                          seed=cfg.seed + 1)

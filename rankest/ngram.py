@@ -654,24 +654,10 @@ def render_ngram_section(spec, sweep: dict, out) -> str:
              "unigram distribution, not the structure of language; a large share of them pushes the rank up. "
              "Unobserved tokens are identical columns, merged exactly into one (see rankest/ngram.py).", ""]
     if sweep:
-        from .report import _plt, _save
-        from .spectrum import REPORTED_EPS
+        from .report import plot_w_error
 
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, (f, (s, fa)) in enumerate(sorted(sweep.items())):
-            w = s.w_error()
-            ax.plot(np.arange(1, w.size + 1), w, color=f"C{i}", label=f"{f:g} of the corpus ({fa['n_tokens']:,} tokens)")
-        for eps in REPORTED_EPS:
-            ax.axhline(eps, color="0.5", lw=0.5, ls="--")
-        ax.set_xscale("log")
-        ax.set_xlabel("d (rank kept)")
-        ax.set_ylabel("W-error(d)")
-        ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"ngram:{m['order']} · corpus-size sweep")
-        _save(fig, out / "corpus_fractions.png")
+        plot_w_error([(f"{f:g} of the corpus ({fa['n_tokens']:,} tokens)", s) for f, (s, fa) in sorted(sweep.items())],
+                     out / "corpus_fractions.png", f"ngram:{m['order']} · corpus-size sweep")
         lines += ["## Corpus-size sweep", "", "![corpus-size sweep](corpus_fractions.png)", "",
                   "| fraction | tokens | contexts | singleton share | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) |",
                   "|---|---|---|---|---|---|---|"]

@@ -13,3 +13,22 @@ def devices() -> list[str]:
 def generator(seed: int, device: str = "cpu") -> torch.Generator:
     """A seeded generator, so each test draws fresh inputs without touching global RNG state."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+#: Words of the small synthetic corpora the end-to-end tests feed tiny teachers.
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there been one all we their has would when if so no will more out up into do any "
+         "your what has man could other than then its time only some two may first new about these like very "
+         "river market school budget storm council bridge winter garden doctor rain fire train paper").split()
+
+
+def write_word_corpus(path, *, seed: int, paragraphs: int = 40, words=WORDS) -> str:
+    """A text file of ``paragraphs`` paragraphs (blank-line separated) of 5 random sentences of
+    6–13 ``words``, seeded; returns its path as a string."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    paras = [" ".join(" ".join(rng.choice(words, size=rng.integers(6, 14))).capitalize() + "." for _ in range(5))
+             for _ in range(paragraphs)]
+    path.write_text("\n\n".join(paras) + "\n")
+    return str(path)

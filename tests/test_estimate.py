@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rankest import cli
+from rankest.testing import write_word_corpus
 from rankest.corpus import iter_batches, load_documents, pack_windows, plan_rows
 from rankest.estimator import run_estimate
 from rankest.ops import reference
@@ -27,14 +28,7 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
-    rng = np.random.default_rng(2024)
-    paras = []
-    for _ in range(40):
-        sents = [" ".join(rng.choice(WORDS, size=rng.integers(6, 14))).capitalize() + "." for _ in range(5)]
-        paras.append(" ".join(sents))
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    path.write_text("\n\n".join(paras) + "\n")
-    return str(path)
+    return write_word_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt", seed=2024, paragraphs=40, words=WORDS)
 
 
 def _neox(tmp_path_factory, name, **kw):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rankest import UserError, cli, fit_heads
+from rankest.testing import write_word_corpus
 from rankest.heads import (HeadSpec, HeadSweep, evaluate_head, feature_truncations, lr_factor, paper_lr, parse_ranks,
                            weight_truncations)
 from rankest.teachers import build_tiny_neox, load_teacher
@@ -27,14 +28,7 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
-    rng = np.random.default_rng(77)
-    paras = []
-    for _ in range(60):
-        sents = [" ".join(rng.choice(WORDS, size=rng.integers(6, 14))).capitalize() + "." for _ in range(5)]
-        paras.append(" ".join(sents))
-    path = tmp_path_factory.mktemp("heads-corpus") / "docs.txt"
-    path.write_text("\n\n".join(paras) + "\n")
-    return str(path)
+    return write_word_corpus(tmp_path_factory.mktemp("heads-corpus") / "docs.txt", seed=77, paragraphs=60, words=WORDS)
 
 
 @pytest.fixture(scope="module")

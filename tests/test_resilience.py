@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from rankest import cli
 from rankest import checkpoint as ckpt_mod
+from rankest.testing import write_word_corpus
 from rankest.accumulators import Chunk, Factor, Gram, RowStats
 from rankest.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, Interrupted, read_checkpoint, write_checkpoint
 from rankest.distributed import sum_states
@@ -58,12 +59,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
-    rng = np.random.default_rng(7)
-    paras = [" ".join(" ".join(rng.choice(WORDS, size=rng.integers(6, 14))).capitalize() + "." for _ in range(5))
-             for _ in range(40)]
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    path.write_text("\n\n".join(paras) + "\n")
-    return str(path)
+    return write_word_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt", seed=7, paragraphs=40, words=WORDS)
 
 
 @pytest.fixture(scope="module")
