@@ -398,7 +398,6 @@ def pack_windows(
 
 
 # --- the row plan --------------------------------------------------------------------------
-@dataclass
 def windows_for(corpus, docs, tokenizer, seq_len: int, *, max_windows: int | None, progress: bool) -> torch.Tensor:
     """The packed windows (W, seq_len + 1) of a run: ``corpus`` itself when it is a pre-tokenised
     LongTensor (benchmarks, synthetic tokens; its shape is checked), else ``docs`` (from
@@ -412,6 +411,7 @@ def windows_for(corpus, docs, tokenizer, seq_len: int, *, max_windows: int | Non
     return pack_windows(docs, tokenizer, seq_len, max_windows=max_windows, progress=progress)
 
 
+@dataclass
 class RowPlan:
     """Which contexts become rows.
 
