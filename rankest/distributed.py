@@ -200,3 +200,22 @@ def all_sum(world: World, array: np.ndarray) -> np.ndarray:
     t = torch.tensor(np.asarray(array, dtype=np.float64), device=world.device)
     all_sum_(world, [t])
     return t.cpu().numpy()
+
+
+def broadcast_arrays(world: World, arrays: Optional[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rank 0's dict of arrays on every process (``arrays`` is ignored elsewhere): the layout
+    travels pickled, the data as tensors (no pickle of large states). One process: ``arrays``."""
+    if not world.active:
+        return arrays
+    import torch.distributed as dist
+
+    layout = broadcast(world, None if not world.main else
+                       {k: (np.asarray(v).shape, np.asarray(v).dtype.str) for k, v in arrays.items()})
+    out = {}
+    for key in sorted(layout):
+        shape, dtype = layout[key]
+        value = np.asarray(arrays[key]) if world.main else np.zeros(shape, dtype=np.dtype(dtype))
+        t = torch.from_numpy(np.ascontiguousarray(value).copy()).to(world.device)
+        dist.broadcast(t, src=0)
+        out[key] = t.cpu().numpy()
+    return out

@@ -275,11 +275,20 @@ def evaluate_head(h: torch.Tensor, targets: torch.Tensor, a: torch.Tensor, b: Op
     h : (n, d) features; targets : (n,) int64 in [0, V'); a : (V', r) and b : (r, d), or a : (V', d)
     and b None for a dense head; bias : (V',) or None. Arithmetic in a's dtype.
     """
+    sums = _eval_sums(h, targets, a, b, bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    return _eval_means(sums, h.shape[0], kl=teacher_weight is not None)
+
+
+@torch.no_grad()
+def _eval_sums(h: torch.Tensor, targets: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, *, teacher_weight: Optional[torch.Tensor] = None,
+               teacher_bias: Optional[torch.Tensor] = None) -> np.ndarray:
+    """[Σ cross-entropy, Σ correct, Σ KL] over the rows (zeros for no rows): the sums that
+    :func:`evaluate_head` divides, and that the processes of a torchrun job add up first."""
     dt = a.dtype
-    n = h.shape[0]
     step = _chunk_rows(a.shape[0])
     ce = correct = kl = 0.0
-    for lo in range(0, n, step):
+    for lo in range(0, h.shape[0], step):
         hc = h[lo:lo + step].to(dt)
         tc = targets[lo:lo + step].to(a.device)
         z = _logits(hc, a, b, bias)
@@ -289,10 +298,30 @@ def evaluate_head(h: torch.Tensor, targets: torch.Tensor, a: torch.Tensor, b: Op
         if teacher_weight is not None:
             logp = torch.log_softmax(_logits(hc, teacher_weight.to(dt), None, teacher_bias), dim=-1)
             kl += float(F.kl_div(logq, logp, log_target=True, reduction="sum"))
-    out = {"loss": ce / n, "accuracy": correct / n}
-    if teacher_weight is not None:
-        out["kl"] = kl / n
+    return np.array([ce, correct, kl])
+
+
+def _eval_means(sums: np.ndarray, n: int, *, kl: bool) -> dict[str, float]:
+    out = {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n}
+    if kl:
+        out["kl"] = float(sums[2]) / n
     return out
+
+
+def evaluate_heads(heads: Sequence[tuple], h: torch.Tensor, targets: torch.Tensor, *, world=None,
+                   n_rows: Optional[int] = None, teacher_weight: Optional[torch.Tensor] = None,
+                   teacher_bias: Optional[torch.Tensor] = None) -> list[dict[str, float]]:
+    """:func:`evaluate_head` of several heads ``(a, b, bias)`` on this process's rows; under
+    torchrun (``world`` active) the sums of every process are added (one all-reduce) and divided
+    by ``n_rows``, the global row count, so every process gets the global means."""
+    from . import distributed
+
+    sums = np.array([_eval_sums(h, targets, *head, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+                     for head in heads]).reshape(len(heads), 3)
+    if world is not None:
+        sums = distributed.all_sum(world, sums)
+    n = h.shape[0] if n_rows is None else int(n_rows)
+    return [_eval_means(s, n, kl=teacher_weight is not None) for s in sums]
 
 
 # ---- the sweep: every head, one optimiser step per shared batch ------------------------------
@@ -324,13 +353,16 @@ class HeadSweep:
     steps : total optimiser steps (the LR schedule's length).
     svd_factors : {rank: (A, B)} for ``svd``.
     bias : the teacher's head bias over V' (or None: heads have no bias).
+    world : a torchrun job (:mod:`rankest.distributed`): each process steps on its shard of the
+        batch's rows, and the gradients are summed over the processes before every AdamW step.
     """
 
     def __init__(self, specs: Sequence[HeadSpec], *, n_cols: int, d: int, init: str, seed: int, steps: int,
                  device: torch.device, dtype: torch.dtype = torch.float32, svd_factors: Optional[dict] = None,
                  bias: Optional[torch.Tensor] = None, objective: str = "ce", weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.95)) -> None:
+                 betas: tuple[float, float] = (0.9, 0.95), world=None) -> None:
         self.specs = list(specs)
+        self.world = world
         self.objective = objective
         self.steps = int(steps)
         self.n_cols = n_cols
@@ -369,11 +401,19 @@ class HeadSweep:
         n = sum(p.numel() for p in self.A + self.B) + sum(p.numel() for p in self.b if p is not None)
         return 4 * n * torch.finfo(self.dtype).bits // 8
 
+    def params(self) -> list[torch.nn.Parameter]:
+        """Every parameter, in the optimiser's order (the checkpoint's and the all-reduce's order)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def step(self, h: torch.Tensor, targets: torch.Tensor, teacher_weight: Optional[torch.Tensor] = None,
-             teacher_bias: Optional[torch.Tensor] = None) -> np.ndarray:
+             teacher_bias: Optional[torch.Tensor] = None, *, n_rows: Optional[int] = None) -> np.ndarray:
         """One optimiser step of every head on the rows (h (n, d), targets (n,)); returns each
-        head's mean training loss on them (before the step)."""
-        n = h.shape[0]
+        head's mean training loss on them (before the step).
+
+        Under torchrun, ``h`` is this process's shard of the batch and ``n_rows`` the batch's
+        global row count: each shard's summed loss is divided by it and the gradients are
+        all-reduced (summed), so every process takes the step of the global mean loss."""
+        n = h.shape[0] if n_rows is None else int(n_rows)
         chunk = _chunk_rows(self.n_cols)
         losses = np.zeros(len(self.specs))
         self.optimizer.zero_grad(set_to_none=True)
@@ -392,14 +432,60 @@ class HeadSweep:
                     loss = F.kl_div(torch.log_softmax(z, -1), logp, log_target=True, reduction="sum")
                 (loss / n).backward()
                 losses[i] += float(loss.detach()) / n
+        if self.world is not None and self.world.active:
+            from . import distributed
+
+            params = self.params()
+            for p in params:  # a process without rows this step still joins the sum (with zeros)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_sum_(self.world, [p.grad for p in params])
+            losses = distributed.all_sum(self.world, losses)
         self.optimizer.step()
         self.scheduler.step()
         return losses
 
-    def evaluate(self, h: torch.Tensor, targets: torch.Tensor, **teacher) -> list[dict[str, float]]:
-        return [evaluate_head(h, targets, self.A[i].detach(), self.B[i].detach(),
-                              None if self.b[i] is None else self.b[i].detach(), **teacher)
-                for i in range(len(self.specs))]
+    def evaluate(self, h: torch.Tensor, targets: torch.Tensor, *, n_rows: Optional[int] = None,
+                 **teacher) -> list[dict[str, float]]:
+        """Every head on the rows (this process's shard under torchrun; ``n_rows`` the global count)."""
+        heads = [(self.A[i].detach(), self.B[i].detach(), None if self.b[i] is None else self.b[i].detach())
+                 for i in range(len(self.specs))]
+        return evaluate_heads(heads, h, targets, world=self.world, n_rows=n_rows, **teacher)
+
+    # ---- checkpoints: the whole training state as arrays, restored bit for bit ------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters (``p{j}``), AdamW's moments and step counts (``exp_avg{j}``, ``exp_avg_sq{j}``,
+        ``adam_step{j}``) of parameter j in :meth:`params` order, and the scheduler's step."""
+        out: dict[str, np.ndarray] = {"scheduler_step": np.asarray(self.scheduler.last_epoch, dtype=np.int64)}
+        for j, p in enumerate(self.params()):
+            out[f"p{j}"] = p.detach().cpu().numpy().copy()
+            st = self.optimizer.state.get(p, {})
+            for key, name in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "adam_step")):
+                if key in st:
+                    out[f"{name}{j}"] = torch.as_tensor(st[key]).detach().cpu().numpy().copy()
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state` into a sweep built with the same specs: the next :meth:`step`
+        is the one the saved sweep would have taken (same parameters, moments and LR)."""
+        params = self.params()
+        if sum(1 for k in state if k.startswith("p") and k[1:].isdigit()) != len(params):
+            raise UserError("the checkpoint holds another set of heads than this run builds; delete it and start afresh.")
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                p.copy_(torch.from_numpy(np.asarray(state[f"p{j}"])).to(p.device, p.dtype))
+                if f"exp_avg{j}" in state:
+                    self.optimizer.state[p] = {
+                        # AdamW keeps its step count as a CPU scalar tensor (not capturable / fused)
+                        "step": torch.from_numpy(np.array(state[f"adam_step{j}"])),
+                        "exp_avg": torch.from_numpy(np.array(state[f"exp_avg{j}"])).to(p.device, p.dtype),
+                        "exp_avg_sq": torch.from_numpy(np.array(state[f"exp_avg_sq{j}"])).to(p.device, p.dtype)}
+        # The LR LambdaLR would have set after that many steps: base_lr · factor(step), as it computes it.
+        s = int(state["scheduler_step"])
+        self.scheduler.last_epoch = s
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = base * lr_factor(s, self.steps)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -498,11 +584,23 @@ def _teacher_features(teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return h.clone(), t.clone()  # clone outside inference mode: inference tensors cannot enter autograd
 
 
-class _Source:
-    """The training or validation rows, batch by batch: from the teacher, or from the cache."""
+def _shard(n: int, world) -> tuple[int, int]:
+    """This process's contiguous part [lo, hi) of n items (all of them for one process)."""
+    if world is None or not world.active:
+        return 0, n
+    return n * world.rank // world.size, n * (world.rank + 1) // world.size
 
-    def __init__(self, split: _Split, teacher=None, cache: Optional[tuple] = None):
-        self.split, self.teacher, self.cache = split, teacher, cache
+
+class _Source:
+    """The training or validation rows, batch by batch: from the teacher, or from the cache.
+
+    With ``world`` (a torchrun job), :meth:`batch` gives this process's disjoint shard of the
+    batch — a contiguous part of its windows (on the fly: the teacher runs on those only) or of
+    its cached rows — while ``offsets`` and :meth:`rows` stay global, so the batches and the
+    global means never depend on the number of processes."""
+
+    def __init__(self, split: _Split, teacher=None, cache: Optional[tuple] = None, world=None):
+        self.split, self.teacher, self.cache, self.world = split, teacher, cache, world
         self.offsets = split.offsets() if cache is None else cache[2]
         self.n_batches = len(self.offsets) - 1
         self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -513,10 +611,17 @@ class _Source:
             return self.memo[k] if keep else self.memo.pop(k)
         t0 = time.perf_counter()
         if self.cache is None:
-            out = _teacher_features(self.teacher, self.split.batch(k))
+            batch = self.split.batch(k)
+            if self.world is not None and self.world.active:
+                a, b = _shard(batch.windows.numel(), self.world)
+                batch = type(batch)(batch.input_ids[a:b], batch.targets[a:b], batch.mask[a:b], batch.windows[a:b],
+                                    batch.start + a)
+            out = _teacher_features(self.teacher, batch)
         else:
             feats, targs, offsets, device = self.cache
             lo, hi = int(offsets[k]), int(offsets[k + 1])
+            a, b = _shard(hi - lo, self.world)
+            lo, hi = lo + a, lo + b
             out = (torch.from_numpy(feats[lo:hi]).to(device), torch.from_numpy(targs[lo:hi]).to(device))
         if self.teacher is not None and self.teacher.device.type == "cuda":
             torch.cuda.synchronize(self.teacher.device)
@@ -524,6 +629,10 @@ class _Source:
         if keep:
             self.memo[k] = out
         return out
+
+    def rows(self, k: int) -> int:
+        """Global row count of batch k (over every process)."""
+        return int(self.offsets[k + 1] - self.offsets[k])
 
     def all_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self.batch(k) for k in range(self.n_batches)]
