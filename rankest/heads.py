@@ -35,6 +35,15 @@ G is accumulated over the first training rows (``gram_rows``), never the validat
 
 A head bias, when the teacher has one, is kept as a full-length trainable vector beside A·B
 (initialised to the teacher's for ``svd``) and untouched by the truncations.
+
+Long runs (issue 8): ``--checkpoint-every STEPS`` / SIGINT / SIGTERM write DIR/checkpoint.h5
+(:mod:`rankest.checkpoint`: every head, AdamW's states, the step, the LRs, RNG states, config)
+and ``--resume`` continues bit for bit; under ``torchrun`` each process trains on a disjoint
+shard of every batch with the heads' gradients all-reduced before each step
+(:mod:`rankest.distributed`), so the result does not depend on the number of processes.
+
+    python -m rankest heads --out runs/heads --checkpoint-every 100 [--resume]
+    torchrun --nproc_per_node=2 -m rankest heads --device cpu --out runs/heads
 """
 
 from __future__ import annotations
