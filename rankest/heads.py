@@ -480,13 +480,16 @@ class HeadSweep:
         params = self.params()
         if sum(1 for k in state if k.startswith("p") and k[1:].isdigit()) != len(params):
             raise UserError("the checkpoint holds another set of heads than this run builds; delete it and start afresh.")
+        # AdamW keeps its step count as a CPU scalar tensor, on the parameter's device when fused/capturable.
+        on_device = {id(p): bool(g.get("fused") or g.get("capturable"))
+                     for g in self.optimizer.param_groups for p in g["params"]}
         with torch.no_grad():
             for j, p in enumerate(params):
                 p.copy_(torch.from_numpy(np.asarray(state[f"p{j}"])).to(p.device, p.dtype))
                 if f"exp_avg{j}" in state:
                     self.optimizer.state[p] = {
-                        # AdamW keeps its step count as a CPU scalar tensor (not capturable / fused)
-                        "step": torch.from_numpy(np.array(state[f"adam_step{j}"])),
+                        "step": torch.from_numpy(np.array(state[f"adam_step{j}"])).to(
+                            p.device if on_device[id(p)] else "cpu"),
                         "exp_avg": torch.from_numpy(np.array(state[f"exp_avg{j}"])).to(p.device, p.dtype),
                         "exp_avg_sq": torch.from_numpy(np.array(state[f"exp_avg_sq{j}"])).to(p.device, p.dtype)}
         # The LR LambdaLR would have set after that many steps: base_lr · factor(step), as it computes it.
