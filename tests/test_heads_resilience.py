@@ -187,6 +187,7 @@ def test_resume_refuses_another_configuration(teacher64, corpus_file, tmp_path, 
     # A finished sweep has nothing to resume; flags without a run folder are refused (exit 2).
     with pytest.raises(UserError, match="has finished"):
         api(teacher64, corpus_file, out, resume=True)
+    capsys.readouterr()  # the interruptions' notices
     for flags in (["--resume"], ["--checkpoint-every", "2"], ["--out", str(out), "--resume", "--overwrite"]):
         assert cli.main(["heads", "--teacher", "unused", "--quiet", *flags]) == 2
         err = capsys.readouterr().err
