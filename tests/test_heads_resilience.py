@@ -231,3 +231,50 @@ def test_two_gloo_processes_equal_one(variant, neox_dir, corpus_file, teacher64,
     assert_same_sweep(got, want, rtol=1e-10)
     summary = json.loads((out / "heads.json").read_text())
     assert summary["n_train_rows"] == 512 and summary["steps"] == 10
+
+
+def _step_done(path: Path) -> int:
+    """Steps in the current checkpoint (−1 when there is none yet); reads one attribute only."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(json.loads(f.attrs["position"])["step"])
+    except (OSError, KeyError):
+        return -1
+
+
+def test_kill9_of_a_real_process_then_resume(neox_dir, corpus_file, teacher64, tmp_path):
+    """A real `heads` process checkpointing every step is killed with SIGKILL once its checkpoint
+    has passed a seeded random step (plus a random delay, so the kill may land mid-write); the
+    same command with --resume finishes with the uninterrupted sweep's numbers."""
+    import time
+
+    rng = np.random.default_rng(20261127)
+    steps = 150
+    want = api(teacher64, corpus_file, steps=steps)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rankest", *_cli(neox_dir, corpus_file, out, steps=steps, checkpoint_every=1),
+           "--resume"]
+    target = int(rng.integers(5, 60))
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and _step_done(out / CHECKPOINT_NAME) < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))
+        killed = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc.stderr.close()
+    assert killed and proc.returncode == -signal.SIGKILL, "the process was still training when killed"
+    done = _step_done(out / CHECKPOINT_NAME)
+    assert target <= done < steps
+    final = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    got = HeadsResult.load(out / "heads.h5")
+    assert got.meta["resumed_at_step"] == done
+    assert not (out / CHECKPOINT_NAME).exists() and not list(out.glob(".*.tmp"))
+    assert_same_sweep(got, want, rtol=1e-12)
