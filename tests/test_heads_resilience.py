@@ -278,3 +278,34 @@ def test_kill9_of_a_real_process_then_resume(neox_dir, corpus_file, teacher64, t
     assert got.meta["resumed_at_step"] == done
     assert not (out / CHECKPOINT_NAME).exists() and not list(out.glob(".*.tmp"))
     assert_same_sweep(got, want, rtol=1e-12)
+
+
+def test_failed_checkpoint_write_keeps_previous(teacher64, corpus_file, tmp_path, monkeypatch):
+    """The disk refuses the second checkpoint (ENOSPC after half a file): the sweep stops with
+    the reason, the first checkpoint is byte-identical, and --resume from it gives the result."""
+    import errno
+
+    from rankest import checkpoint as ckpt_mod
+    from rankest.checkpoint import CheckpointWriteError
+
+    want = api(teacher64, corpus_file)
+    out = tmp_path / "run"
+    original = ckpt_mod._write_file
+    seen = {"n": 0, "before": None}
+
+    def faulty(tmp, **kw):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            seen["before"] = (tmp.parent / CHECKPOINT_NAME).read_bytes()
+            tmp.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(tmp, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_mod, "_write_file", faulty)
+        with pytest.raises(CheckpointWriteError) as info:
+            api(teacher64, corpus_file, out, checkpoint_every=3)
+    assert "ENOSPC" in str(info.value) and "intact" in str(info.value)
+    assert (out / CHECKPOINT_NAME).read_bytes() == seen["before"]
+    assert read_checkpoint(out / CHECKPOINT_NAME).position["step"] == 3 and not list(out.glob(".*.tmp"))
+    assert_same_sweep(api(teacher64, corpus_file, out, resume=True), want, rtol=1e-12)
