@@ -144,6 +144,11 @@ def add_heads_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-features", metavar="FILE.h5",
                    help="compute the teacher's features once into this HDF5 file, or reuse it if it exists "
                         "(refused when written for another teacher, tokenizer or rows)")
+    c = p.add_argument_group("checkpoints (need --out)")
+    c.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
+                   help="write DIR/checkpoint.h5 every STEPS optimiser steps (always on SIGINT/SIGTERM with --out)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out from its checkpoint.h5 (starts afresh when there is none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +350,10 @@ def cmd_heads(args) -> int:
                     ranks=args.ranks, init=args.init, objective=args.objective, lr=args.lr,
                     lr_search=args.lr_search, steps=args.steps, batch_size=args.batch_size,
                     cache_features=args.cache_features, device=args.device, dtype=args.dtype, seed=args.seed,
-                    out=args.out, overwrite=args.overwrite, quiet=args.quiet)
+                    out=args.out, overwrite=args.overwrite, quiet=args.quiet,
+                    checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if res is None:  # a process of a torchrun job other than rank 0: rank 0 reports
+        return 0
     m = res.meta
     print(f"{m['teacher']} · heads ({m['objective']}, init {m['init']}): {m['steps']} steps, "
           f"{m['n_train_rows']:,} training rows, {m['n_val_rows']:,} validation rows")

@@ -172,3 +172,50 @@ def sum_states(states: list[dict[str, np.ndarray]], fixed: tuple[str, ...] = ())
             if key not in fixed:
                 out[key] = out[key] + np.asarray(state[key])
     return out
+
+
+def all_sum_(world: World, tensors) -> None:
+    """Sum tensors over the processes in place: every process ends with the total (all-reduce).
+
+    For what every process needs after the sum (the heads' gradients, evaluation sums); a tensor
+    not on the collectives' device travels through a copy. One process: nothing happens.
+    """
+    if not world.active:
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        if t.device == world.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            tmp = t.to(world.device)
+            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
+            t.copy_(tmp)
+
+
+def all_sum(world: World, array: np.ndarray) -> np.ndarray:
+    """:func:`all_sum_` of a small fp64 array (a copy; the input is unchanged)."""
+    if not world.active:
+        return np.asarray(array, dtype=np.float64)
+    t = torch.tensor(np.asarray(array, dtype=np.float64), device=world.device)
+    all_sum_(world, [t])
+    return t.cpu().numpy()
+
+
+def broadcast_arrays(world: World, arrays: Optional[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rank 0's dict of arrays on every process (``arrays`` is ignored elsewhere): the layout
+    travels pickled, the data as tensors (no pickle of large states). One process: ``arrays``."""
+    if not world.active:
+        return arrays
+    import torch.distributed as dist
+
+    layout = broadcast(world, None if not world.main else
+                       {k: (np.asarray(v).shape, np.asarray(v).dtype.str) for k, v in arrays.items()})
+    out = {}
+    for key in sorted(layout):
+        shape, dtype = layout[key]
+        value = np.asarray(arrays[key]) if world.main else np.zeros(shape, dtype=np.dtype(dtype))
+        t = torch.from_numpy(np.ascontiguousarray(value).copy()).to(world.device)
+        dist.broadcast(t, src=0)
+        out[key] = t.cpu().numpy()
+    return out

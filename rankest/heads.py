@@ -35,6 +35,15 @@ G is accumulated over the first training rows (``gram_rows``), never the validat
 
 A head bias, when the teacher has one, is kept as a full-length trainable vector beside A·B
 (initialised to the teacher's for ``svd``) and untouched by the truncations.
+
+Long runs (issue 8): ``--checkpoint-every STEPS`` / SIGINT / SIGTERM write DIR/checkpoint.h5
+(:mod:`rankest.checkpoint`: every head, AdamW's states, the step, the LRs, RNG states, config)
+and ``--resume`` continues bit for bit; under ``torchrun`` each process trains on a disjoint
+shard of every batch with the heads' gradients all-reduced before each step
+(:mod:`rankest.distributed`), so the result does not depend on the number of processes.
+
+    python -m rankest heads --out runs/heads --checkpoint-every 100 [--resume]
+    torchrun --nproc_per_node=2 -m rankest heads --device cpu --out runs/heads
 """
 
 from __future__ import annotations
@@ -275,11 +284,20 @@ def evaluate_head(h: torch.Tensor, targets: torch.Tensor, a: torch.Tensor, b: Op
     h : (n, d) features; targets : (n,) int64 in [0, V'); a : (V', r) and b : (r, d), or a : (V', d)
     and b None for a dense head; bias : (V',) or None. Arithmetic in a's dtype.
     """
+    sums = _eval_sums(h, targets, a, b, bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    return _eval_means(sums, h.shape[0], kl=teacher_weight is not None)
+
+
+@torch.no_grad()
+def _eval_sums(h: torch.Tensor, targets: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, *, teacher_weight: Optional[torch.Tensor] = None,
+               teacher_bias: Optional[torch.Tensor] = None) -> np.ndarray:
+    """[Σ cross-entropy, Σ correct, Σ KL] over the rows (zeros for no rows): the sums that
+    :func:`evaluate_head` divides, and that the processes of a torchrun job add up first."""
     dt = a.dtype
-    n = h.shape[0]
     step = _chunk_rows(a.shape[0])
     ce = correct = kl = 0.0
-    for lo in range(0, n, step):
+    for lo in range(0, h.shape[0], step):
         hc = h[lo:lo + step].to(dt)
         tc = targets[lo:lo + step].to(a.device)
         z = _logits(hc, a, b, bias)
@@ -289,10 +307,30 @@ def evaluate_head(h: torch.Tensor, targets: torch.Tensor, a: torch.Tensor, b: Op
         if teacher_weight is not None:
             logp = torch.log_softmax(_logits(hc, teacher_weight.to(dt), None, teacher_bias), dim=-1)
             kl += float(F.kl_div(logq, logp, log_target=True, reduction="sum"))
-    out = {"loss": ce / n, "accuracy": correct / n}
-    if teacher_weight is not None:
-        out["kl"] = kl / n
+    return np.array([ce, correct, kl])
+
+
+def _eval_means(sums: np.ndarray, n: int, *, kl: bool) -> dict[str, float]:
+    out = {"loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n}
+    if kl:
+        out["kl"] = float(sums[2]) / n
     return out
+
+
+def evaluate_heads(heads: Sequence[tuple], h: torch.Tensor, targets: torch.Tensor, *, world=None,
+                   n_rows: Optional[int] = None, teacher_weight: Optional[torch.Tensor] = None,
+                   teacher_bias: Optional[torch.Tensor] = None) -> list[dict[str, float]]:
+    """:func:`evaluate_head` of several heads ``(a, b, bias)`` on this process's rows; under
+    torchrun (``world`` active) the sums of every process are added (one all-reduce) and divided
+    by ``n_rows``, the global row count, so every process gets the global means."""
+    from . import distributed
+
+    sums = np.array([_eval_sums(h, targets, *head, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+                     for head in heads]).reshape(len(heads), 3)
+    if world is not None:
+        sums = distributed.all_sum(world, sums)
+    n = h.shape[0] if n_rows is None else int(n_rows)
+    return [_eval_means(s, n, kl=teacher_weight is not None) for s in sums]
 
 
 # ---- the sweep: every head, one optimiser step per shared batch ------------------------------
@@ -324,13 +362,16 @@ class HeadSweep:
     steps : total optimiser steps (the LR schedule's length).
     svd_factors : {rank: (A, B)} for ``svd``.
     bias : the teacher's head bias over V' (or None: heads have no bias).
+    world : a torchrun job (:mod:`rankest.distributed`): each process steps on its shard of the
+        batch's rows, and the gradients are summed over the processes before every AdamW step.
     """
 
     def __init__(self, specs: Sequence[HeadSpec], *, n_cols: int, d: int, init: str, seed: int, steps: int,
                  device: torch.device, dtype: torch.dtype = torch.float32, svd_factors: Optional[dict] = None,
                  bias: Optional[torch.Tensor] = None, objective: str = "ce", weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.95)) -> None:
+                 betas: tuple[float, float] = (0.9, 0.95), world=None) -> None:
         self.specs = list(specs)
+        self.world = world
         self.objective = objective
         self.steps = int(steps)
         self.n_cols = n_cols
@@ -369,11 +410,19 @@ class HeadSweep:
         n = sum(p.numel() for p in self.A + self.B) + sum(p.numel() for p in self.b if p is not None)
         return 4 * n * torch.finfo(self.dtype).bits // 8
 
+    def params(self) -> list[torch.nn.Parameter]:
+        """Every parameter, in the optimiser's order (the checkpoint's and the all-reduce's order)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def step(self, h: torch.Tensor, targets: torch.Tensor, teacher_weight: Optional[torch.Tensor] = None,
-             teacher_bias: Optional[torch.Tensor] = None) -> np.ndarray:
+             teacher_bias: Optional[torch.Tensor] = None, *, n_rows: Optional[int] = None) -> np.ndarray:
         """One optimiser step of every head on the rows (h (n, d), targets (n,)); returns each
-        head's mean training loss on them (before the step)."""
-        n = h.shape[0]
+        head's mean training loss on them (before the step).
+
+        Under torchrun, ``h`` is this process's shard of the batch and ``n_rows`` the batch's
+        global row count: each shard's summed loss is divided by it and the gradients are
+        all-reduced (summed), so every process takes the step of the global mean loss."""
+        n = h.shape[0] if n_rows is None else int(n_rows)
         chunk = _chunk_rows(self.n_cols)
         losses = np.zeros(len(self.specs))
         self.optimizer.zero_grad(set_to_none=True)
@@ -392,14 +441,63 @@ class HeadSweep:
                     loss = F.kl_div(torch.log_softmax(z, -1), logp, log_target=True, reduction="sum")
                 (loss / n).backward()
                 losses[i] += float(loss.detach()) / n
+        if self.world is not None and self.world.active:
+            from . import distributed
+
+            params = self.params()
+            for p in params:  # a process without rows this step still joins the sum (with zeros)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_sum_(self.world, [p.grad for p in params])
+            losses = distributed.all_sum(self.world, losses)
         self.optimizer.step()
         self.scheduler.step()
         return losses
 
-    def evaluate(self, h: torch.Tensor, targets: torch.Tensor, **teacher) -> list[dict[str, float]]:
-        return [evaluate_head(h, targets, self.A[i].detach(), self.B[i].detach(),
-                              None if self.b[i] is None else self.b[i].detach(), **teacher)
-                for i in range(len(self.specs))]
+    def evaluate(self, h: torch.Tensor, targets: torch.Tensor, *, n_rows: Optional[int] = None,
+                 **teacher) -> list[dict[str, float]]:
+        """Every head on the rows (this process's shard under torchrun; ``n_rows`` the global count)."""
+        heads = [(self.A[i].detach(), self.B[i].detach(), None if self.b[i] is None else self.b[i].detach())
+                 for i in range(len(self.specs))]
+        return evaluate_heads(heads, h, targets, world=self.world, n_rows=n_rows, **teacher)
+
+    # ---- checkpoints: the whole training state as arrays, restored bit for bit ------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters (``p{j}``), AdamW's moments and step counts (``exp_avg{j}``, ``exp_avg_sq{j}``,
+        ``adam_step{j}``) of parameter j in :meth:`params` order, and the scheduler's step."""
+        out: dict[str, np.ndarray] = {"scheduler_step": np.asarray(self.scheduler.last_epoch, dtype=np.int64)}
+        for j, p in enumerate(self.params()):
+            out[f"p{j}"] = p.detach().cpu().numpy().copy()
+            st = self.optimizer.state.get(p, {})
+            for key, name in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "adam_step")):
+                if key in st:
+                    out[f"{name}{j}"] = torch.as_tensor(st[key]).detach().cpu().numpy().copy()
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state` into a sweep built with the same specs: the next :meth:`step`
+        is the one the saved sweep would have taken (same parameters, moments and LR)."""
+        params = self.params()
+        if sum(1 for k in state if k.startswith("p") and k[1:].isdigit()) != len(params):
+            raise UserError("the checkpoint holds another set of heads than this run builds; delete it and start afresh.")
+        # AdamW keeps its step count as a CPU scalar tensor, on the parameter's device when fused/capturable.
+        on_device = {id(p): bool(g.get("fused") or g.get("capturable"))
+                     for g in self.optimizer.param_groups for p in g["params"]}
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                p.copy_(torch.from_numpy(np.asarray(state[f"p{j}"])).to(p.device, p.dtype))
+                if f"exp_avg{j}" in state:
+                    self.optimizer.state[p] = {
+                        "step": torch.from_numpy(np.array(state[f"adam_step{j}"])).to(
+                            p.device if on_device[id(p)] else "cpu"),
+                        "exp_avg": torch.from_numpy(np.array(state[f"exp_avg{j}"])).to(p.device, p.dtype),
+                        "exp_avg_sq": torch.from_numpy(np.array(state[f"exp_avg_sq{j}"])).to(p.device, p.dtype)}
+        # The LR LambdaLR would have set after that many steps: base_lr · factor(step), as it computes it.
+        s = int(state["scheduler_step"])
+        self.scheduler.last_epoch = s
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = base * lr_factor(s, self.steps)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -432,8 +530,17 @@ class HeadsConfig:
     out: Optional[str] = None
     overwrite: bool = False
     quiet: bool = False
+    checkpoint_every: Optional[int] = None  # optimiser steps between checkpoints (DIR/checkpoint.h5)
+    resume: bool = False
 
     def validate(self) -> None:
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise UserError(f"--checkpoint-every must be a positive number of steps, got {self.checkpoint_every}.")
+        for flag, on in (("--checkpoint-every", self.checkpoint_every is not None), ("--resume", self.resume)):
+            if on and not self.out:
+                raise UserError(f"{flag} needs a run folder for the checkpoint; add --out DIR.")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out while --overwrite starts it afresh; pass only one.")
         if self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.objective not in OBJECTIVES:
@@ -498,11 +605,23 @@ def _teacher_features(teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return h.clone(), t.clone()  # clone outside inference mode: inference tensors cannot enter autograd
 
 
-class _Source:
-    """The training or validation rows, batch by batch: from the teacher, or from the cache."""
+def _shard(n: int, world) -> tuple[int, int]:
+    """This process's contiguous part [lo, hi) of n items (all of them for one process)."""
+    if world is None or not world.active:
+        return 0, n
+    return n * world.rank // world.size, n * (world.rank + 1) // world.size
 
-    def __init__(self, split: _Split, teacher=None, cache: Optional[tuple] = None):
-        self.split, self.teacher, self.cache = split, teacher, cache
+
+class _Source:
+    """The training or validation rows, batch by batch: from the teacher, or from the cache.
+
+    With ``world`` (a torchrun job), :meth:`batch` gives this process's disjoint shard of the
+    batch — a contiguous part of its windows (on the fly: the teacher runs on those only) or of
+    its cached rows — while ``offsets`` and :meth:`rows` stay global, so the batches and the
+    global means never depend on the number of processes."""
+
+    def __init__(self, split: _Split, teacher=None, cache: Optional[tuple] = None, world=None):
+        self.split, self.teacher, self.cache, self.world = split, teacher, cache, world
         self.offsets = split.offsets() if cache is None else cache[2]
         self.n_batches = len(self.offsets) - 1
         self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -513,10 +632,22 @@ class _Source:
             return self.memo[k] if keep else self.memo.pop(k)
         t0 = time.perf_counter()
         if self.cache is None:
-            out = _teacher_features(self.teacher, self.split.batch(k))
+            batch = self.split.batch(k)
+            if self.world is not None and self.world.active:
+                a, b = _shard(batch.windows.numel(), self.world)
+                batch = type(batch)(batch.input_ids[a:b], batch.targets[a:b], batch.mask[a:b], batch.windows[a:b],
+                                    batch.start + a)
+            if batch.windows.numel() == 0:  # more processes than windows in this batch: no rows here
+                t = self.teacher
+                out = (torch.zeros(0, t.hidden_size, dtype=t.dtype, device=t.device),
+                       torch.zeros(0, dtype=torch.long, device=t.device))
+            else:
+                out = _teacher_features(self.teacher, batch)
         else:
             feats, targs, offsets, device = self.cache
             lo, hi = int(offsets[k]), int(offsets[k + 1])
+            a, b = _shard(hi - lo, self.world)
+            lo, hi = lo + a, lo + b
             out = (torch.from_numpy(feats[lo:hi]).to(device), torch.from_numpy(targs[lo:hi]).to(device))
         if self.teacher is not None and self.teacher.device.type == "cuda":
             torch.cuda.synchronize(self.teacher.device)
@@ -524,6 +655,10 @@ class _Source:
         if keep:
             self.memo[k] = out
         return out
+
+    def rows(self, k: int) -> int:
+        """Global row count of batch k (over every process)."""
+        return int(self.offsets[k + 1] - self.offsets[k])
 
     def all_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self.batch(k) for k in range(self.n_batches)]
@@ -705,18 +840,18 @@ def _split_windows(n_windows: int, cfg: HeadsConfig, per_window: int) -> tuple[t
     return perm[:n_val_w], perm[n_val_w:]
 
 
-def run_heads(**kwargs) -> HeadsResult:
+def run_heads(**kwargs) -> Optional[HeadsResult]:
     """Fit rank-constrained heads on a frozen teacher (the Python API of ``rankest heads``).
 
     Keyword arguments are the fields of :class:`HeadsConfig` (``teacher`` may be a loaded
     :class:`~rankest.teachers.Teacher`; ``corpus`` may be a (W, seq_len + 1) tensor of
     pre-tokenised windows). Returns a :class:`HeadsResult`; writes heads.h5, heads.json and the
-    report into ``out`` when given.
+    report into ``out`` when given. Under torchrun (``WORLD_SIZE`` > 1) every process trains on
+    its shard of each batch; rank 0 alone writes and returns the result (the others: None).
     """
-    from .corpus import DEFAULT_CORPUS, check_seq_len, load_documents, plan_rows, windows_for
-    from .estimator import check_linear_head
-    from .results import now_iso, prepare_run_folder, provenance
-    from .teachers import DEFAULT_TEACHER, load_teacher
+    from . import distributed
+    from .corpus import DEFAULT_CORPUS
+    from .teachers import DEFAULT_TEACHER
 
     unknown = set(kwargs) - set(HeadsConfig.__dataclass_fields__)
     if unknown:
@@ -727,7 +862,25 @@ def run_heads(**kwargs) -> HeadsResult:
     cfg.validate()
     if isinstance(cfg.ranks, str):  # syntax errors before anything is loaded
         parse_ranks(cfg.ranks, 1 << 30)
-    out = prepare_run_folder(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
+    world, run_device = distributed.setup(cfg.device)
+    try:
+        return _heads(cfg, world, run_device)
+    finally:
+        distributed.shutdown(world)
+
+
+def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
+    """The body of :func:`run_heads` for one process of ``world``."""
+    from . import distributed
+    from .corpus import check_seq_len, load_documents, plan_rows, windows_for
+    from .estimator import check_linear_head
+    from .results import now_iso, provenance
+    from .teachers import load_teacher
+
+    run_config = _heads_run_config(cfg)
+    ckpt_box: dict[str, Any] = {}  # rank 0's checkpoint, when resuming
+    position = distributed.on_main(world, lambda: _prepare_out(cfg, run_config, ckpt_box)) if cfg.out else None
+    out = Path(cfg.out) if cfg.out and world.main else None
     cache_path = Path(cfg.cache_features) if cfg.cache_features else None
     if cache_path is not None and cache_path.exists() and not cache_path.is_file():
         raise UserError(f"--cache-features {cache_path} is not a file; pass a file path such as feats.h5.")
@@ -740,7 +893,7 @@ def run_heads(**kwargs) -> HeadsResult:
     pretokenised = isinstance(cfg.corpus, torch.Tensor)
     docs = None if pretokenised else load_documents(cfg.corpus)
     teacher = cfg.teacher if not isinstance(cfg.teacher, str) else load_teacher(
-        cfg.teacher, revision=cfg.revision, device=cfg.device, dtype=cfg.dtype)
+        cfg.teacher, revision=cfg.revision, device=run_device, dtype=cfg.dtype)
     check_seq_len(cfg.seq_len, teacher.context_length)
     d, n_cols = teacher.hidden_size, teacher.n_cols
     full = min(d, n_cols)
@@ -759,7 +912,7 @@ def run_heads(**kwargs) -> HeadsResult:
     need = (cfg.tokens or 0) + cfg.val_tokens
     max_windows = None if cfg.tokens is None else math.ceil(max(8 * need, 2**20) / per_window)
     windows = windows_for(cfg.corpus, docs, teacher.tokenizer, cfg.seq_len, max_windows=max_windows,
-                          progress=not cfg.quiet)
+                          progress=not cfg.quiet and world.main)
     val_idx, train_idx = _split_windows(len(windows), cfg, per_window)
     val_plan = plan_rows(len(val_idx), cfg.seq_len, positions=cfg.positions, tokens=min(cfg.val_tokens, len(val_idx) * per_window),
                          seed=cfg.seed + 1)
@@ -768,31 +921,46 @@ def run_heads(**kwargs) -> HeadsResult:
     train_split = _Split(windows[train_idx], train_plan, cfg.batch_size)
     val_split = _Split(windows[val_idx], val_plan, cfg.batch_size)
 
+    # What the data and teacher resolved to: a checkpoint of other rows or another model is refused.
+    steps = int(cfg.steps) if cfg.steps else train_split.n_batches
+    derived = _heads_derived(teacher, labels, steps, train_split, val_split)
+    if position is not None:
+        from .checkpoint import check_same_run
+
+        ck = ckpt_box.get("ckpt")
+        distributed.on_main(world, lambda: check_same_run(ck.derived, derived, ck.path, "data or teacher"))
+
     # Can the teacher serve the objective? kl distils head(features), which must be the model's own
     # distribution; checked on a prefix of the first validation windows.
     linear, lin_err = None, None
     if cache_path is not None:
         attrs = _cache_attrs(cfg, teacher, corpus_name)
-        if cache_path.is_file():
-            _check_cache(cache_path, attrs)
-        else:
+
+        def make_cache():  # rank 0 checks or writes the cache; the others wait for it
+            if cache_path.is_file():
+                _check_cache(cache_path, attrs)
+                return
             with torch.inference_mode():
-                linear, lin_err = check_linear_head(teacher, val_split.batch(0).input_ids.to(device))
-            attrs["linear_head"] = int(linear)
-            attrs["linear_head_rel_err"] = lin_err
-            _write_cache(cache_path, attrs, _Source(train_split, teacher), _Source(val_split, teacher), cfg.quiet)
+                lin, err = check_linear_head(teacher, val_split.batch(0).input_ids.to(device))
+            attrs["linear_head"] = int(lin)
+            attrs["linear_head_rel_err"] = err
+            _write_cache(cache_path, attrs, _Source(train_split, teacher), _Source(val_split, teacher),
+                         cfg.quiet or not world.main)
+
+        distributed.on_main(world, make_cache)
         import h5py
 
         fh = h5py.File(cache_path, "r")
         linear, lin_err = bool(fh.attrs.get("linear_head", 1)), float(fh.attrs.get("linear_head_rel_err", 0.0))
         train_src = _Source(train_split, cache=(fh["train_features"], fh["train_targets"],
-                                                fh["train_offsets"][...], device))
-        val_src = _Source(val_split, cache=(fh["val_features"], fh["val_targets"], fh["val_offsets"][...], device))
+                                                fh["train_offsets"][...], device), world=world)
+        val_src = _Source(val_split, cache=(fh["val_features"], fh["val_targets"], fh["val_offsets"][...], device),
+                          world=world)
     else:
         fh = None
         with torch.inference_mode():
             linear, lin_err = check_linear_head(teacher, val_split.batch(0).input_ids.to(device))
-        train_src, val_src = _Source(train_split, teacher), _Source(val_split, teacher)
+        train_src, val_src = _Source(train_split, teacher, world=world), _Source(val_split, teacher, world=world)
     if not linear:
         if cfg.objective == "kl":
             raise UserError(f"--objective kl distils the teacher's head applied to its features, but this "
@@ -801,34 +969,181 @@ def run_heads(**kwargs) -> HeadsResult:
         warnings.warn(f"the teacher's logits are not its head applied to its features (relative error "
                       f"{lin_err:.1e}); the reference row and the truncations use the head", stacklevel=2)
 
+    ckpt = _Checkpointing(world=world, out=out, enabled=bool(cfg.out), every=cfg.checkpoint_every,
+                          config=run_config, derived=derived, position=position, ckpt=ckpt_box.get("ckpt"))
     try:
-        result = _fit(cfg, teacher, weight, bias, ranks, labels, train_src, val_src, head_dtype, device)
+        result = _fit(cfg, teacher, weight, bias, ranks, labels, train_src, val_src, head_dtype, device, world,
+                      ckpt)
     finally:
         if fh is not None:
             fh.close()
+    if not world.main:
+        return None
     result.meta.update({
         "teacher": teacher.name, "teacher_source": teacher.source, "revision": cfg.revision, "corpus": corpus_name,
         "hidden_size": d, "n_cols": n_cols, "logit_width": teacher.logit_width, "init": cfg.init,
         "objective": cfg.objective, "seed": cfg.seed, "linear_head_check_rel_err": lin_err,
         "features": "cache:" + str(cache_path) if cache_path else "on the fly",
         "dtype": str(teacher.dtype).replace("torch.", ""), "device": str(device),
-        "seconds_total": time.perf_counter() - t0,
+        "seconds_total": time.perf_counter() - t0, "world_size": world.size,
     })
     if out is not None:
+        from .checkpoint import CHECKPOINT_NAME, remove_checkpoint
+
         prov = provenance(device)
         prov.update({"started": started, "finished": now_iso()})
-        config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out", "overwrite", "quiet")}
+        config = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+                  if f.name not in ("out", "overwrite", "quiet", "resume", "checkpoint_every")}
         config.update(teacher=teacher.name, corpus=corpus_name, ranks=",".join(labels))
         result.meta["config"] = config
         result.meta["provenance"] = prov
         write_heads_run(out, result)
+        # heads.h5 now holds everything the checkpoint did: a finished run folder has none.
+        remove_checkpoint(out / CHECKPOINT_NAME)
         result.meta["out"] = str(out)
     return result
 
 
+# ---- checkpoints of a sweep -------------------------------------------------------------------------
+#: Options that do not change the result (where and how the run executes): a sweep may resume
+#: with other values of these.
+HEADS_NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "device")
+
+
+def _heads_run_config(cfg: HeadsConfig) -> dict:
+    """The options a checkpoint must share with the sweep that resumes it (JSON-able)."""
+    out = {}
+    for f in fields(cfg):
+        if f.name in HEADS_NOT_COMPARED:
+            continue
+        v = getattr(cfg, f.name)
+        if f.name == "teacher":
+            v = v if isinstance(v, str) else getattr(v, "name", str(v))
+            v = str(Path(v).resolve()) if Path(v).exists() else v  # ./m and /abs/m are one teacher
+        elif f.name == "corpus":
+            v = _corpus_name(v)
+        elif f.name == "ranks" and not isinstance(v, str):
+            v = ",".join(map(str, v))
+        out[f.name] = v
+    return out
+
+
+def _heads_derived(teacher, labels, steps: int, train: _Split, val: _Split) -> dict:
+    """What the teacher and data resolved to, with a sha256 of both splits' rows."""
+    from .estimator import _rows_fingerprint
+
+    return {"n_cols": teacher.n_cols, "hidden_size": teacher.hidden_size,
+            "teacher_dtype": str(teacher.dtype).replace("torch.", ""), "ranks": ",".join(labels), "steps": steps,
+            "train_rows_sha256": _rows_fingerprint(train.windows, train.plan),
+            "val_rows_sha256": _rows_fingerprint(val.windows, val.plan)}
+
+
+def _prepare_out(cfg: HeadsConfig, run_config: dict, box: dict) -> Optional[dict]:
+    """Rank 0: prepare the run folder; when resuming, read and check the checkpoint (into
+    ``box["ckpt"]``) and return its position (None when starting afresh)."""
+    from .checkpoint import CHECKPOINT_NAME, check_same_run, read_checkpoint
+    from .results import prepare_run_folder
+
+    folder = Path(cfg.out)
+    has_ckpt = cfg.resume and (folder / CHECKPOINT_NAME).is_file()
+    if cfg.resume and not has_ckpt and (folder / "heads.h5").is_file():
+        raise UserError(f"the sweep in {folder} has finished (heads.h5 and no {CHECKPOINT_NAME}); nothing to "
+                        f"resume: pass --overwrite to compute it again, or choose another --out.")
+    folder = prepare_run_folder(folder, overwrite=cfg.overwrite or cfg.resume)
+    for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # a writer killed mid-write left it
+        stale.unlink(missing_ok=True)
+    if has_ckpt:
+        ck = read_checkpoint(folder / CHECKPOINT_NAME)
+        if ck.position.get("command") != "heads":
+            raise UserError(f"the checkpoint {ck.path} is not a heads checkpoint (written by another command); "
+                            f"pass --overwrite instead of --resume to start afresh, or choose another --out.")
+        check_same_run(ck.config, run_config, ck.path)
+        box["ckpt"] = ck
+        return ck.position
+    if cfg.resume:
+        import sys
+
+        print(f"rankest: no {CHECKPOINT_NAME} in {folder}; starting from the beginning", file=sys.stderr)
+    return None
+
+
+@dataclass
+class _Checkpointing:
+    """Checkpoints of the training loop: every ``every`` steps and on SIGINT/SIGTERM, rank 0 writes
+    DIR/checkpoint.h5 (every process holds the same heads after each all-reduced step)."""
+
+    world: Any
+    out: Optional[Path]  # the run folder on rank 0; None on the others and without --out
+    enabled: bool  # a run folder exists: signals are caught and checkpointed
+    every: Optional[int]
+    config: dict
+    derived: dict
+    position: Optional[dict] = None  # every process: where the checkpoint stopped (None: fresh)
+    ckpt: Any = None  # rank 0: the Checkpoint read
+
+    @property
+    def start_step(self) -> int:
+        return 0 if self.position is None else int(self.position["step"])
+
+    def restore(self, sweep: "HeadSweep", history: np.ndarray) -> None:
+        """Load the checkpoint's heads, AdamW states and loss history on every process."""
+        from . import distributed
+        from .checkpoint import set_rng_state
+
+        states = self.ckpt.states if self.world.main else None
+        sweep_state = distributed.broadcast_arrays(self.world, None if states is None else states["sweep"])
+        sweep.load_state(sweep_state)
+        done = distributed.broadcast(self.world, None if states is None else states["history"]["train_loss"])
+        history[:len(done)] = done
+        if self.world.main:
+            set_rng_state(self.ckpt.rng, sweep.A[0].device)
+
+    def save(self, sweep: "HeadSweep", history: np.ndarray, step: int, extra: dict) -> None:
+        """Collective: rank 0 writes; a failed write stops every process."""
+        from . import distributed
+        from .checkpoint import CHECKPOINT_NAME, CheckpointWriteError, rng_state, write_checkpoint
+
+        message = None
+        if self.world.main:
+            try:
+                write_checkpoint(self.out / CHECKPOINT_NAME, config=self.config, derived=self.derived,
+                                 convergence={}, rng=rng_state(sweep.A[0].device),
+                                 states={"sweep": sweep.state(), "history": {"train_loss": history[:step]}},
+                                 position={"command": "heads", "step": step, "world_size": self.world.size,
+                                           **extra})
+            except UserError as e:
+                if not self.world.active:
+                    raise
+                message = str(e)
+        message = distributed.broadcast(self.world, message)
+        if message is not None:
+            raise CheckpointWriteError(message)
+
+
+def _feature_gram(train_src: _Source, gram_rows: int, d: int, device, world) -> tuple[torch.Tensor, int]:
+    """fp64 HᵀH of the first training batches holding ≥ ``gram_rows`` rows (summed over the
+    processes' shards); the batches stay in the source's memo for training."""
+    from . import distributed
+
+    n_train = int(train_src.offsets[-1])
+    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+    n_gram, k = 0, 0
+    while n_gram < min(gram_rows, n_train) and k < train_src.n_batches:
+        h, _ = train_src.batch(k, keep=True)
+        hd = h.double()
+        gram += hd.T @ hd
+        n_gram += train_src.rows(k)
+        k += 1
+    distributed.all_sum_(world, [gram])
+    return gram, n_gram
+
+
 def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Source, val_src: _Source,
-         head_dtype, device) -> HeadsResult:
+         head_dtype, device, world, ckpt: _Checkpointing) -> HeadsResult:
     from tqdm.auto import tqdm
+
+    from . import distributed
+    from .checkpoint import CHECKPOINT_NAME, Interrupted, StopOnSignal
 
     d = weight.shape[1]
     n_train = int(train_src.offsets[-1])
@@ -837,22 +1152,16 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
     teacher_kw = ({"teacher_weight": weight.to(head_dtype), "teacher_bias": None if bias is None else bias.to(head_dtype)}
                   if cfg.objective == "kl" else {})
 
-    # Validation features once (the split is small and every head is evaluated on it).
-    val_h, val_t = val_src.all_rows()
-    if val_h.shape[0] < MIN_VAL_ROWS:
-        raise UserError(f"the validation split holds {val_h.shape[0]} rows, fewer than the {MIN_VAL_ROWS} needed "
+    # Validation features once (the split is small and every head is evaluated on it); this
+    # process's shard of them under torchrun.
+    if n_val < MIN_VAL_ROWS:
+        raise UserError(f"the validation split holds {n_val} rows, fewer than the {MIN_VAL_ROWS} needed "
                         f"to measure loss and accuracy; raise --val-tokens or use a bigger corpus.")
+    val_h, val_t = val_src.all_rows()
 
     # The feature metric: fp64 Gram of the first training rows (kept for training, not recomputed).
     gram_rows = int(cfg.gram_rows) if cfg.gram_rows else max(4096, 4 * d)
-    gram = torch.zeros(d, d, dtype=torch.float64, device=device)
-    n_gram, k = 0, 0
-    while n_gram < min(gram_rows, n_train) and k < train_src.n_batches:
-        h, _ = train_src.batch(k, keep=True)
-        hd = h.double()
-        gram += hd.T @ hd
-        n_gram += h.shape[0]
-        k += 1
+    gram, n_gram = _feature_gram(train_src, gram_rows, d, device, world)
     if n_gram < d:
         warnings.warn(f"the feature metric comes from {n_gram} training rows, fewer than d = {d}: truncations past "
                       f"rank {n_gram} follow the head's own metric; raise --tokens for a full-rank metric",
@@ -864,45 +1173,69 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
     feat_f, w_err_feat = feature_truncations(weight, gram / max(1, n_gram), ranks, gram_w=gram_w)
     weight_f, w_err_weight = weight_truncations(weight, ranks, gram_w=gram_w)
 
-    def ev(a, b, bi=None):
-        return evaluate_head(val_h, val_t, a.to(device, head_dtype), None if b is None else b.to(device, head_dtype),
-                             None if bi is None else bi.to(head_dtype), **teacher_kw)
+    def cast(a, b, bi=None):
+        return (a.to(device, head_dtype), None if b is None else b.to(device, head_dtype),
+                None if bi is None else bi.to(head_dtype))
 
-    reference = ev(weight, None, bias)
+    # The reference and both truncations at every rank: one evaluation, one all-reduce.
+    evs = evaluate_heads([cast(weight, None, bias)] + [cast(*weight_f[r], bias) for r in ranks]
+                         + [cast(*feat_f[r], bias) for r in ranks], val_h, val_t, world=world, n_rows=n_val,
+                         **teacher_kw)
+    reference, trunc_w, trunc_f = evs[0], evs[1:1 + len(ranks)], evs[1 + len(ranks):]
     reference["perplexity"] = math.exp(reference["loss"])
-    trunc_w = [ev(*weight_f[r], bias) for r in ranks]
-    trunc_f = [ev(*feat_f[r], bias) for r in ranks]
     t_trunc = time.perf_counter() - t_trunc
 
-    # Peak LR per head: --lr, the paper's table, or a short search on a held-out training slice.
+    # Peak LR per head: --lr, the paper's table, or a short search on a held-out training slice
+    # (a resumed sweep takes the LRs its checkpoint was trained with).
     lrs = [float(cfg.lr) if cfg.lr else paper_lr(r) for r in ranks]
     search = None
-    if cfg.lr_search:
+    if ckpt.position is not None:
+        lrs, search = [float(x) for x in ckpt.position["lrs"]], ckpt.position.get("lr_search")
+    elif cfg.lr_search:
         lrs, search = _lr_search(cfg, ranks, labels, train_src, d, weight.shape[0], feat_f, bias, head_dtype,
-                                 device, teacher_kw)
+                                 device, teacher_kw, world)
     specs = [HeadSpec(r, lr, lab) for r, lr, lab in zip(ranks, lrs, labels)]
     sweep = HeadSweep(specs, n_cols=weight.shape[0], d=d, init=cfg.init, seed=cfg.seed, steps=steps, device=device,
                       dtype=head_dtype, svd_factors=feat_f, bias=bias, objective=cfg.objective,
-                      weight_decay=cfg.weight_decay)
+                      weight_decay=cfg.weight_decay, world=world)
     del feat_f, weight_f
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history = np.zeros((steps, len(specs)))
+    s0 = ckpt.start_step
+    if s0 > 0:
+        ckpt.restore(sweep, history)
+        for k in [k for k in train_src.memo if s0 >= train_src.n_batches or k < s0]:
+            del train_src.memo[k]  # kept by the Gram for steps already taken
     t_heads = 0.0
-    bar = tqdm(total=steps, unit="step", desc=f"heads ×{len(specs)}", disable=cfg.quiet, dynamic_ncols=True)
-    for s in range(steps):
-        h, t = train_src.batch(s % train_src.n_batches)
-        t1 = time.perf_counter()
-        history[s] = sweep.step(h, t, **teacher_kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_heads += time.perf_counter() - t1
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[s].mean():.3f}")
+    bar = tqdm(total=steps, initial=s0, unit="step", desc=f"heads ×{len(specs)}", disable=cfg.quiet or not world.main,
+               dynamic_ncols=True)
+    every = ckpt.every
+    # SIGINT/SIGTERM: checkpoint at the end of the current step, then stop (only with a run folder).
+    with StopOnSignal(enabled=ckpt.enabled) as stop:
+        for s in range(s0, steps):
+            k = s % train_src.n_batches
+            h, t = train_src.batch(k)
+            t1 = time.perf_counter()
+            history[s] = sweep.step(h, t, n_rows=train_src.rows(k), **teacher_kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t_heads += time.perf_counter() - t1
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[s].mean():.3f}")
+            stopping = ckpt.enabled and distributed.any_true(world, stop.signum is not None)
+            done = s + 1
+            if done < steps and (stopping or (every and done % every == 0)):
+                ckpt.save(sweep, history, done, {"steps": steps, "lrs": lrs, "lr_search": search})
+            if stopping and done < steps:
+                bar.close()
+                raise Interrupted(f"stopped after step {done} of {steps}; the checkpoint "
+                                  f"{Path(cfg.out) / CHECKPOINT_NAME} holds it: rerun the same command with "
+                                  f"--resume to continue", stop.signum or 15)
     bar.close()
     train_src.memo.clear()
-    evals = sweep.evaluate(val_h, val_t, **teacher_kw)
+    evals = sweep.evaluate(val_h, val_t, n_rows=n_val, **teacher_kw)
 
     import resource
 
@@ -910,6 +1243,7 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
         mem["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    n_steps_here = max(1, steps - s0)
     res = HeadsResult(
         ranks=list(ranks), labels=list(labels), lr=lrs,
         val_loss=[e["loss"] for e in evals], val_accuracy=[e["accuracy"] for e in evals],
@@ -925,15 +1259,18 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
               "rows_per_step": n_train / max(1, train_src.n_batches), "batch_size": cfg.batch_size,
               "epochs": steps / max(1, train_src.n_batches),
               "seconds_features": train_src.seconds + val_src.seconds, "seconds_heads": t_heads,
-              "seconds_per_step": (train_src.seconds + t_heads) / steps,
-              "seconds_heads_per_step": t_heads / steps, "seconds_truncation": t_trunc, **mem})
+              "seconds_per_step": (train_src.seconds + t_heads) / n_steps_here,
+              "seconds_heads_per_step": t_heads / n_steps_here, "seconds_truncation": t_trunc,
+              "resumed_at_step": s0, **mem})
     return res
 
 
-def _lr_search(cfg, ranks, labels, train_src: _Source, d, n_cols, feat_f, bias, head_dtype, device, teacher_kw):
+def _lr_search(cfg, ranks, labels, train_src: _Source, d, n_cols, feat_f, bias, head_dtype, device, teacher_kw,
+               world=None):
     """Try LR_SEARCH_FACTORS × the paper's LR for every rank, all heads in one sweep, for a tenth
     of the run's steps on the first training batches; score each on the next batches (never
-    trained on during the search, never the validation split). Returns (lrs, table)."""
+    trained on during the search, never the validation split). Returns (lrs, table). Under
+    torchrun the search is sharded like the training (global means, all-reduced gradients)."""
     n_b = train_src.n_batches
     if n_b < 2:
         raise UserError("--lr-search needs at least 2 training batches (one to train, one held out); "
@@ -944,13 +1281,14 @@ def _lr_search(cfg, ranks, labels, train_src: _Source, d, n_cols, feat_f, bias, 
     specs = [HeadSpec(r, paper_lr(r) * f, lab) for r, lab in zip(ranks, labels) for f in LR_SEARCH_FACTORS]
     sweep = HeadSweep(specs, n_cols=n_cols, d=d, init=cfg.init, seed=cfg.seed, steps=search_steps, device=device,
                       dtype=head_dtype, svd_factors=feat_f, bias=bias, objective=cfg.objective,
-                      weight_decay=cfg.weight_decay)
+                      weight_decay=cfg.weight_decay, world=world)
     for s in range(search_steps):
         h, t = train_src.batch(s, keep=True)
-        sweep.step(h, t, **teacher_kw)
+        sweep.step(h, t, n_rows=train_src.rows(s), **teacher_kw)
     parts = [train_src.batch(k) for k in range(n_b - held, n_b)]
     hh, tt = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    scores = sweep.evaluate(hh, tt, **teacher_kw)
+    n_held = sum(train_src.rows(k) for k in range(n_b - held, n_b))
+    scores = sweep.evaluate(hh, tt, n_rows=n_held, **teacher_kw)
     key = "kl" if cfg.objective == "kl" else "loss"  # scored by the objective being trained
     table, lrs = {}, []
     for i, lab in enumerate(labels):
@@ -960,7 +1298,7 @@ def _lr_search(cfg, ranks, labels, train_src: _Source, d, n_cols, feat_f, bias, 
         lrs.append(block[best].lr)
         table[lab] = {f"{sp.lr:.3g}": e[key] for sp, e in zip(block, losses)}
     table["search_steps"] = search_steps
-    table["held_out_rows"] = int(hh.shape[0])
+    table["held_out_rows"] = int(n_held)
     return lrs, table
 
 
