@@ -286,3 +286,26 @@ def remove_checkpoint(path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def run_config(cfg, *, skip: tuple[str, ...]) -> dict:
+    """The options of a run (a config dataclass) that a checkpoint must share with the run that
+    resumes it, JSON-able: every field but ``skip`` (those that only say where and how it runs);
+    a loaded teacher by name and a local one by absolute path, the corpus by
+    :func:`rankest.corpus.corpus_name`."""
+    from dataclasses import fields
+
+    from .corpus import corpus_name
+
+    out = {}
+    for f in fields(cfg):
+        if f.name in skip:
+            continue
+        v = getattr(cfg, f.name)
+        if f.name == "teacher":
+            v = v if isinstance(v, str) else getattr(v, "name", str(v))
+            v = str(Path(v).resolve()) if Path(v).exists() else v  # ./m and /abs/m are one teacher
+        elif f.name == "corpus":
+            v = corpus_name(v)
+        out[f.name] = v
+    return out

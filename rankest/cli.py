@@ -144,11 +144,16 @@ def add_heads_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-features", metavar="FILE.h5",
                    help="compute the teacher's features once into this HDF5 file, or reuse it if it exists "
                         "(refused when written for another teacher, tokenizer or rows)")
+    add_checkpoint_options(p, unit="STEPS", what="optimiser steps", run="sweep")
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser, *, unit: str, what: str, run: str) -> None:
+    """--checkpoint-every / --resume, with the same meaning for every command that has them."""
     c = p.add_argument_group("checkpoints (need --out)")
-    c.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
-                   help="write DIR/checkpoint.h5 every STEPS optimiser steps (always on SIGINT/SIGTERM with --out)")
+    c.add_argument("--checkpoint-every", type=_positive_int, metavar=unit,
+                   help=f"write DIR/checkpoint.h5 every {unit} {what} (always on SIGINT/SIGTERM with --out)")
     c.add_argument("--resume", action="store_true",
-                   help="continue the sweep in --out from its checkpoint.h5 (starts afresh when there is none)")
+                   help=f"continue the {run} in --out from its checkpoint.h5 (starts afresh when there is none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--diagnostics", action="store_true",
                    help="also measure every layer's anisotropy and the head spectrum on the same batches "
                         "(anisotropy.*, head_spectrum.* in --out)")
-    c = p.add_argument_group("checkpoints (need --out)")
-    c.add_argument("--checkpoint-every", type=_positive_int, metavar="CHUNKS",
-                   help="write DIR/checkpoint.h5 every CHUNKS chunks (always on SIGINT/SIGTERM with --out)")
-    c.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.h5 (starts afresh when there is none)")
+    add_checkpoint_options(p, unit="CHUNKS", what="chunks", run="run")
     ng = p.add_argument_group("n-gram targets (--teacher ngram:N)")
     ng.add_argument("--tokenizer", help="pythia | gpt2 (after `rankest setup-tokenizers`) | smollm2 | a tokenizer "
                                         "folder, tokenizer.json or .gguf")

@@ -398,6 +398,13 @@ def pack_windows(
 
 
 # --- the row plan --------------------------------------------------------------------------
+def corpus_name(corpus) -> str:
+    """How results name a run's corpus: the spec as given, or the shape of pre-tokenised windows."""
+    if isinstance(corpus, torch.Tensor):
+        return f"pre-tokenised windows {tuple(corpus.shape)}"
+    return corpus if isinstance(corpus, str) else ",".join(map(str, corpus))
+
+
 def windows_for(corpus, docs, tokenizer, seq_len: int, *, max_windows: int | None, progress: bool) -> torch.Tensor:
     """The packed windows (W, seq_len + 1) of a run: ``corpus`` itself when it is a pre-tokenised
     LongTensor (benchmarks, synthetic tokens; its shape is checked), else ``docs`` (from

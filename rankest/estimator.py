@@ -26,6 +26,7 @@ import torch
 
 from . import distributed, ops
 from .accumulators import Chunk, Factor, Gram, RowStats, gram_nbytes
+from .corpus import corpus_name
 from .errors import UserError
 from .ops.reference import GRAM_PRECISIONS, SPACES  # one definition: the ops' contract
 
@@ -310,9 +311,9 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     returns the spectrum; the other ranks return None)."""
     from .checkpoint import (CHECKPOINT_NAME, Interrupted, StopOnSignal, check_same_run, read_checkpoint,
                              remove_checkpoint, rng_state, set_rng_state, write_checkpoint)
-    from .corpus import check_seq_len, iter_batches, load_documents, plan_rows, windows_for
+    from .corpus import iter_batches, plan_rows, windows_for
     from .results import now_iso, prepare_run_folder, provenance, write_run
-    from .teachers import load_teacher
+    from .teachers import teacher_and_documents
 
     run_config = _run_config(cfg)
     ckpt = None  # rank 0's checkpoint when resuming (it alone holds the summed states)
@@ -341,18 +342,8 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     started = now_iso()
     t0 = time.perf_counter()
 
-    if cfg.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    # Pre-tokenised windows (W, seq_len + 1) may be passed as the corpus (benchmarks, synthetic tokens).
-    pretokenised = isinstance(cfg.corpus, torch.Tensor)
-    # The corpus first: a typo in --corpus should fail in a second, not after loading a 7B model.
-    docs = None if pretokenised else load_documents(cfg.corpus)
-    # A loaded Teacher may be passed directly (tests and notebooks reuse one model across runs).
-    teacher = cfg.teacher if not isinstance(cfg.teacher, str) else load_teacher(
-        cfg.teacher, revision=cfg.revision, device=run_device, dtype=cfg.dtype)
-    check_seq_len(cfg.seq_len, teacher.context_length)
+    teacher, docs = teacher_and_documents(cfg.teacher, cfg.corpus, revision=cfg.revision, device=run_device,
+                                          dtype=cfg.dtype, seq_len=cfg.seq_len, quiet=cfg.quiet)
     # Tokenise enough of the corpus that the sample is drawn from a pool ≥ 8× its size.
     per_window = cfg.seq_len if cfg.positions == "all" else 1
     max_windows = None if cfg.tokens is None else math.ceil(max(8 * int(cfg.tokens), 2**20) / per_window)
@@ -565,7 +556,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     row_summary = stats_acc.summary()
     spec.meta.update({
         "teacher": teacher.name, "teacher_source": teacher.source, "revision": cfg.revision,
-        "corpus": _corpus_name(cfg.corpus),
+        "corpus": corpus_name(cfg.corpus),
         "route_reason": reason, "linear_head_check_rel_err": lin_err,
         "nll": row_summary["nll"], "perplexity": row_summary["perplexity"], "entropy": row_summary["entropy"],
         "hidden_size": teacher.hidden_size, "logit_width": teacher.logit_width, "seed": cfg.seed,
@@ -584,7 +575,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
         # fields(), not asdict(): asdict deep-copies, and `teacher` may be a loaded model.
         config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out", "overwrite", "quiet")}
         config["teacher"] = teacher.name
-        config["corpus"] = _corpus_name(cfg.corpus)
+        config["corpus"] = corpus_name(cfg.corpus)
         summary = write_run(out, spec, config=config, prov=prov)
         if diag is not None:
             diag.write(out, config=config, prov=prov)
@@ -622,12 +613,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _corpus_name(corpus) -> str:
-    if isinstance(corpus, torch.Tensor):
-        return f"pre-tokenised windows {tuple(corpus.shape)}"
-    return corpus if isinstance(corpus, str) else ",".join(map(str, corpus))
-
-
 #: Options that do not change the result (where and how the run executes): a run may resume
 #: with other values of these.
 NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "device", "max_memory")
@@ -635,18 +620,9 @@ NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "devi
 
 def _run_config(cfg: EstimateConfig) -> dict:
     """The options a checkpoint must share with the run that resumes it (JSON-able)."""
-    out = {}
-    for f in fields(cfg):
-        if f.name in NOT_COMPARED:
-            continue
-        v = getattr(cfg, f.name)
-        if f.name == "teacher":
-            v = v if isinstance(v, str) else getattr(v, "name", str(v))
-            v = str(Path(v).resolve()) if Path(v).exists() else v  # ./m and /abs/m are one teacher
-        elif f.name == "corpus":
-            v = _corpus_name(v)
-        out[f.name] = v
-    return out
+    from .checkpoint import run_config
+
+    return run_config(cfg, skip=NOT_COMPARED)
 
 
 def _rows_fingerprint(windows: torch.Tensor, plan) -> str:

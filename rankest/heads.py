@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .corpus import corpus_name
 from .errors import UserError
 
 INITS = ("normal", "scaled", "svd")
@@ -816,12 +817,6 @@ class HeadsResult:
 
 
 # ---- the pipeline --------------------------------------------------------------------------------
-def _corpus_name(corpus) -> str:
-    if isinstance(corpus, torch.Tensor):
-        return f"pre-tokenised windows {tuple(corpus.shape)}"
-    return corpus if isinstance(corpus, str) else ",".join(map(str, corpus))
-
-
 def _split_windows(n_windows: int, cfg: HeadsConfig, per_window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split of the packed windows into (validation, training) indices: whole windows,
     so no validation context is ever a training row."""
@@ -872,10 +867,10 @@ def run_heads(**kwargs) -> Optional[HeadsResult]:
 def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     """The body of :func:`run_heads` for one process of ``world``."""
     from . import distributed
-    from .corpus import check_seq_len, load_documents, plan_rows, windows_for
+    from .corpus import plan_rows, windows_for
     from .estimator import check_linear_head
     from .results import now_iso, provenance
-    from .teachers import load_teacher
+    from .teachers import teacher_and_documents
 
     run_config = _heads_run_config(cfg)
     ckpt_box: dict[str, Any] = {}  # rank 0's checkpoint, when resuming
@@ -885,16 +880,8 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     if cache_path is not None and cache_path.exists() and not cache_path.is_file():
         raise UserError(f"--cache-features {cache_path} is not a file; pass a file path such as feats.h5.")
     started, t0 = now_iso(), time.perf_counter()
-    if cfg.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-    pretokenised = isinstance(cfg.corpus, torch.Tensor)
-    docs = None if pretokenised else load_documents(cfg.corpus)
-    teacher = cfg.teacher if not isinstance(cfg.teacher, str) else load_teacher(
-        cfg.teacher, revision=cfg.revision, device=run_device, dtype=cfg.dtype)
-    check_seq_len(cfg.seq_len, teacher.context_length)
+    teacher, docs = teacher_and_documents(cfg.teacher, cfg.corpus, revision=cfg.revision, device=run_device,
+                                          dtype=cfg.dtype, seq_len=cfg.seq_len, quiet=cfg.quiet)
     d, n_cols = teacher.hidden_size, teacher.n_cols
     full = min(d, n_cols)
     ranks, labels = parse_ranks(cfg.ranks, full)
@@ -903,7 +890,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     bias = None if bias is None else bias[:n_cols]
     head_dtype = torch.float64 if teacher.dtype == torch.float64 else torch.float32
     device = teacher.device
-    corpus_name = _corpus_name(cfg.corpus)
+    corpus_label = corpus_name(cfg.corpus)
 
     # Windows and the seeded validation / training split.
     from .corpus import _position_mask
@@ -934,7 +921,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     # distribution; checked on a prefix of the first validation windows.
     linear, lin_err = None, None
     if cache_path is not None:
-        attrs = _cache_attrs(cfg, teacher, corpus_name)
+        attrs = _cache_attrs(cfg, teacher, corpus_label)
 
         def make_cache():  # rank 0 checks or writes the cache; the others wait for it
             if cache_path.is_file():
@@ -980,7 +967,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     if not world.main:
         return None
     result.meta.update({
-        "teacher": teacher.name, "teacher_source": teacher.source, "revision": cfg.revision, "corpus": corpus_name,
+        "teacher": teacher.name, "teacher_source": teacher.source, "revision": cfg.revision, "corpus": corpus_label,
         "hidden_size": d, "n_cols": n_cols, "logit_width": teacher.logit_width, "init": cfg.init,
         "objective": cfg.objective, "seed": cfg.seed, "linear_head_check_rel_err": lin_err,
         "features": "cache:" + str(cache_path) if cache_path else "on the fly",
@@ -994,7 +981,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
         prov.update({"started": started, "finished": now_iso()})
         config = {f.name: getattr(cfg, f.name) for f in fields(cfg)
                   if f.name not in ("out", "overwrite", "quiet", "resume", "checkpoint_every")}
-        config.update(teacher=teacher.name, corpus=corpus_name, ranks=",".join(labels))
+        config.update(teacher=teacher.name, corpus=corpus_label, ranks=",".join(labels))
         result.meta["config"] = config
         result.meta["provenance"] = prov
         write_heads_run(out, result)
@@ -1012,19 +999,11 @@ HEADS_NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every",
 
 def _heads_run_config(cfg: HeadsConfig) -> dict:
     """The options a checkpoint must share with the sweep that resumes it (JSON-able)."""
-    out = {}
-    for f in fields(cfg):
-        if f.name in HEADS_NOT_COMPARED:
-            continue
-        v = getattr(cfg, f.name)
-        if f.name == "teacher":
-            v = v if isinstance(v, str) else getattr(v, "name", str(v))
-            v = str(Path(v).resolve()) if Path(v).exists() else v  # ./m and /abs/m are one teacher
-        elif f.name == "corpus":
-            v = _corpus_name(v)
-        elif f.name == "ranks" and not isinstance(v, str):
-            v = ",".join(map(str, v))
-        out[f.name] = v
+    from .checkpoint import run_config
+
+    out = run_config(cfg, skip=HEADS_NOT_COMPARED)
+    if not isinstance(out.get("ranks"), str):
+        out["ranks"] = ",".join(map(str, out["ranks"]))
     return out
 
 

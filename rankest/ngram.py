@@ -549,7 +549,8 @@ def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
     (contexts are chosen with ``--contexts`` / ``--min-count``); ``--gram-precision`` is
     always fp64 here."""
     from .corpus import DEFAULT_CORPUS, load_documents
-    from .estimator import _corpus_name, parse_size
+    from .corpus import corpus_name
+    from .estimator import parse_size
     from .results import now_iso, prepare_run_folder, provenance, write_run, write_text_atomic
     from .offline_tokenizers import load_tokenizer
 
@@ -607,7 +608,7 @@ def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
         sweep[1.0] = (spec, facts)
     spec.meta.update({
         "teacher": f"ngram:{order}", "teacher_source": "counts", "tokenizer": tok_name,
-        "corpus": _corpus_name(corpus), "route_reason": reason, "seed": cfg.seed, "device": "cpu",
+        "corpus": corpus_name(corpus), "route_reason": reason, "seed": cfg.seed, "device": "cpu",
         **facts, "seconds_tokenize": t_tok, "seconds_total": time.perf_counter() - t0,
     })
     if sweep:
@@ -621,7 +622,7 @@ def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
         prov = provenance(torch.device("cpu"))
         prov.update({"started": started, "finished": now_iso()})
         config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out", "overwrite", "quiet")}
-        config["corpus"] = _corpus_name(corpus)
+        config["corpus"] = corpus_name(corpus)
         config["tokenizer"] = tok_name
         summary = write_run(out, spec, config=config, prov=prov)
         extra = render_ngram_section(spec, sweep, out)

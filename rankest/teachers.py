@@ -593,6 +593,26 @@ def load_teacher(
     return Teacher(model, tokenizer, name=info.name, source=source, info=info, revision=revision)
 
 
+def teacher_and_documents(teacher, corpus, *, revision: str | None, device, dtype, seq_len: int,
+                          quiet: bool) -> tuple[Teacher, list[str] | None]:
+    """The two inputs of every run, in the order that fails fastest: the corpus's documents first
+    (a typo in --corpus should fail in a second, not after loading a 7B model), then the teacher
+    (a loaded :class:`Teacher` is used as it is: tests and notebooks reuse one model), whose
+    context must hold ``seq_len``. Pre-tokenised windows (a LongTensor corpus) have no documents.
+    ``quiet`` also silences transformers' progress bars."""
+    from .corpus import check_seq_len, load_documents
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    docs = None if isinstance(corpus, torch.Tensor) else load_documents(corpus)
+    if isinstance(teacher, str):
+        teacher = load_teacher(teacher, revision=revision, device=device, dtype=dtype)
+    check_seq_len(seq_len, teacher.context_length)
+    return teacher, docs
+
+
 # --- a tiny random Pythia for tests and smoke runs -----------------------------------------
 _TINY_TEXT = [
     "The softmax bottleneck limits what a small language model can express.",
