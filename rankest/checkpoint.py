@@ -288,6 +288,38 @@ def remove_checkpoint(path) -> None:
         pass
 
 
+def open_run_folder(out, *, resume: bool, overwrite: bool, results_file: str, command: str, run: str,
+                    run_config: dict) -> "Checkpoint | None":
+    """Prepare the run folder ``out`` (rank 0) and, under ``resume``, read and check its checkpoint.
+
+    Returns the checkpoint to continue from, or None to start afresh (also under ``resume`` when
+    there is none: a scheduler can always pass it, and is told so on stderr). Refused: resuming a
+    finished ``run`` (``results_file`` there and no checkpoint), a checkpoint written by another
+    command than ``command`` (positions without a ``command`` are estimate's), or one of another
+    configuration. Stale temporary files of a writer killed mid-write are removed.
+    """
+    from .results import prepare_run_folder
+
+    folder = Path(out)
+    has_ckpt = resume and (folder / CHECKPOINT_NAME).is_file()
+    if resume and not has_ckpt and (folder / results_file).is_file():
+        raise UserError(f"the {run} in {folder} has finished ({results_file} and no {CHECKPOINT_NAME}); nothing to "
+                        f"resume: pass --overwrite to compute it again, or choose another --out.")
+    folder = prepare_run_folder(folder, overwrite=overwrite or resume)
+    for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    if not has_ckpt:
+        if resume:
+            print(f"rankest: no {CHECKPOINT_NAME} in {folder}; starting from the beginning", file=sys.stderr)
+        return None
+    ckpt = read_checkpoint(folder / CHECKPOINT_NAME)
+    if ckpt.position.get("command", "estimate") != command:
+        raise UserError(f"the checkpoint {ckpt.path} is not a {command} checkpoint (written by another command); "
+                        f"pass --overwrite instead of --resume to start afresh, or choose another --out.")
+    check_same_run(ckpt.config, run_config, ckpt.path)
+    return ckpt
+
+
 def run_config(cfg, *, skip: tuple[str, ...]) -> dict:
     """The options of a run (a config dataclass) that a checkpoint must share with the run that
     resumes it, JSON-able: every field but ``skip`` (those that only say where and how it runs);

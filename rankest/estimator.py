@@ -16,7 +16,6 @@ import copy
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -309,10 +308,10 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
 def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, *, return_summary: bool):
     """The body of :func:`run_estimate` for one process of ``world`` (rank 0 alone writes files and
     returns the spectrum; the other ranks return None)."""
-    from .checkpoint import (CHECKPOINT_NAME, Interrupted, StopOnSignal, check_same_run, read_checkpoint,
+    from .checkpoint import (CHECKPOINT_NAME, Interrupted, StopOnSignal, check_same_run, open_run_folder,
                              remove_checkpoint, rng_state, set_rng_state, write_checkpoint)
     from .corpus import iter_batches, plan_rows, windows_for
-    from .results import now_iso, prepare_run_folder, provenance, write_run
+    from .results import now_iso, provenance, write_run
     from .teachers import teacher_and_documents
 
     run_config = _run_config(cfg)
@@ -320,21 +319,9 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
 
     def prepare():
         nonlocal ckpt
-        folder = Path(cfg.out)
-        has_ckpt = cfg.resume and (folder / CHECKPOINT_NAME).is_file()
-        if cfg.resume and not has_ckpt and (folder / "results.h5").is_file():
-            raise UserError(f"the run in {folder} has finished (results.h5 and no {CHECKPOINT_NAME}); nothing to "
-                            f"resume: pass --overwrite to compute it again, or choose another --out.")
-        folder = prepare_run_folder(folder, overwrite=cfg.overwrite or cfg.resume)
-        for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # a writer killed mid-write left it
-            stale.unlink(missing_ok=True)
-        if has_ckpt:
-            ckpt = read_checkpoint(folder / CHECKPOINT_NAME)
-            check_same_run(ckpt.config, run_config, ckpt.path)
-            return ckpt.position
-        if cfg.resume:
-            print(f"rankest: no {CHECKPOINT_NAME} in {folder}; starting from the beginning", file=sys.stderr)
-        return None
+        ckpt = open_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, results_file="results.h5",
+                               command="estimate", run="run", run_config=run_config)
+        return None if ckpt is None else ckpt.position
 
     # Rank 0 prepares the folder and reads the checkpoint; the others learn the position.
     position = distributed.on_main(world, prepare) if cfg.out else None

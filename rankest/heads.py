@@ -1020,30 +1020,14 @@ def _heads_derived(teacher, labels, steps: int, train: _Split, val: _Split) -> d
 def _prepare_out(cfg: HeadsConfig, run_config: dict, box: dict) -> Optional[dict]:
     """Rank 0: prepare the run folder; when resuming, read and check the checkpoint (into
     ``box["ckpt"]``) and return its position (None when starting afresh)."""
-    from .checkpoint import CHECKPOINT_NAME, check_same_run, read_checkpoint
-    from .results import prepare_run_folder
+    from .checkpoint import open_run_folder
 
-    folder = Path(cfg.out)
-    has_ckpt = cfg.resume and (folder / CHECKPOINT_NAME).is_file()
-    if cfg.resume and not has_ckpt and (folder / "heads.h5").is_file():
-        raise UserError(f"the sweep in {folder} has finished (heads.h5 and no {CHECKPOINT_NAME}); nothing to "
-                        f"resume: pass --overwrite to compute it again, or choose another --out.")
-    folder = prepare_run_folder(folder, overwrite=cfg.overwrite or cfg.resume)
-    for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # a writer killed mid-write left it
-        stale.unlink(missing_ok=True)
-    if has_ckpt:
-        ck = read_checkpoint(folder / CHECKPOINT_NAME)
-        if ck.position.get("command") != "heads":
-            raise UserError(f"the checkpoint {ck.path} is not a heads checkpoint (written by another command); "
-                            f"pass --overwrite instead of --resume to start afresh, or choose another --out.")
-        check_same_run(ck.config, run_config, ck.path)
-        box["ckpt"] = ck
-        return ck.position
-    if cfg.resume:
-        import sys
-
-        print(f"rankest: no {CHECKPOINT_NAME} in {folder}; starting from the beginning", file=sys.stderr)
-    return None
+    ck = open_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, results_file="heads.h5",
+                         command="heads", run="sweep", run_config=run_config)
+    if ck is None:
+        return None
+    box["ckpt"] = ck
+    return ck.position
 
 
 @dataclass
