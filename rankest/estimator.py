@@ -205,20 +205,21 @@ def choose_route(cfg: EstimateConfig, *, n_cols: int, linear: Optional[bool], bu
                     f"--space clr (factor route).")
 
 
-def resolve_passes(cfg: EstimateConfig, route: str) -> tuple[int, str]:
-    """Passes of the sketch route over the rows, and why: ``auto`` is one pass for a neural
-    teacher (each pass would cost a forward over the corpus); q ≥ 2 caches the rows on disk
-    once and runs q passes of randomized subspace iteration over the cache. Exact routes take
-    one pass whatever is asked (an explicit exact route with q ≥ 2 is refused)."""
-    if cfg.passes == "auto":
-        return 1, "auto: one pass (a neural teacher's rows cost a forward pass each time)"
-    q = int(cfg.passes)
-    if route != "sketch" and q > 1:
+def resolve_passes(cfg: EstimateConfig, route: str) -> tuple[int, Optional[str]]:
+    """Passes of the sketch route over the rows, and a note for ``route_reason`` (None when there
+    is nothing to say): ``auto`` is one pass for a neural teacher (each pass would cost a forward
+    over the corpus); q ≥ 2 caches the rows on disk once and runs q passes of randomized subspace
+    iteration over the cache. Exact routes take one pass whatever is asked (an explicit exact
+    route with q ≥ 2 is refused)."""
+    q = 1 if cfg.passes == "auto" else int(cfg.passes)
+    if q == 1:
+        return 1, None
+    if route != "sketch":
         if cfg.route in ("factor", "gram"):
             raise UserError(f"--passes {q} applies to the sketch route only; the {cfg.route} route is exact in one "
                             f"pass. Drop --passes, or use --route sketch.")
         return 1, f"--passes {q} ignored: the {route} route is exact in one pass"
-    return q, f"--passes {q}" + (": rows cached on disk once, then re-read per pass" if q > 1 else "")
+    return q, f"--passes {q}: rows cached on disk once, then re-read per pass"
 
 
 def sketch_rank(cfg: EstimateConfig, n_cols: int) -> int:
@@ -360,9 +361,9 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
         route, reason = distributed.on_main(world, lambda: choose_route(
             cfg, n_cols=teacher.n_cols, linear=linear, budget=budget, device_type=teacher.device.type))
 
-    passes, passes_why = resolve_passes(cfg, route)
-    if route != "sketch" and cfg.passes != "auto" and int(cfg.passes) > 1:
-        reason = f"{reason}; {passes_why}"
+    passes, passes_note = resolve_passes(cfg, route)
+    if passes_note:
+        reason = f"{reason}; {passes_note}"
     row_dtype = _row_dtype(teacher, cfg.gram_precision)
     stats_acc = RowStats(device=teacher.device)
     cache = None
@@ -378,8 +379,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
         where = out if out is not None else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
         cache = acc = RowCache(where / "rows.h5", teacher.n_cols, n_total,
                                dtype=resolve_cache_dtype(cfg.row_cache_dtype, row_dtype))
-        reason = (f"{reason}; {passes_why} ({cache.dtype}, "
-                  f"{_fmt_bytes(cache_nbytes(n_total, teacher.n_cols, cache.dtype))})")
+        reason = f"{reason} ({cache.dtype}, {_fmt_bytes(cache_nbytes(n_total, teacher.n_cols, cache.dtype))})"
     elif route == "factor":
         weight, bias = teacher.head()
         acc = Factor(weight, bias, teacher.n_cols, precision=cfg.gram_precision, device=teacher.device)
