@@ -583,7 +583,7 @@ def _multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int,
 
     precision = _sketch_precision(cfg.gram_precision, row_dtype)
     try:
-        result = randomized_svd(cache.stream(device=device, out_dtype=product_dtype(precision)),
+        result = randomized_svd(cache.stream(device=device, out_dtype=product_dtype(precision, device)),
                                 sketch_rank(cfg, n_cols), passes=passes, method="subspace", precision=precision,
                                 seed=cfg.seed, device=device, return_vectors=False)
     finally:

@@ -208,10 +208,17 @@ def gaussian_test_matrix(n_cols: int, n_vecs: int, *, seed: int, stream: int = S
 # ---------------------------------------------------------------------------------------------
 # the product every route shares: Tᵀ(T·X) for one chunk, carried in fp64
 # ---------------------------------------------------------------------------------------------
-def product_dtype(precision: str) -> torch.dtype:
-    """dtype the rows and test blocks are cast to for the products (``fast`` multiplies fp32
-    tensors with bf16 arithmetic inside the GEMM, see :func:`gram_apply`)."""
-    return torch.float64 if precision == "fp64" else torch.float32
+def product_dtype(precision: str, device=None) -> torch.dtype:
+    """dtype the test blocks (and streamed rows) are cast to for the products on ``device``:
+    fp64 for ``fp64``; fp32 for ``fp32``, and for ``fast`` on the CPU (its GEMMs round fp32
+    tensors to bf16 inside); bf16 for ``fast`` on CUDA, whose bf16 tensor-core GEMMs
+    (:func:`_gram_apply_bf16`) take bf16 operands — the blocks were rounded to bf16 by
+    :func:`round_test`, so this cast is exact and happens once per block, not once per chunk."""
+    if precision == "fp64":
+        return torch.float64
+    if precision == "fast" and device is not None and torch.device(device).type == "cuda" and _HAS_MM_DTYPE:
+        return torch.bfloat16
+    return torch.float32
 
 
 def round_test(x: torch.Tensor, precision: str) -> torch.Tensor:
@@ -245,7 +252,7 @@ def gram_apply(rows: torch.Tensor, x: torch.Tensor, *, precision: str) -> tuple[
     Parameters
     ----------
     rows : (n, V') any float dtype — a chunk of T (cast to ``product_dtype(precision)`` here).
-    x : (V', m) in ``product_dtype(precision)`` on the rows' device; for ``fast``, already
+    x : (V', m) in ``product_dtype(precision, device)`` on the rows' device; for ``fast``, already
         rounded by :func:`round_test`.
     precision : {"fp64", "fp32", "fast"}
         ``fp64``: fp64 GEMMs; ``fp32``: fp32 GEMMs; ``fast``: fp32 GEMMs run with bf16 inputs
@@ -285,7 +292,7 @@ def _gram_apply_bf16(rows: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor,
     the rate. Rows whose stride is 16-element aligned (transform_rows's CUDA rows) are used as
     they are."""
     r = rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16)  # x was pre-rounded by round_test: exact
+    xb = x.to(torch.bfloat16)  # a no-op for blocks from product_dtype; exact anyway (round_test)
     z = torch.mm(r, xb, out_dtype=torch.float32)
     z_hi = z.to(torch.bfloat16)
     z_lo = (z - z_hi.float()).to(torch.bfloat16)
@@ -628,7 +635,7 @@ def _run_pass(src: _Source, blocks, plan: dict, *, pass_index: int, keep_z: bool
         if x is None:
             bl = blocks(src.n_cols) if callable(blocks) else blocks
             widths = [int(b_.shape[1]) for b_ in bl]
-            x = torch.cat(bl, dim=1).to(device=src.device, dtype=product_dtype(plan["precision"]))
+            x = torch.cat(bl, dim=1).to(device=src.device, dtype=product_dtype(plan["precision"], src.device))
             y = torch.zeros(src.n_cols, sum(widths), dtype=torch.float64, device=src.device)
         if rows.shape[0] == 0:
             continue

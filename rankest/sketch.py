@@ -118,7 +118,7 @@ class Sketch(Accumulator):
         if self.n_probes:
             blocks.append(probe_matrix(self.n_cols, self.n_probes, seed=self.seed, precision=self.precision,
                                        device=self.device))
-        x = torch.cat(blocks, dim=1).to(device=self.device, dtype=product_dtype(self.precision))
+        x = torch.cat(blocks, dim=1).to(device=self.device, dtype=product_dtype(self.precision, self.device))
         if self.cache_test_matrix:
             self._x = x
         return x
