@@ -32,3 +32,29 @@ def write_word_corpus(path, *, seed: int, paragraphs: int = 40, words=WORDS) -> 
              for _ in range(paragraphs)]
     path.write_text("\n\n".join(paras) + "\n")
     return str(path)
+
+
+def subprocess_env(root) -> dict:
+    """Environment of a real ``python -m rankest`` child process in the tests: this checkout
+    first on PYTHONPATH, the Hub offline, one OpenMP thread (2 shared cores)."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def checkpoint_progress(path, key: str) -> int:
+    """``position[key]`` of the checkpoint at ``path`` (−1 while there is none, or it is being
+    replaced); reads one attribute only, so a test can poll it while a child process runs."""
+    import json
+
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(json.loads(f.attrs["position"])[key])
+    except (OSError, KeyError):
+        return -1

@@ -35,7 +35,7 @@ from rankest.checkpoint import CHECKPOINT_NAME, Interrupted, read_checkpoint, wr
 from rankest.errors import UserError
 from rankest.heads import HeadsResult, run_heads
 from rankest.teachers import load_teacher
-from rankest.testing import write_word_corpus
+from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -194,14 +194,6 @@ def test_resume_refuses_another_configuration(teacher64, corpus_file, tmp_path, 
         assert err.startswith("rankest: error:") and ("--out" in err or "only one" in err), err
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _cli(neox_dir, corpus_file, out, **kw):
     opts = dict(OPTS, **kw)
     argv = ["heads", "--teacher", neox_dir, "--corpus", corpus_file, "--dtype", "fp64", "--device", "cpu", "--quiet",
@@ -222,7 +214,7 @@ def test_two_gloo_processes_equal_one(variant, neox_dir, corpus_file, teacher64,
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rankest",
            *_cli(neox_dir, corpus_file, out, checkpoint_every=3, **kw)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("· heads (") == 1, "only rank 0 reports"
     got = HeadsResult.load(out / "heads.h5")
@@ -231,17 +223,6 @@ def test_two_gloo_processes_equal_one(variant, neox_dir, corpus_file, teacher64,
     assert_same_sweep(got, want, rtol=1e-10)
     summary = json.loads((out / "heads.json").read_text())
     assert summary["n_train_rows"] == 512 and summary["steps"] == 10
-
-
-def _step_done(path: Path) -> int:
-    """Steps in the current checkpoint (−1 when there is none yet); reads one attribute only."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return int(json.loads(f.attrs["position"])["step"])
-    except (OSError, KeyError):
-        return -1
 
 
 def test_kill9_of_a_real_process_then_resume(neox_dir, corpus_file, teacher64, tmp_path):
@@ -257,9 +238,9 @@ def test_kill9_of_a_real_process_then_resume(neox_dir, corpus_file, teacher64, t
     cmd = [sys.executable, "-m", "rankest", *_cli(neox_dir, corpus_file, out, steps=steps, checkpoint_every=1),
            "--resume"]
     target = int(rng.integers(5, 60))
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=subprocess_env(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        while proc.poll() is None and _step_done(out / CHECKPOINT_NAME) < target:
+        while proc.poll() is None and checkpoint_progress(out / CHECKPOINT_NAME, "step") < target:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.05))
         killed = proc.poll() is None
@@ -270,9 +251,9 @@ def test_kill9_of_a_real_process_then_resume(neox_dir, corpus_file, teacher64, t
             proc.kill()
     proc.stderr.close()
     assert killed and proc.returncode == -signal.SIGKILL, "the process was still training when killed"
-    done = _step_done(out / CHECKPOINT_NAME)
+    done = checkpoint_progress(out / CHECKPOINT_NAME, "step")
     assert target <= done < steps
-    final = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    final = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-3000:]
     got = HeadsResult.load(out / "heads.h5")
     assert got.meta["resumed_at_step"] == done

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from rankest import cli
 from rankest import checkpoint as ckpt_mod
-from rankest.testing import write_word_corpus
+from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
 from rankest.accumulators import Chunk, Factor, Gram, RowStats
 from rankest.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, Interrupted, read_checkpoint, write_checkpoint
 from rankest.distributed import sum_states
@@ -112,25 +112,6 @@ def assert_same_spectrum(got, want, *, c=50.0):
         assert got.convergence[n]["rank_at"] == metrics["rank_at"]
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _rows_done(path: Path) -> int:
-    """Rows in the current checkpoint (−1 when there is none yet); reads one attribute only."""
-    import json
-
-    try:
-        with h5py.File(path, "r") as f:
-            return int(json.loads(f.attrs["position"])["rows_done"])
-    except (OSError, KeyError):
-        return -1
-
-
 # ---- kill -9 -------------------------------------------------------------------------------------
 def test_kill9_at_random_points_then_resume_equals_uninterrupted(neox_dir, corpus_file, reference, tmp_path):
     """Six real processes: five killed by SIGKILL at seeded random points of the stream (the
@@ -144,10 +125,10 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(neox_dir, corpu
     targets = np.sort(rng.choice(np.arange(1, int(0.8 * TOKENS)), size=5, replace=False))
     kills, last = 0, -1
     for target in targets:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, env=subprocess_env(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             while proc.poll() is None:
-                done = _rows_done(out / CHECKPOINT_NAME)
+                done = checkpoint_progress(out / CHECKPOINT_NAME, "rows_done")
                 if done >= target and done > last:
                     time.sleep(rng.uniform(0, 0.1))
                     break
@@ -164,11 +145,11 @@ def test_kill9_at_random_points_then_resume_equals_uninterrupted(neox_dir, corpu
         assert proc.returncode in (-signal.SIGKILL, 0), err
         if proc.returncode == 0:
             break
-        done = _rows_done(out / CHECKPOINT_NAME)
+        done = checkpoint_progress(out / CHECKPOINT_NAME, "rows_done")
         assert done > last, "each resumed process made progress"
         last = done
     assert kills >= 5
-    final = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    final = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     assert not (out / CHECKPOINT_NAME).exists(), "a finished run keeps no checkpoint"
     assert not list(out.glob(".*.tmp")), "no temporary file is left behind"
@@ -532,7 +513,7 @@ def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, tmp_path
     out = tmp_path / "run2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rankest",
            *cli_args(neox_dir, corpus_file, out), "--checkpoint-every", "5"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("route gram: N = 2,048") == 1, "only rank 0 reports"
     got = read_spectrum_h5(out / "results.h5")
