@@ -56,3 +56,16 @@ def tiny_teacher(tiny_neox_dir):
     from rankest.teachers import load_teacher
 
     return load_teacher(tiny_neox_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (here and, through OMP_NUM_THREADS, in its subprocesses): on
+    2 shared cores, 2 threads per process ran the resilience tests 5–8× slower
+    (benchmarks/reports/resilience_cpu.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rankest import cli
 from rankest import heads as heads_mod
@@ -45,13 +44,7 @@ OPTS = dict(seq_len=SEQ, tokens=512, val_tokens=128, batch_size=3, ranks="2,5,fu
             seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread (2 shared cores; see tests/test_resilience.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

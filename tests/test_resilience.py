@@ -47,14 +47,7 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 TOKENS, SEQ = 2048, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in the subprocesses: on 2 shared cores, 2 threads per process
-    ran the stream 5–8× slower (benchmarks/reports/resilience_cpu.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
