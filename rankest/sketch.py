@@ -132,9 +132,8 @@ class Sketch(Accumulator):
             raise ValueError(f"chunk rows must have shape (n, {self.n_cols}), got {tuple(rows.shape)}")
         if rows.shape[0]:
             rows = rows.to(self.device)
-            inc, z = gram_apply(rows, self.test_block(), precision=self.precision)
+            z = gram_apply(rows, self.test_block(), precision=self.precision, out=self.y)
             _check_finite(z, rows, self.n_chunks, self.n_rows)
-            self.y += inc
             self.row_energy += row_energy(rows)
         self.n_rows += chunk.n
         self.n_chunks += 1

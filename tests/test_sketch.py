@@ -236,7 +236,8 @@ def test_cuda_fast_products_bf16_tensor_cores():
     g = torch.Generator().manual_seed(5)
     rows = torch.rand(700, 1000, generator=g).to(torch.bfloat16)
     x = round_test(gaussian_test_matrix(1000, 48, seed=2, dtype=torch.float32), "fast")
-    y, z = gram_apply(rows.cuda(), x.cuda(), precision="fast")
+    y = torch.zeros(1000, 48, dtype=torch.float64, device="cuda")
+    z = gram_apply(rows.cuda(), x.cuda(), precision="fast", out=y)
     r64, x64 = rows.double(), x.double()
     exact = r64.T @ (r64 @ x64)
     assert float((y.cpu() - exact).abs().max() / exact.abs().max()) <= 1e-5
