@@ -106,6 +106,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("execution")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
     e.add_argument("--device", default="auto", help="cpu | cuda | cuda:i | auto (default auto)")
+    e.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="a teacher too large for one GPU: spread its layers over this process's visible GPUs "
+                        "(accelerate); one process, not under torchrun")
     e.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp64"],
                    help="teacher dtype; auto = bf16 on GPU, fp32 on CPU")
     e.add_argument("--max-memory", help="memory budget for accumulators, e.g. 16GB (default: half the free memory)")
@@ -242,7 +245,7 @@ def cmd_estimate(args) -> int:
     spec = run_estimate(teacher=args.teacher, revision=args.revision, corpus=corpus, tokens=args.tokens,
                         seq_len=args.seq_len, space=args.space, route=args.route, rank_max=args.rank_max,
                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                        max_memory=args.max_memory, seed=args.seed, positions=args.positions, sample=args.sample,
+                        device_map=args.device_map, max_memory=args.max_memory, seed=args.seed, positions=args.positions, sample=args.sample,
                         gram_precision=args.gram_precision, out=args.out, overwrite=args.overwrite,
                         quiet=args.quiet, convergence=args.convergence,
                         passes=args.passes,
@@ -315,7 +318,7 @@ def cmd_anisotropy(args) -> int:
     results = run_anisotropy(teacher=args.teacher, revision=args.revision, revisions=args.revisions, corpus=corpus,
                              tokens=args.tokens, seq_len=args.seq_len, positions=args.positions, sample=args.sample,
                              seed=args.seed, batch_size=args.batch_size, pca=args.pca, device=args.device,
-                             dtype=args.dtype, out=args.out, overwrite=args.overwrite, resume=args.resume,
+                             dtype=args.dtype, device_map=args.device_map, out=args.out, overwrite=args.overwrite, resume=args.resume,
                              quiet=args.quiet)
     for label, r in results.items():
         a = r["anisotropy"]
@@ -330,7 +333,8 @@ def cmd_head_spectrum(args) -> int:
     from .diagnostics import run_head_spectrum
 
     results = run_head_spectrum(teacher=args.teacher, revision=args.revision, revisions=args.revisions,
-                                device=args.device, dtype=args.dtype, out=args.out, overwrite=args.overwrite,
+                                device=args.device, dtype=args.dtype, device_map=args.device_map, out=args.out,
+                                overwrite=args.overwrite,
                                 resume=args.resume, quiet=args.quiet)
     for label, r in results.items():
         print(f"{label}: head {r['head_n_rows']:,} × {r['head_n_cols']}, σ_0 = {r['head_sigma'][0]:.4g}, "
@@ -350,7 +354,8 @@ def cmd_heads(args) -> int:
                     val_tokens=args.val_tokens, seq_len=args.seq_len, positions=args.positions, sample=args.sample,
                     ranks=args.ranks, init=args.init, objective=args.objective, lr=args.lr,
                     lr_search=args.lr_search, steps=args.steps, batch_size=args.batch_size,
-                    cache_features=args.cache_features, device=args.device, dtype=args.dtype, seed=args.seed,
+                    cache_features=args.cache_features, device=args.device, dtype=args.dtype,
+                    device_map=args.device_map, seed=args.seed,
                     out=args.out, overwrite=args.overwrite, quiet=args.quiet,
                     checkpoint_every=args.checkpoint_every, resume=args.resume)
     if res is None:  # a process of a torchrun job other than rank 0: rank 0 reports

@@ -310,7 +310,7 @@ def teacher_anisotropy(teacher, windows: torch.Tensor, plan, *, batch_size: int 
 
 
 # ---- commands (Python API of `anisotropy` and `head-spectrum`) --------------------------------
-_COMMON = dict(teacher=None, revision=None, revisions=None, device="auto", dtype="auto", out=None,
+_COMMON = dict(teacher=None, revision=None, revisions=None, device="auto", dtype="auto", device_map=None, out=None,
                overwrite=False, resume=False, quiet=False, cache_dir=None)
 
 
@@ -403,9 +403,11 @@ def _sweep(kind: str, opts: dict, compute, config: dict) -> dict[str, dict[str, 
         hf_logging.disable_progress_bar()
     checkpoints = resolve_checkpoints(teacher, opts["revisions"], cache_dir=opts["cache_dir"])
     config = {**config, "teacher": getattr(teacher, "name", str(teacher)),
-              "revisions": [c.label for c in checkpoints], "device": str(opts["device"]), "dtype": str(opts["dtype"])}
+              "revisions": [c.label for c in checkpoints], "device": str(opts["device"]), "dtype": str(opts["dtype"]),
+              "device_map": opts["device_map"]}
     results = sweep_checkpoints(kind, checkpoints, compute, out=opts["out"], config=config,
-                                device=opts["device"], dtype=opts["dtype"], overwrite=opts["overwrite"],
+                                device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
+                                overwrite=opts["overwrite"],
                                 resume=opts["resume"], quiet=opts["quiet"], cache_dir=opts["cache_dir"])
     if opts["out"] is not None:
         write_diagnostics_report(opts["out"], **{kind: results}, teacher=config["teacher"])

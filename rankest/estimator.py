@@ -50,6 +50,7 @@ class EstimateConfig:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
+    device_map: Optional[str] = None  # spread the teacher over the visible GPUs (teachers.load_teacher)
     max_memory: Optional[str] = None
     seed: int = 0
     positions: str = "all"
@@ -331,7 +332,8 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     t0 = time.perf_counter()
 
     teacher, docs = teacher_and_documents(cfg.teacher, cfg.corpus, revision=cfg.revision, device=run_device,
-                                          dtype=cfg.dtype, seq_len=cfg.seq_len, quiet=cfg.quiet)
+                                          dtype=cfg.dtype, seq_len=cfg.seq_len, quiet=cfg.quiet,
+                                          device_map=cfg.device_map)
     # Tokenise enough of the corpus that the sample is drawn from a pool ≥ 8× its size.
     per_window = cfg.seq_len if cfg.positions == "all" else 1
     max_windows = None if cfg.tokens is None else math.ceil(max(8 * int(cfg.tokens), 2**20) / per_window)
@@ -602,7 +604,7 @@ def _sync(device: torch.device) -> None:
 
 #: Options that do not change the result (where and how the run executes): a run may resume
 #: with other values of these.
-NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "device", "max_memory")
+NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "device", "device_map", "max_memory")
 
 
 def _run_config(cfg: EstimateConfig) -> dict:

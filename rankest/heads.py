@@ -527,6 +527,7 @@ class HeadsConfig:
     cache_features: Optional[str] = None
     device: str = "auto"
     dtype: str = "auto"
+    device_map: Optional[str] = None  # spread the teacher over the visible GPUs (teachers.load_teacher)
     seed: int = 0
     out: Optional[str] = None
     overwrite: bool = False
@@ -881,7 +882,8 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
         raise UserError(f"--cache-features {cache_path} is not a file; pass a file path such as feats.h5.")
     started, t0 = now_iso(), time.perf_counter()
     teacher, docs = teacher_and_documents(cfg.teacher, cfg.corpus, revision=cfg.revision, device=run_device,
-                                          dtype=cfg.dtype, seq_len=cfg.seq_len, quiet=cfg.quiet)
+                                          dtype=cfg.dtype, seq_len=cfg.seq_len, quiet=cfg.quiet,
+                                          device_map=cfg.device_map)
     d, n_cols = teacher.hidden_size, teacher.n_cols
     full = min(d, n_cols)
     ranks, labels = parse_ranks(cfg.ranks, full)
@@ -994,7 +996,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
 # ---- checkpoints of a sweep -------------------------------------------------------------------------
 #: Options that do not change the result (where and how the run executes): a sweep may resume
 #: with other values of these.
-HEADS_NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "device")
+HEADS_NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "device", "device_map")
 
 
 def _heads_run_config(cfg: HeadsConfig) -> dict:

@@ -273,11 +273,11 @@ def _append(path: pathlib.Path, kind: str, label: str, result: dict, *, config: 
 
 # ---- the sweep -------------------------------------------------------------------------------
 #: Config keys that must match for --resume to add to an existing file (device/dtype may change).
-_RESUME_IGNORES = ("revisions", "device", "dtype")
+_RESUME_IGNORES = ("revisions", "device", "dtype", "device_map")
 
 
 def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callable[[Any], dict[str, Any]], *,
-                      out=None, config: dict, device="auto", dtype="auto", overwrite: bool = False,
+                      out=None, config: dict, device="auto", dtype="auto", device_map=None, overwrite: bool = False,
                       resume: bool = False, quiet: bool = False, cache_dir=None) -> dict[str, dict[str, Any]]:
     """Load each checkpoint in turn, ``compute(teacher)``, free it, append the result.
 
@@ -327,7 +327,8 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
                disable=quiet or len(todo) < 2, dynamic_ncols=True)
     for ckpt in todo:
         teacher = ckpt.target if ckpt.loaded else load_teacher(ckpt.target, revision=ckpt.revision, device=device,
-                                                                 dtype=dtype, cache_dir=cache_dir)
+                                                                 dtype=dtype, cache_dir=cache_dir,
+                                                                 device_map=device_map)
         try:
             result = compute(teacher)
             result["source"] = teacher.source

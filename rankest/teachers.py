@@ -36,7 +36,7 @@ import os
 import pathlib
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -297,7 +297,20 @@ class Teacher:
         self.info = info
         self.revision = revision
         weight, _ = self.head()
+        if weight.device.type == "meta":
+            raise UserError(
+                f"the LM head of teacher {name} is offloaded (device_map put it on disk or in "
+                "offloaded CPU memory); rankest reads the head's weights, so give the device map "
+                "room for it on a GPU (or the CPU)"
+            )
         self.device = weight.device
+        # Where the token ids go: the input embedding's device (the first GPU of a device map,
+        # whose hooks carry the activations on from there); the head's device otherwise.
+        emb_in = model.get_input_embeddings()
+        in_dev = getattr(getattr(emb_in, "weight", None), "device", None)
+        self.input_device = in_dev if in_dev is not None and in_dev.type != "meta" else self.device
+        #: {module name: device} when the model was loaded with a device map, else None.
+        self.device_map = dict(getattr(model, "hf_device_map", None) or {}) or None
         self.dtype = weight.dtype
         self.logit_width = int(weight.shape[0])
         self.hidden_size = int(weight.shape[1])
@@ -347,6 +360,7 @@ class Teacher:
             "context_length": self.context_length,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "device_map": _device_map_summary(self.device_map),
         }
 
     def features(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -358,10 +372,11 @@ class Teacher:
 
         Returns
         -------
-        Tensor of shape (B, L, d), in ``self.dtype`` on ``self.device``.
+        Tensor of shape (B, L, d), in ``self.dtype`` on the final norm's device (``self.device``
+        unless a device map put the head on another GPU; :meth:`logits` moves it there).
         """
         with torch.inference_mode():
-            out = self._base(input_ids=input_ids.to(self.device), use_cache=False)
+            out = self._base(input_ids=input_ids.to(self.input_device), use_cache=False)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def hidden_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -381,7 +396,7 @@ class Teacher:
             i.e. equal to ``features`` (rankest.diagnostics records which).
         """
         with torch.inference_mode():
-            out = self._base(input_ids=input_ids.to(self.device), use_cache=False, output_hidden_states=True)
+            out = self._base(input_ids=input_ids.to(self.input_device), use_cache=False, output_hidden_states=True)
             layers = getattr(out, "hidden_states", None)
             if not layers:
                 raise UserError(
@@ -414,7 +429,7 @@ class Teacher:
         logit soft-capping or scaling break that identity and cannot use the factor route.
         """
         with torch.inference_mode():
-            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+            return self.model(input_ids=input_ids.to(self.input_device), use_cache=False).logits.to(self.device)
 
 
 def _context_length(config: Any, tokenizer: Any) -> int:
@@ -440,18 +455,53 @@ def _offline() -> bool:
     )
 
 
-def _prepare(model: Any, device: torch.device) -> Any:
+class _Placement(NamedTuple):
+    """Where and how a teacher's weights are loaded."""
+
+    dtype: torch.dtype
+    device: torch.device
+    #: None: the whole model on ``device``; else a transformers/accelerate device map ("auto",
+    #: "balanced", "balanced_low_0", "sequential" or {module: device}) spreading it over the GPUs.
+    device_map: str | dict | None = None
+    offload_folder: str | None = None
+
+
+#: The device maps of accelerate that --device-map accepts (a dict is accepted from Python).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _prepare(model: Any, place: _Placement) -> Any:
     model.eval()
     model.requires_grad_(False)
-    return model.to(device)
+    # A dispatched model must stay where its device map put it (accelerate's hooks move the
+    # activations between GPUs); .to() would undo the map or fail on offloaded weights.
+    return model if place.device_map is not None else model.to(place.device)
 
 
-def _load_kwargs(dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+def _load_kwargs(place: _Placement) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": place.dtype}
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    if place.device_map is not None:
+        if not has_accelerate:
+            raise UserError("--device-map needs the package accelerate: pip install accelerate")
+        kwargs["device_map"] = place.device_map
+        if place.offload_folder is not None:
+            kwargs["offload_folder"] = place.offload_folder
+    elif place.device.type == "cuda" and has_accelerate:
         # Load shards straight onto the GPU instead of through host memory (12B: 24 GB bf16).
-        kwargs["device_map"] = {"": device}
+        kwargs["device_map"] = {"": place.device}
     return kwargs
+
+
+def _device_map_summary(device_map: dict | None) -> dict[str, int] | None:
+    """{device: number of top-level modules placed there} of a loaded device map (JSON-able)."""
+    if not device_map:
+        return None
+    out: dict[str, int] = {}
+    for where in device_map.values():
+        key = f"cuda:{where}" if isinstance(where, int) else str(where)
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def _gguf_location(package: str, filename: str) -> pathlib.Path:
@@ -459,24 +509,24 @@ def _gguf_location(package: str, filename: str) -> pathlib.Path:
     return package_file(package, filename, what="the embedded teacher", install=_GGUF_PIP)
 
 
-def _load_gguf(file: pathlib.Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+def _load_gguf(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"loading the GGUF teacher {file.name} needs the package gguf: pip install gguf")
     folder, name = str(file.parent), file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_load_kwargs(dtype, device))
-    return _prepare(model, device), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_load_kwargs(place))
+    return _prepare(model, place), tokenizer
 
 
-def _load_folder(folder: pathlib.Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            str(folder), local_files_only=True, **_load_kwargs(dtype, device)
+            str(folder), local_files_only=True, **_load_kwargs(place)
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -484,14 +534,13 @@ def _load_folder(folder: pathlib.Path, dtype: torch.dtype, device: torch.device)
             f"cannot load the teacher folder {folder} ({first}); it needs config.json, the "
             "weights and the tokenizer as written by save_pretrained"
         ) from exc
-    return _prepare(model, device), tokenizer
+    return _prepare(model, place), tokenizer
 
 
 def _load_hf(
     hf_id: str,
     revision: str | None,
-    dtype: torch.dtype,
-    device: torch.device,
+    place: _Placement,
     cache_dir: str | os.PathLike | None,
 ) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -501,9 +550,9 @@ def _load_hf(
     try:  # 1. the cache, never the network
         tokenizer = AutoTokenizer.from_pretrained(hf_id, local_files_only=True, **common)
         model = AutoModelForCausalLM.from_pretrained(
-            hf_id, local_files_only=True, **common, **_load_kwargs(dtype, device)
+            hf_id, local_files_only=True, **common, **_load_kwargs(place)
         )
-        return _prepare(model, device), tokenizer, f"cache:{hf_id}@{rev}"
+        return _prepare(model, place), tokenizer, f"cache:{hf_id}@{rev}"
     except (OSError, ValueError) as exc:
         cache_error: Exception = exc
     where = _cache_dir(cache_dir)
@@ -519,8 +568,8 @@ def _load_hf(
         ) from cache_error
     try:  # 2. the Hub
         tokenizer = AutoTokenizer.from_pretrained(hf_id, **common)
-        model = AutoModelForCausalLM.from_pretrained(hf_id, **common, **_load_kwargs(dtype, device))
-        return _prepare(model, device), tokenizer, f"hub:{hf_id}@{rev}"
+        model = AutoModelForCausalLM.from_pretrained(hf_id, **common, **_load_kwargs(place))
+        return _prepare(model, place), tokenizer, f"hub:{hf_id}@{rev}"
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -544,6 +593,8 @@ def load_teacher(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     cache_dir: str | os.PathLike | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> Teacher:
     """Load a teacher by short name, Hub id of a table row, local folder or ``.gguf`` file.
 
@@ -560,6 +611,14 @@ def load_teacher(
         ``"auto"``: bf16 on CUDA, fp32 on CPU.
     cache_dir : path, optional
         Hugging Face cache to look in (default: ``HF_HUB_CACHE``).
+    device_map : {"auto", "balanced", "balanced_low_0", "sequential"} or dict, optional
+        For a teacher too large for one GPU: spread its layers over the visible GPUs of this
+        process with accelerate (transformers' ``device_map``; choose the GPUs with
+        ``CUDA_VISIBLE_DEVICES``). ``device`` must then be ``"auto"`` or ``"cuda"``. The LM head
+        must not be offloaded. Not under torchrun with several processes (each would spread
+        its copy over every GPU). A dict {module: device} is passed on as it is.
+    offload_folder : path, optional
+        Where accelerate may put weights that a (dict) device map sends to ``"disk"``.
 
     Returns
     -------
@@ -568,6 +627,8 @@ def load_teacher(
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    place = _Placement(dt, dev, _check_device_map(device_map, device),
+                       None if offload_folder is None else str(offload_folder))
     target = name if isinstance(name, TeacherInfo) else resolve_teacher(name)
     if isinstance(target, pathlib.Path):
         if revision is not None:
@@ -575,9 +636,9 @@ def load_teacher(
                 f"--revision {revision} is ignored for the local teacher {target}", stacklevel=2
             )
         if target.suffix == ".gguf":
-            model, tokenizer = _load_gguf(target, dt, dev)
+            model, tokenizer = _load_gguf(target, place)
             return Teacher(model, tokenizer, name=str(target), source=f"gguf:{target}")
-        model, tokenizer = _load_folder(target, dt, dev)
+        model, tokenizer = _load_folder(target, place)
         return Teacher(model, tokenizer, name=str(target), source=f"path:{target}")
     info = target
     if info.gguf is not None:
@@ -587,14 +648,33 @@ def load_teacher(
                 f"drop --revision, or download {info.hf_id} at that revision and pass its folder"
             )
         file = _gguf_location(*info.gguf)
-        model, tokenizer = _load_gguf(file, dt, dev)
+        model, tokenizer = _load_gguf(file, place)
         return Teacher(model, tokenizer, name=info.name, source=f"gguf:{file}", info=info)
-    model, tokenizer, source = _load_hf(info.hf_id, revision, dt, dev, cache_dir)
+    model, tokenizer, source = _load_hf(info.hf_id, revision, place, cache_dir)
     return Teacher(model, tokenizer, name=info.name, source=source, info=info, revision=revision)
 
 
+def _check_device_map(device_map: str | dict | None, device: str | torch.device) -> str | dict | None:
+    """The device map after the checks of :func:`load_teacher` (each failure a sentence)."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    if device_map not in DEVICE_MAPS:
+        raise UserError(f"unknown --device-map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    if str(device).strip().lower() not in ("auto", "cuda"):
+        raise UserError(
+            f"--device-map {device_map} places the teacher over every visible GPU itself; use it with "
+            f"--device auto or cuda (not {device}), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError(
+            "--device-map under torchrun with several processes would spread every process's copy of the "
+            "teacher over the same GPUs; run one process with --device-map, or torchrun without it"
+        )
+    return device_map
+
+
 def teacher_and_documents(teacher, corpus, *, revision: str | None, device, dtype, seq_len: int,
-                          quiet: bool) -> tuple[Teacher, list[str] | None]:
+                          quiet: bool, device_map: str | None = None) -> tuple[Teacher, list[str] | None]:
     """The two inputs of every run, in the order that fails fastest: the corpus's documents first
     (a typo in --corpus should fail in a second, not after loading a 7B model), then the teacher
     (a loaded :class:`Teacher` is used as it is: tests and notebooks reuse one model), whose
@@ -608,7 +688,7 @@ def teacher_and_documents(teacher, corpus, *, revision: str | None, device, dtyp
         hf_logging.disable_progress_bar()
     docs = None if isinstance(corpus, torch.Tensor) else load_documents(corpus)
     if isinstance(teacher, str):
-        teacher = load_teacher(teacher, revision=revision, device=device, dtype=dtype)
+        teacher = load_teacher(teacher, revision=revision, device=device, dtype=dtype, device_map=device_map)
     check_seq_len(seq_len, teacher.context_length)
     return teacher, docs
 

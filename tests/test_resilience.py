@@ -513,3 +513,24 @@ def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, tmp_path
     assert got.meta["world_size"] == 2
     assert not (out / CHECKPOINT_NAME).exists()
     assert_same_spectrum(got, read_spectrum_h5(reference))
+
+
+def test_checkpoint_of_one_process_resumed_by_two(teacher64, neox_dir, corpus_file, reference, tmp_path,
+                                                  monkeypatch):
+    """The number of processes may change on --resume: one process stops (SIGTERM) after 23 of
+    the 64 chunks, torchrun with 2 gloo processes resumes its checkpoint; the result equals the
+    uninterrupted one-process run (the plan, not P, fixes the rows; batch j of the rest goes to
+    process j mod 2)."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _signal_at_batch(m, teacher64, 23, signal.SIGTERM)
+        with pytest.raises(Interrupted):
+            run_estimate(**api_kwargs(teacher64, corpus_file, out, tokens=TOKENS, dtype="fp64", device="cpu"))
+    assert read_checkpoint(out / CHECKPOINT_NAME).position["next_batch"] == 23
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rankest",
+           *cli_args(neox_dir, corpus_file, out), "--resume"]
+    proc = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_spectrum_h5(out / "results.h5")
+    assert got.meta["world_size"] == 2 and got.meta["resumed_at_rows"] == 23 * SEQ
+    assert_same_spectrum(got, read_spectrum_h5(reference))
