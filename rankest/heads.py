@@ -974,6 +974,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
         "objective": cfg.objective, "seed": cfg.seed, "linear_head_check_rel_err": lin_err,
         "features": "cache:" + str(cache_path) if cache_path else "on the fly",
         "dtype": str(teacher.dtype).replace("torch.", ""), "device": str(device),
+        "device_map": teacher.provenance()["device_map"],
         "seconds_total": time.perf_counter() - t0, "world_size": world.size,
     })
     if out is not None:
