@@ -106,6 +106,22 @@ def any_true(world: World, flag: bool) -> bool:
     return bool(t.item())
 
 
+def sum_over_processes(world: World) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """``t ↦ Σ_processes t`` (in-place all-reduce; the same on every process) for the shards of a
+    multi-pass SVD (:func:`rankest.linalg.randomized_svd`'s ``reduce``); None for one process."""
+    if not world.active:
+        return None
+    import torch.distributed as dist
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        moved = t.to(world.device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return moved.to(t.device)
+
+    return reduce
+
+
 def broadcast(world: World, obj: Any) -> Any:
     """Rank 0's ``obj`` on every process (pickled; for small things: decisions, messages)."""
     if not world.active:

@@ -107,10 +107,9 @@ class EstimateConfig:
         if self.row_cache_dtype != "auto" and self.row_cache_dtype not in CACHE_DTYPES:
             raise UserError(f"--row-cache-dtype must be auto or one of {', '.join(CACHE_DTYPES)}, "
                             f"got {self.row_cache_dtype!r}.")
-        # Not yet part of a checkpoint: the diagnostics' accumulators and the row cache of --passes.
-        for flag, on in (("--diagnostics", self.diagnostics), ("--passes >= 2", self.passes not in ("auto", 1))):
-            if on and (self.resume or self.checkpoint_every is not None):
-                raise UserError(f"{flag} is not checkpointed yet: run it without --checkpoint-every/--resume.")
+        # Not yet part of a checkpoint: the diagnostics' accumulators.
+        if self.diagnostics and (self.resume or self.checkpoint_every is not None):
+            raise UserError("--diagnostics is not checkpointed yet: run it without --checkpoint-every/--resume.")
 
 
 def parse_size(text: str) -> int:
@@ -363,6 +362,16 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
         route, reason = distributed.on_main(world, lambda: choose_route(
             cfg, n_cols=teacher.n_cols, linear=linear, budget=budget, device_type=teacher.device.type))
 
+    # The plan's batches: batch j holds windows [j·B, (j+1)·B) of the plan, rows
+    # [rows_before[j·B], rows_before[(j+1)·B]) in the plan's order. With P processes, rounds of P
+    # consecutive batches, batch j on rank j mod P: the rows never depend on P.
+    bsz, n_win = cfg.batch_size, plan.windows.numel()
+    rows_before = plan.rows_before()
+    n_batches = -(-n_win // bsz)
+
+    def row_at(j: int) -> int:  # first global row of batch j (n_total for j = n_batches)
+        return int(rows_before[min(j * bsz, n_win)])
+
     passes, passes_note = resolve_passes(cfg, route)
     if passes_note:
         reason = f"{reason}; {passes_note}"
@@ -370,17 +379,13 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     stats_acc = RowStats(device=teacher.device)
     cache = None
     if route == "sketch" and passes > 1:
-        import tempfile
-
-        from .rowcache import RowCache, cache_nbytes, resolve_cache_dtype
-
-        if world.active:
-            raise UserError("--passes >= 2 runs in one process (each pass re-reads one row cache); drop torchrun "
-                            "or use --passes 1.")
         # The first pass is the teacher's; randomized_svd then re-reads the cached rows q times.
-        where = out if out is not None else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
-        cache = acc = RowCache(where / "rows.h5", teacher.n_cols, n_total,
-                               dtype=resolve_cache_dtype(cfg.row_cache_dtype, row_dtype))
+        # Every process caches its own shard of the rows; the passes sum their products.
+        from .rowcache import cache_nbytes
+
+        cache = acc = _open_row_cache(cfg, world, position, n_cols=teacher.n_cols, n_total=n_total,
+                                      row_dtype=row_dtype, rows_of_rank=lambda r, j: sum(
+                                          row_at(i + 1) - row_at(i) for i in range(r, j, world.size)))
         reason = f"{reason} ({cache.dtype}, {_fmt_bytes(cache_nbytes(n_total, teacher.n_cols, cache.dtype))})"
     elif route == "factor":
         weight, bias = teacher.head()
@@ -403,21 +408,11 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
 
     milestones = _milestones(n_total) if cfg.convergence and acc.cheap_finalize else []
     convergence: dict[int, dict] = {}
-    # The plan's batches: batch j holds windows [j·B, (j+1)·B) of the plan, rows
-    # [rows_before[j·B], rows_before[(j+1)·B]) in the plan's order. With P processes, rounds of P
-    # consecutive batches, batch j on rank j mod P: the rows never depend on P.
-    bsz, n_win = cfg.batch_size, plan.windows.numel()
-    rows_before = plan.rows_before()
-    n_batches = -(-n_win // bsz)
-
-    def row_at(j: int) -> int:  # first global row of batch j (n_total for j = n_batches)
-        return int(rows_before[min(j * bsz, n_win)])
-
     next_batch = 0
     if position is not None:
         next_batch = int(position["next_batch"])
         if world.main:  # rank 0 carries the sum of every shard so far; the others start at zero
-            for a in (stats_acc, acc):
+            for a in (stats_acc,) if cache is not None else (stats_acc, acc):  # (the cache reopened its rows)
                 if a.name not in ckpt.states:
                     raise UserError(f"the checkpoint {ckpt.path} has no {a.name} state; delete it and start afresh.")
                 a.load_state(ckpt.states[a.name])
@@ -475,7 +470,10 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
 
     def save_checkpoint(j: int) -> None:
         # Collective: the states are summed onto rank 0, which writes; a failed write stops every rank.
-        states = {a.name: distributed.reduce_state(world, a.state(), a.fixed_state_keys) for a in (stats_acc, acc)}
+        if cache is not None:  # the rows the checkpoint counts must be on disk before it is
+            cache.sync()
+        states = {a.name: distributed.reduce_state(world, a.state(), a.fixed_state_keys)
+                  for a in ((stats_acc,) if cache is not None else (stats_acc, acc))}
         message = None
         if world.main:
             try:
@@ -501,7 +499,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     t_loop = time.perf_counter()
     # SIGINT/SIGTERM: checkpoint at the end of the round, then stop (only with a run folder).
     try:
-        with torch.inference_mode(), StopOnSignal(enabled=bool(cfg.out) and cache is None) as stop:
+        with torch.inference_mode(), StopOnSignal(enabled=bool(cfg.out)) as stop:
             for j0 in range(next_batch, n_batches, world.size):
                 j1 = min(j0 + world.size, n_batches)
                 mine = j0 + world.rank
@@ -517,24 +515,32 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
                     raise Interrupted(f"stopped after {row_at(j1):,} of {n_total:,} rows; the checkpoint "
                                       f"{Path(cfg.out) / CHECKPOINT_NAME} holds them: rerun the same command with "
                                       f"--resume to continue", signum)
+        if cache is not None and every and next_batch < n_batches:
+            save_checkpoint(n_batches)  # the teacher's pass is done: a resume goes straight to the passes
     except BaseException:
-        if cache is not None:  # an intermediate file: nothing of the result is lost with it
+        # The cache is a checkpointed run's state; without a checkpoint it is an intermediate file.
+        if cache is not None and not (cfg.out and (Path(cfg.out) / CHECKPOINT_NAME).exists()):
             cache.remove()
         raise
     bar.close()
     _sync(teacher.device)  # GPU work is asynchronous: the stream time must include the last batch
     t_acc = time.perf_counter() - t_loop
     if world.active:  # rank 0 finalises the sum of every shard (in place: no copy); the other ranks are done
-        totals = [(a, distributed.reduce_state(world, a.state(), a.fixed_state_keys)) for a in (stats_acc, acc)]
-        if not world.main:
-            return None
-        for a, state in totals:
-            a.load_state(state)
+        totals = [(a, distributed.reduce_state(world, a.state(), a.fixed_state_keys))
+                  for a in ((stats_acc,) if cache is not None else (stats_acc, acc))]
+        if world.main:
+            for a, state in totals:
+                a.load_state(state)
 
     t_fin = time.perf_counter()
-    if cache is not None:
+    if cache is not None:  # every process streams its shard in every pass
         spec = _multipass_spectrum(cache, cfg, passes=passes, n_cols=teacher.n_cols, row_dtype=row_dtype,
-                                   device=teacher.device, energy=stats_acc.energy)
+                                   device=teacher.device, energy=stats_acc.energy,
+                                   reduce=distributed.sum_over_processes(world))
+        if not world.main:
+            return None
+    elif not world.main:
+        return None
     else:
         spec = acc.finalize(energy=stats_acc.energy)
     _sync(teacher.device)
@@ -577,8 +583,30 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     return spec
 
 
+def _open_row_cache(cfg: EstimateConfig, world, position: Optional[dict], *, n_cols: int, n_total: int,
+                    row_dtype: torch.dtype, rows_of_rank):
+    """This process's row cache for --passes ≥ 2: ``DIR/rows.h5`` (``rows.rank{r}.h5`` under
+    torchrun; a temporary folder without --out), created, or reopened after the rows of the
+    batches the checkpoint counts (``rows_of_rank(rank, next_batch)``)."""
+    import tempfile
+
+    from .rowcache import RowCache, resolve_cache_dtype
+
+    dtype = resolve_cache_dtype(cfg.row_cache_dtype, row_dtype)
+    where = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
+    name = "rows.h5" if not world.active else f"rows.rank{world.rank}.h5"
+    if position is None:
+        return RowCache(where / name, n_cols, n_total, dtype=dtype)
+    if int(position.get("world_size", 1)) != world.size:
+        raise UserError(f"--resume: the row cache of --passes is sharded over the {position.get('world_size', 1)} "
+                        f"process(es) that wrote it, and this run has {world.size}; resume with "
+                        f"{position.get('world_size', 1)}.")
+    return RowCache(where / name, n_cols, n_total, dtype=dtype,
+                    resume_rows=rows_of_rank(world.rank, int(position["next_batch"])))
+
+
 def _multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int, row_dtype: torch.dtype,
-                        device: torch.device, energy: float):
+                        device: torch.device, energy: float, reduce=None):
     """q passes of randomized subspace iteration over the cached rows → a sketch-route Spectrum
     (σ̂ ≤ σ, with the error estimates of :func:`rankest.linalg.randomized_svd`)."""
     from .linalg import product_dtype, randomized_svd
@@ -588,12 +616,12 @@ def _multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int,
     try:
         result = randomized_svd(cache.stream(device=device, out_dtype=product_dtype(precision, device)),
                                 sketch_rank(cfg, n_cols), passes=passes, method="subspace", precision=precision,
-                                seed=cfg.seed, device=device, return_vectors=False)
+                                seed=cfg.seed, device=device, return_vectors=False, reduce=reduce)
     finally:
         if not cfg.keep_row_cache:
             cache.remove()
     spec = spectrum_from_svd(result, space=cfg.space, energy=energy)
-    spec.meta["row_cache"] = {"dtype": cache.dtype, "rows": cache.n_rows,
+    spec.meta["row_cache"] = {"dtype": cache.dtype, "rows": result.info["n_rows"],
                               "path": str(cache.path) if cfg.keep_row_cache else None}
     return spec
 

@@ -629,13 +629,15 @@ class _Source:
 
 
 def _run_pass(src: _Source, blocks, plan: dict, *, pass_index: int, keep_z: bool = False,
-              want_energy: bool = False):
+              want_energy: bool = False, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
     """One pass over the rows: Y_j = Tᵀ(T·X_j) for every test block X_j (fp64 (V', m_j) each).
 
     Blocks are concatenated into one product (one GEMM per chunk). V' of a stream is known only
     at its first chunk, so ``blocks`` may be a callable V' → list of blocks; it may change
     ``plan["precision"]`` (the exact fallback switches to fp64). Returns (ys, energy, n_rows,
-    z) with z = T·X_0 (N × m_0, product dtype) when ``keep_z``, else None.
+    z) with z = T·X_0 (N × m_0, product dtype) when ``keep_z``, else None. With ``reduce`` (a sum
+    over processes that each stream a shard of the rows), Y, the energy and the row count are
+    those of all the shards, identical on every process.
     """
     x = y = None
     widths: list[int] = []
@@ -663,6 +665,12 @@ def _run_pass(src: _Source, blocks, plan: dict, *, pass_index: int, keep_z: bool
             else:
                 zs.append(z[:, :widths[0]])
         n += int(rows.shape[0])
+    if reduce is not None:
+        if x is None:
+            raise InputError(f"this process's shard yielded no chunk on pass {pass_index + 1}; with reduce, every "
+                             "process's stream must yield at least one (possibly empty, (0, V')) chunk")
+        y, energy = reduce(y), reduce(energy)
+        n = int(reduce(torch.tensor(n, dtype=torch.int64, device=src.device)))
     if x is None or n == 0:
         raise InputError(f"the stream returned no rows on pass {pass_index + 1}; it must yield row chunks "
                          "(n_i, V') every time it is called")
@@ -738,7 +746,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
                    oversample: Optional[int] = None, passes: Union[int, str] = "auto",
                    method: str = "subspace", precision: Optional[str] = None, seed: int = 0, device=None,
                    return_vectors: bool = True, n_probes: int = DEFAULT_PROBES,
-                   chunk_rows: Optional[int] = None) -> SVDResult:
+                   chunk_rows: Optional[int] = None,
+                   reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> SVDResult:
     """Top-k singular values (and vectors) of T, in memory or streamed, with error estimates.
 
     Parameters
@@ -772,6 +781,12 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         Gaussian probe columns of the a-posteriori error estimate (0: unexplained energy only).
     chunk_rows : int, optional
         Rows per product for an in-memory matrix (default: up to 16384 rows, at most 512 MB).
+    reduce : callable, optional
+        Distributed use: each process streams its own shard of the rows, and ``reduce(t)``
+        returns the sum of tensor ``t`` over the processes (e.g. an in-place
+        ``torch.distributed.all_reduce``). Every pass's Tᵀ(T·X), ‖T‖_F² and row count are
+        reduced, so every process computes the same subspaces and returns the result for the
+        union of the shards. Streams only; every process must call with the same arguments.
 
     Returns
     -------
@@ -799,6 +814,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     Tropp, Yurtsever, Udell & Cevher (2019), SIAM J. Sci. Comput. 41(4), §6 (error probes).
     """
     src = _Source(A_or_stream, chunk_rows=chunk_rows, device=device)
+    if reduce is not None and src.in_memory:
+        raise InputError("reduce applies to streamed shards; pass an in-memory matrix without it")
     k, oversample, passes, method, precision, n_probes, seed = _resolve(
         k, oversample, passes, method, precision, n_probes, seed, src)
     if src.in_memory and k >= min(src.n_rows, src.n_cols):
@@ -821,7 +838,7 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     # Pass 1: Y = A·Ω = Tᵀ(T·Ω) and E = ‖T‖_F² in fp64.
     keep = return_vectors and src.in_memory
     ys, energy, n_rows, z = _run_pass(src, first_blocks, plan, pass_index=0, want_energy=True,
-                                      keep_z=keep and passes == 1)
+                                      keep_z=keep and passes == 1, reduce=reduce)
     v = src.n_cols
     if plan["exact"]:
         warnings.warn(f"k = {k} >= V' = {v}: computed the exact spectrum from the fp64 Gram TᵀT instead of a "
@@ -853,7 +870,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         q = _orth(y[:, :room], prev)  # re-orthonormalise every pass (QR): no growth or loss of rank
         with_probes = probes is not None and (last or room <= y.shape[1] and method == "krylov")
         qr_ = round_test(q, precision)
-        ys, _, _, z = _run_pass(src, [qr_] + ([probes] if with_probes else []), plan, pass_index=j, keep_z=keep)
+        ys, _, _, z = _run_pass(src, [qr_] + ([probes] if with_probes else []), plan, pass_index=j, keep_z=keep,
+                                reduce=reduce)
         y = ys[0]
         if with_probes:
             probe_y = ys[1]

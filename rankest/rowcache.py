@@ -6,9 +6,12 @@ times. The first (teacher) pass appends every chunk of rows here; each pass of t
 streams the file back in chunks. Disk: N·V'·(4 | 2) bytes (fp32 | fp16/bf16 on request) —
 checked against the free space before the first row is written.
 
-HDF5 layout: dataset ``rows`` (N, V'), chunked by row blocks, float32 / float16 natively;
-bfloat16 is stored as its raw 16 bits (int16) (attribute ``dtype = "bf16"``), since HDF5 has no
-bf16 type. fp16 rows saturate beyond ±65504 and lose the smallest probabilities below ~6e-8
+HDF5 layout: dataset ``rows`` (N, V'), contiguous and allocated when the file is created,
+float32 / float16 natively; bfloat16 is stored as its raw 16 bits (int16) (attribute ``dtype =
+"bf16"``), since HDF5 has no bf16 type. Allocated up front, appending rows writes raw data only,
+never HDF5 metadata: a process killed mid-write leaves a readable file whose rows up to the last
+:meth:`RowCache.sync` are intact, so a checkpointed run reopens it (``resume_rows``) and writes
+on from there. Under torchrun every process caches its own shard (``rows.rank{r}.h5``). fp16 rows saturate beyond ±65504 and lose the smallest probabilities below ~6e-8
 (subnormal); bf16 rows keep the range and carry 8 bits of mantissa (relative error ≤ 2⁻⁹).
 """
 
@@ -48,15 +51,21 @@ class RowCache:
     path : file to create (replaced if it exists).
     n_cols : V'.
     n_rows : rows that will be appended (for the disk check and the preallocated dataset).
-    dtype : {"fp32", "fp16", "bf16"}, the dtype on disk.
+    dtype : {"fp64", "fp32", "fp16", "bf16"}, the dtype on disk.
+    resume_rows : reopen the existing file (written by a run with the same n_rows, V' and dtype)
+        and append after its first ``resume_rows`` rows, which a checkpoint vouched for.
     """
 
-    def __init__(self, path, n_cols: int, n_rows: int, *, dtype: str = "fp32") -> None:
+    def __init__(self, path, n_cols: int, n_rows: int, *, dtype: str = "fp32",
+                 resume_rows: Optional[int] = None) -> None:
         import h5py
 
         if dtype not in CACHE_DTYPES:
             raise UserError(f"--row-cache-dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}.")
         self.path, self.n_cols, self.capacity, self.dtype = Path(path), int(n_cols), int(n_rows), dtype
+        if resume_rows is not None:
+            self._reopen(int(resume_rows))
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         need = cache_nbytes(n_rows, n_cols, dtype)
         free = shutil.disk_usage(self.path.parent).free
@@ -64,12 +73,44 @@ class RowCache:
             raise UserError(f"the row cache of --passes needs {need / 2**30:.1f} GiB for {n_rows:,} rows × "
                             f"{n_cols:,} columns in {dtype}, but {self.path.parent} has {free / 2**30:.1f} GiB "
                             f"free; use --row-cache-dtype bf16, fewer --tokens, another --out, or --passes 1.")
-        block = max(1, min(self.capacity, (4 << 20) // max(1, n_cols * CACHE_DTYPES[dtype].itemsize)))
         self._file = h5py.File(self.path, "w")
-        self._rows = self._file.create_dataset("rows", shape=(self.capacity, self.n_cols), dtype=_H5_DTYPES[dtype],
-                                               chunks=(block, self.n_cols))
+        # Contiguous storage allocated now (never filled: no N·V' write of zeros), so that later
+        # appends touch raw data only and a kill cannot leave the HDF5 metadata half-written.
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        self._rows = self._file.create_dataset("rows", shape=(max(1, self.capacity), self.n_cols),
+                                               dtype=_H5_DTYPES[dtype], dcpl=dcpl)
         self._rows.attrs["dtype"] = dtype
         self.n_rows = 0
+        self.sync()
+
+    def _reopen(self, rows: int) -> None:
+        import h5py
+
+        want = (max(1, self.capacity), self.n_cols)
+        try:
+            self._file = h5py.File(self.path, "r+")
+            self._rows = self._file["rows"]
+            found = (tuple(self._rows.shape), str(self._rows.attrs.get("dtype")))
+        except (OSError, KeyError) as e:
+            raise UserError(f"--resume: the row cache {self.path} of the checkpointed run is missing or unreadable "
+                            f"({e}); delete the checkpoint and start afresh.") from e
+        if found != (want, self.dtype) or not 0 <= rows <= self.capacity:
+            self._file.close()
+            raise UserError(f"--resume: the row cache {self.path} holds {found[0]} {found[1]} rows, not the "
+                            f"checkpointed run's {want} {self.dtype}; delete the checkpoint and start afresh.")
+        self.n_rows = rows
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (HDF5 flush, then fsync of the file): a checkpoint
+        that counts them is written only after this returns."""
+        self._file.flush()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # The accumulator interface the estimate loop feeds (the cache is written, not summed).
     cheap_finalize = False
@@ -108,6 +149,9 @@ class RowCache:
         rows_per = chunk_rows or max(256, (64 << 20) // max(1, self.n_cols * 4))
 
         def chunks() -> Iterator[torch.Tensor]:
+            if n == 0:  # a shard without rows still yields V' (a distributed pass needs every process)
+                yield torch.empty(0, self.n_cols, dtype=out_dtype, device=device)
+                return
             with h5py.File(path, "r") as f:
                 ds = f["rows"]
                 for lo in range(0, n, rows_per):

@@ -534,3 +534,56 @@ def test_checkpoint_of_one_process_resumed_by_two(teacher64, neox_dir, corpus_fi
     got = read_spectrum_h5(out / "results.h5")
     assert got.meta["world_size"] == 2 and got.meta["resumed_at_rows"] == 23 * SEQ
     assert_same_spectrum(got, read_spectrum_h5(reference))
+
+
+# ---- --passes >= 2: the row cache is part of the checkpoint ------------------------------------------
+def _sketch_kwargs(teacher, corpus_file, out=None, **kw):
+    return api_kwargs(teacher, corpus_file, out, tokens=1024, route="sketch", rank_max=24, passes=3,
+                      dtype="fp64", device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def ref_passes(teacher64, corpus_file):
+    """The uninterrupted one-process --passes 3 run (1024 rows, 32 chunks, fp64 rows cached in fp64)."""
+    return run_estimate(**_sketch_kwargs(teacher64, corpus_file))
+
+
+def test_passes_signal_then_resume_equals_uninterrupted(teacher64, corpus_file, tmp_path, monkeypatch, ref_passes):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _signal_at_batch(m, teacher64, 11, signal.SIGTERM)
+        with pytest.raises(Interrupted):
+            run_estimate(**_sketch_kwargs(teacher64, corpus_file, out, checkpoint_every=4))
+    assert read_checkpoint(out / CHECKPOINT_NAME).position["next_batch"] == 11
+    assert (out / "rows.h5").exists(), "the row cache is the interrupted run's state: kept"
+    got = run_estimate(**_sketch_kwargs(teacher64, corpus_file, out, checkpoint_every=4, resume=True))
+    assert got.meta["resumed_at_rows"] == 11 * SEQ and got.meta["passes"] == 3
+    # the same rows in the same cache, the same passes: the same numbers
+    np.testing.assert_array_equal(got.sigma, ref_passes.sigma)
+    assert not (out / "rows.h5").exists() and not (out / CHECKPOINT_NAME).exists()
+
+
+def test_passes_two_gloo_processes_equal_one(neox_dir, corpus_file, tmp_path, ref_passes):
+    """torchrun with 2 processes, each caching its shard (rows.rank{r}.h5) and summing every
+    pass's Tᵀ(T·X) with all-reduce: the one-process result up to fp64 round-off."""
+    out = tmp_path / "run2"
+    args = cli_args(neox_dir, corpus_file, out, tokens=1024)
+    args[args.index("gram")] = "sketch"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rankest",
+           *args, "--rank-max", "24", "--passes", "3", "--checkpoint-every", "5"]
+    proc = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_spectrum_h5(out / "results.h5")
+    assert got.meta["world_size"] == 2 and got.n_rows == ref_passes.n_rows == 1024
+    np.testing.assert_allclose(got.sigma, ref_passes.sigma, rtol=1e-10, atol=0)
+    assert not list(out.glob("rows*.h5")) and not (out / CHECKPOINT_NAME).exists()
+
+
+def test_passes_resume_needs_the_same_process_count(tmp_path):
+    from rankest.distributed import World
+    from rankest.estimator import EstimateConfig, _open_row_cache
+
+    cfg = EstimateConfig(out=str(tmp_path), passes=3)
+    with pytest.raises(UserError, match="sharded over the 1 process"):
+        _open_row_cache(cfg, World(size=2, rank=1), {"world_size": 1, "next_batch": 3}, n_cols=8, n_total=64,
+                        row_dtype=torch.float64, rows_of_rank=lambda r, j: 0)

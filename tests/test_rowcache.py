@@ -44,3 +44,55 @@ def test_bad_use_and_disk_check(tmp_path, monkeypatch):
         RowCache(tmp_path / "c.h5", 1000, 1000)
     assert cache_nbytes(1000, 1000, "bf16") == 2_000_000
     assert resolve_cache_dtype("auto", torch.bfloat16) == "bf16" and resolve_cache_dtype("auto", torch.float32) == "fp32"
+
+
+def test_killed_writer_leaves_the_synced_rows_for_a_resume(tmp_path):
+    """A child process writes 40 rows, syncs (what a checkpoint does), writes 25 rows more and dies
+    without closing the file (os._exit: no flush, no HDF5 shutdown — as after kill -9). The file
+    reopens at the 40 checkpointed rows, the rest is written over, and the stream equals the
+    rows of an uninterrupted writer."""
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    from rankest.testing import subprocess_env
+
+    g = generator(8)
+    rows = torch.randn(100, 33, generator=g, dtype=torch.float64)
+    torch.save(rows, tmp_path / "rows.pt")
+    child = (
+        "import os, torch\n"
+        "from rankest.rowcache import RowCache\n"
+        f"rows = torch.load({str(tmp_path / 'rows.pt')!r})\n"
+        f"c = RowCache({str(tmp_path / 'rows.h5')!r}, 33, 100, dtype='fp32')\n"
+        "c.append(rows[:40]); c.sync()\n"
+        "c.append(-7.0 * torch.ones(25, 33))\n"
+        "os._exit(0)\n")
+    proc = subprocess.run([sys.executable, "-c", child], env=subprocess_env(Path(__file__).resolve().parents[1]), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cache = RowCache(tmp_path / "rows.h5", 33, 100, dtype="fp32", resume_rows=40)
+    cache.append(rows[40:])
+    got = torch.cat(list(cache.stream(device="cpu", out_dtype=torch.float64)()))
+    assert torch.equal(got, rows.float().double())
+    cache.remove()
+
+
+def test_resume_refuses_another_cache(tmp_path):
+    c = RowCache(tmp_path / "rows.h5", 8, 10, dtype="fp32")
+    c.close()
+    with pytest.raises(UserError, match="not the checkpointed run's"):
+        RowCache(tmp_path / "rows.h5", 8, 10, dtype="fp16", resume_rows=3)
+    with pytest.raises(UserError, match="not the checkpointed run's"):
+        RowCache(tmp_path / "rows.h5", 9, 10, dtype="fp32", resume_rows=3)
+    with pytest.raises(UserError, match="missing or unreadable"):
+        RowCache(tmp_path / "gone.h5", 8, 10, dtype="fp32", resume_rows=3)
+
+
+def test_empty_shard_yields_one_empty_chunk(tmp_path):
+    """A torchrun process without rows still takes part in every pass: its stream yields (0, V')."""
+    c = RowCache(tmp_path / "rows.h5", 6, 0)
+    got = list(c.stream(device="cpu")())
+    assert len(got) == 1 and tuple(got[0].shape) == (0, 6)
+    c.remove()
