@@ -83,6 +83,7 @@ class Anisotropy(Accumulator):
     """
 
     name = "anisotropy"
+    fixed_state_keys = ("widths",)
 
     def __init__(self, widths: Sequence[int], *, pca: bool = True, device="cpu") -> None:
         super().__init__()
@@ -428,24 +429,23 @@ class EstimateDiagnostics:
     def __init__(self, teacher, *, pca: bool = True) -> None:
         self.teacher = teacher
         self.pca = pca
-        self.acc: Optional[Anisotropy] = None
-        self.last_is_head_input: Optional[bool] = None
+        # The layers' widths (and whether the last is the head's input) from a one-token forward,
+        # so that the accumulator exists before the first batch: a checkpoint, a resume and the
+        # processes of a torchrun job (all summing the same layout) need it from the start.
+        features, layers = teacher.hidden_states(torch.zeros(1, 1, dtype=torch.long))
+        self.acc = Anisotropy([h.shape[-1] for h in layers], pca=pca, device=teacher.device)
+        self.last_is_head_input = bool(torch.equal(layers[-1], features))
         self._results: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One forward: returns the (B, L, d) features and accumulates the masked rows of every layer."""
         features, layers = self.teacher.hidden_states(ids)
-        if self.acc is None:
-            self.acc = Anisotropy([h.shape[-1] for h in layers], pca=self.pca, device=self.teacher.device)
-            self.last_is_head_input = bool(torch.equal(layers[-1], features))
         self.acc.update([h[mask] for h in layers])
         return features
 
     def results(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(anisotropy result, head spectrum result), computed once."""
         if self._results is None:
-            if self.acc is None:
-                raise UserError("no batch reached the diagnostics; raise --tokens")
             aniso: dict[str, Any] = self.acc.finalize()
             aniso["last_is_head_input"] = self.last_is_head_input
             aniso["source"] = self.teacher.source

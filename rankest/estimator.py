@@ -107,9 +107,6 @@ class EstimateConfig:
         if self.row_cache_dtype != "auto" and self.row_cache_dtype not in CACHE_DTYPES:
             raise UserError(f"--row-cache-dtype must be auto or one of {', '.join(CACHE_DTYPES)}, "
                             f"got {self.row_cache_dtype!r}.")
-        # Not yet part of a checkpoint: the diagnostics' accumulators.
-        if self.diagnostics and (self.resume or self.checkpoint_every is not None):
-            raise UserError("--diagnostics is not checkpointed yet: run it without --checkpoint-every/--resume.")
 
 
 def parse_size(text: str) -> int:
@@ -400,19 +397,20 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
 
     diag = None
     if cfg.diagnostics:  # every layer's hidden states from the same forward pass: no extra pass
-        if world.active:
-            raise UserError("--diagnostics runs in one process for now; drop torchrun or --diagnostics.")
         from .diagnostics import EstimateDiagnostics
 
         diag = EstimateDiagnostics(teacher)
 
     milestones = _milestones(n_total) if cfg.convergence and acc.cheap_finalize else []
     convergence: dict[int, dict] = {}
+    # The accumulators whose states a checkpoint holds and the processes sum: the row cache is
+    # on disk instead (each process reopens its own), the diagnostics' anisotropy sums join.
+    summed_accs = (stats_acc,) + (() if cache is not None else (acc,)) + (() if diag is None else (diag.acc,))
     next_batch = 0
     if position is not None:
         next_batch = int(position["next_batch"])
         if world.main:  # rank 0 carries the sum of every shard so far; the others start at zero
-            for a in (stats_acc,) if cache is not None else (stats_acc, acc):  # (the cache reopened its rows)
+            for a in summed_accs:
                 if a.name not in ckpt.states:
                     raise UserError(f"the checkpoint {ckpt.path} has no {a.name} state; delete it and start afresh.")
                 a.load_state(ckpt.states[a.name])
@@ -472,8 +470,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
         # Collective: the states are summed onto rank 0, which writes; a failed write stops every rank.
         if cache is not None:  # the rows the checkpoint counts must be on disk before it is
             cache.sync()
-        states = {a.name: distributed.reduce_state(world, a.state(), a.fixed_state_keys)
-                  for a in ((stats_acc,) if cache is not None else (stats_acc, acc))}
+        states = {a.name: distributed.reduce_state(world, a.state(), a.fixed_state_keys) for a in summed_accs}
         message = None
         if world.main:
             try:
@@ -526,8 +523,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     _sync(teacher.device)  # GPU work is asynchronous: the stream time must include the last batch
     t_acc = time.perf_counter() - t_loop
     if world.active:  # rank 0 finalises the sum of every shard (in place: no copy); the other ranks are done
-        totals = [(a, distributed.reduce_state(world, a.state(), a.fixed_state_keys))
-                  for a in ((stats_acc,) if cache is not None else (stats_acc, acc))]
+        totals = [(a, distributed.reduce_state(world, a.state(), a.fixed_state_keys)) for a in summed_accs]
         if world.main:
             for a, state in totals:
                 a.load_state(state)

@@ -320,8 +320,9 @@ def test_estimate_diagnostics_on_the_same_forward_passes(tiny_teacher, tmp_path,
                 convergence=False, seed=3)
     spec = run_estimate(diagnostics=True, out=str(out), **opts)
     n_batches = math.ceil(200 / SEQ / 4)
-    # The linear-head check reads features once; every batch is one forward that gives all layers.
-    assert calls == {"features": 1, "hidden_states": n_batches}
+    # The linear-head check reads features once; every batch is one forward that gives all layers
+    # (plus one one-token forward that sizes the anisotropy accumulator before the first batch).
+    assert calls == {"features": 1, "hidden_states": n_batches + 1}
     summary = json.loads((out / "results.json").read_text())
     assert len(summary["anisotropy"]) == 3 and summary["head_singular_entropy_kl"] >= 0
     report = (out / "report.md").read_text()

@@ -10,6 +10,7 @@ round-off model |Δσ_i| ≲ c·eps·σ_1²/σ_i (a Gram squares the condition n
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -500,12 +501,21 @@ def test_merge_order_and_sharding_within_roundoff(n, v, cuts, order_seed, scale,
 
 
 # ---- two processes (gloo) ------------------------------------------------------------------------
-def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, tmp_path):
-    """torchrun --nproc_per_node=2 of the real CLI on the CPU (gloo), with checkpoints on: the
-    same rows (the plan does not depend on P), summed across processes before finalize."""
+@pytest.fixture(scope="module")
+def ref_diagnostics(teacher64, corpus_file):
+    """Per-layer anisotropy of the reference run's rows (one process, `estimate --diagnostics`)."""
+    spec = run_estimate(**api_kwargs(teacher64, corpus_file, tokens=TOKENS, dtype="fp64", device="cpu",
+                                     diagnostics=True))
+    return np.asarray(spec.meta["anisotropy"])
+
+
+def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, ref_diagnostics, tmp_path):
+    """torchrun --nproc_per_node=2 of the real CLI on the CPU (gloo), with checkpoints and the
+    diagnostics on: the same rows (the plan does not depend on P), every state (the layers'
+    anisotropy sums too) summed across processes before finalize."""
     out = tmp_path / "run2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rankest",
-           *cli_args(neox_dir, corpus_file, out), "--checkpoint-every", "5"]
+           *cli_args(neox_dir, corpus_file, out), "--checkpoint-every", "5", "--diagnostics"]
     proc = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("route gram: N = 2,048") == 1, "only rank 0 reports"
@@ -513,6 +523,33 @@ def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, tmp_path
     assert got.meta["world_size"] == 2
     assert not (out / CHECKPOINT_NAME).exists()
     assert_same_spectrum(got, read_spectrum_h5(reference))
+    summary = json.loads((out / "results.json").read_text())
+    np.testing.assert_allclose(summary["anisotropy"], ref_diagnostics, rtol=1e-12)
+    assert (out / "anisotropy.h5").exists() and (out / "head_spectrum.h5").exists()
+
+
+def test_diagnostics_signal_then_resume_equals_uninterrupted(teacher64, corpus_file, tmp_path, monkeypatch,
+                                                             ref_diagnostics):
+    """--diagnostics with checkpoints: the layers' anisotropy sums are in the checkpoint."""
+    out = tmp_path / "run"
+    kw = dict(tokens=TOKENS, dtype="fp64", device="cpu", diagnostics=True, checkpoint_every=16)
+    calls = {"n": 0}
+    original = teacher64.hidden_states
+
+    def hidden_states(ids):
+        calls["n"] += 1
+        if calls["n"] == 1 + 20:  # (call 1 is the one-token forward that sizes the accumulator)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(ids)
+
+    with monkeypatch.context() as m:
+        m.setattr(teacher64, "hidden_states", hidden_states)
+        with pytest.raises(Interrupted):
+            run_estimate(**api_kwargs(teacher64, corpus_file, out, **kw))
+    ck = read_checkpoint(out / CHECKPOINT_NAME)
+    assert ck.position["next_batch"] == 20 and "anisotropy" in ck.states
+    spec = run_estimate(**api_kwargs(teacher64, corpus_file, out, resume=True, **kw))
+    np.testing.assert_allclose(spec.meta["anisotropy"], ref_diagnostics, rtol=1e-13)
 
 
 def test_checkpoint_of_one_process_resumed_by_two(teacher64, neox_dir, corpus_file, reference, tmp_path,
