@@ -398,10 +398,6 @@ def _sweep(kind: str, opts: dict, compute, config: dict) -> dict[str, dict[str, 
     from .teachers import DEFAULT_TEACHER
 
     teacher = opts["teacher"] if opts["teacher"] is not None else DEFAULT_TEACHER
-    if opts["quiet"]:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     checkpoints = resolve_checkpoints(teacher, opts["revisions"], cache_dir=opts["cache_dir"])
     config = {**config, "teacher": getattr(teacher, "name", str(teacher)),
               "revisions": [c.label for c in checkpoints], "device": str(opts["device"]), "dtype": str(opts["dtype"]),

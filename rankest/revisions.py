@@ -286,7 +286,7 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
     """
     from tqdm.auto import tqdm
 
-    from .teachers import load_teacher
+    from .teachers import load_teacher, quiet_loading
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
@@ -326,9 +326,12 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
     bar = tqdm(total=len(todo), desc=f"{kind.replace('_', '-')} checkpoints", unit="ckpt",
                disable=quiet or len(todo) < 2, dynamic_ncols=True)
     for ckpt in todo:
-        teacher = ckpt.target if ckpt.loaded else load_teacher(ckpt.target, revision=ckpt.revision, device=device,
-                                                                 dtype=dtype, cache_dir=cache_dir,
-                                                                 device_map=device_map)
+        if ckpt.loaded:
+            teacher = ckpt.target
+        else:
+            with quiet_loading(quiet):
+                teacher = load_teacher(ckpt.target, revision=ckpt.revision, device=device, dtype=dtype,
+                                       cache_dir=cache_dir, device_map=device_map)
         try:
             result = compute(teacher)
             result["source"] = teacher.source

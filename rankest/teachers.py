@@ -30,7 +30,9 @@ References: Biderman et al. (2023), "Pythia", arXiv 2304.01373 (sizes, padded vo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib.util
 import os
 import pathlib
@@ -673,6 +675,31 @@ def _check_device_map(device_map: str | dict | None, device: str | torch.device)
     return device_map
 
 
+@contextlib.contextmanager
+def quiet_loading(quiet: bool = True):
+    """Silence transformers' progress bars while a teacher loads (``--quiet``): its logging bars,
+    and the GGUF loader's own ``tqdm``, which no transformers switch reaches (patched for the
+    duration of the block)."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without GGUF support
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+
+
 def teacher_and_documents(teacher, corpus, *, revision: str | None, device, dtype, seq_len: int,
                           quiet: bool, device_map: str | None = None) -> tuple[Teacher, list[str] | None]:
     """The two inputs of every run, in the order that fails fastest: the corpus's documents first
@@ -682,13 +709,10 @@ def teacher_and_documents(teacher, corpus, *, revision: str | None, device, dtyp
     ``quiet`` also silences transformers' progress bars."""
     from .corpus import check_seq_len, load_documents
 
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     docs = None if isinstance(corpus, torch.Tensor) else load_documents(corpus)
     if isinstance(teacher, str):
-        teacher = load_teacher(teacher, revision=revision, device=device, dtype=dtype, device_map=device_map)
+        with quiet_loading(quiet):
+            teacher = load_teacher(teacher, revision=revision, device=device, dtype=dtype, device_map=device_map)
     check_seq_len(seq_len, teacher.context_length)
     return teacher, docs
 

@@ -274,3 +274,15 @@ def test_features_are_the_head_input_gpt2(tmp_path, tiny_teacher):
     head_input, full = _head_input(t, ids)
     torch.testing.assert_close(features, head_input, rtol=0, atol=0)
     torch.testing.assert_close(t.logits(features), full, rtol=1e-5, atol=1e-5)
+
+
+def test_quiet_loading_silences_the_gguf_bar_and_restores_it():
+    """--quiet: the GGUF loader's own tqdm (which no transformers switch reaches) is disabled while
+    a teacher loads, and the module is left as it was afterwards."""
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    before = gguf_utils.tqdm
+    with teachers.quiet_loading(True):
+        assert gguf_utils.tqdm([1, 2]).disable
+    assert gguf_utils.tqdm is before
+    with teachers.quiet_loading(False):
+        assert gguf_utils.tqdm is before
