@@ -145,6 +145,10 @@ class Anisotropy(Accumulator):
             mine += theirs[key].to(mine.device)
         self.n_rows += other.n_rows
 
+    def nbytes(self) -> int:
+        """Bytes of the state where it lives (without copying it to the host, as state() would)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
     def state(self) -> dict[str, np.ndarray]:
         out = {k: v.cpu().numpy() for k, v in self._tensors().items()}
         out["widths"] = np.asarray(self.widths, dtype=np.int64)

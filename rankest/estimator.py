@@ -352,7 +352,20 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     if cfg.space == "clr":
         with torch.inference_mode():
             linear, lin_err = check_linear_head(teacher, first.input_ids.to(teacher.device))
+    diag = None
+    if cfg.diagnostics:  # every layer's hidden states from the same forward pass: no extra pass
+        from .diagnostics import EstimateDiagnostics
+
+        diag = EstimateDiagnostics(teacher)
+    # The accumulators' budget: --max-memory less what the diagnostics hold (a d×d fp64 Gram per
+    # layer: 4.4 GB for Pythia-6.9B), or half of what is free once they are allocated.
     budget = parse_size(cfg.max_memory) if cfg.max_memory else available_memory(teacher.device) // 2
+    if diag is not None and cfg.max_memory:
+        budget -= diag.acc.nbytes()
+        if budget <= 0:
+            raise UserError(f"--diagnostics keeps a d×d fp64 Gram per layer ({_fmt_bytes(diag.acc.nbytes())}), "
+                            f"more than --max-memory {cfg.max_memory}; raise --max-memory, or drop --diagnostics "
+                            "and run `rankest anisotropy --no-pca` separately.")
     if position is not None:  # resuming: the checkpoint's route, whatever memory says today
         route, reason = position["route"], position["route_reason"]
     else:  # rank 0 decides (free memory differs between processes)
@@ -394,12 +407,6 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
 
         acc = Sketch(teacher.n_cols, sketch_rank(cfg, teacher.n_cols), space=cfg.space, seed=cfg.seed,
                      precision=_sketch_precision(cfg.gram_precision, row_dtype), device=teacher.device)
-
-    diag = None
-    if cfg.diagnostics:  # every layer's hidden states from the same forward pass: no extra pass
-        from .diagnostics import EstimateDiagnostics
-
-        diag = EstimateDiagnostics(teacher)
 
     milestones = _milestones(n_total) if cfg.convergence and acc.cheap_finalize else []
     convergence: dict[int, dict] = {}

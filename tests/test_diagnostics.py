@@ -338,3 +338,16 @@ def test_estimate_diagnostics_on_the_same_forward_passes(tiny_teacher, tmp_path,
     calls.update(features=0, hidden_states=0)
     run_estimate(**opts)
     assert calls == {"features": n_batches + 1, "hidden_states": 0}
+
+
+def test_estimate_diagnostics_count_against_max_memory(tiny_teacher):
+    """--diagnostics' per-layer Grams come out of --max-memory: a budget they alone exceed is
+    refused with a sentence; the anisotropy state's size is that of its tensors."""
+    from rankest.diagnostics import Anisotropy
+    from rankest.estimator import run_estimate
+
+    acc = Anisotropy([32, 32, 32], pca=True)
+    assert acc.nbytes() == 8 * 3 * (32 * 32 + 2 * 32) + 8 * 3 * 2
+    with pytest.raises(UserError, match="--diagnostics keeps a d×d fp64 Gram per layer"):
+        run_estimate(teacher=tiny_teacher, corpus="lee", tokens=64, seq_len=SEQ, quiet=True, diagnostics=True,
+                     max_memory="20KB")
