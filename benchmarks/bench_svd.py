@@ -163,6 +163,7 @@ METHODS = {
     # name: (function, knob label, knob → passes over the matrix, label for plots)
     "rankest subspace fp32": (_rankest("subspace", "fp32"), "passes", lambda it: it + 1),
     "rankest krylov fp32": (_rankest("krylov", "fp32"), "passes", lambda it: it + 1),
+    "rankest krylov-rr fp32": (_rankest("krylov-rr", "fp32"), "passes", lambda it: it + 1),
     "rankest krylov fast": (_rankest("krylov", "fast"), "passes", lambda it: it + 1),
     "rankest krylov fp64": (_rankest("krylov", "fp64"), "passes", lambda it: it + 1),
     "sklearn randomized_svd": (_sklearn, "n_iter", lambda it: it + 1),
@@ -411,7 +412,7 @@ def write_report(results: dict, out: Path, command: str, pngs: list[str]) -> Non
         f"* **Times**: each matched setting is run {results['repeats']} times, the methods taking turns (so that "
         "load from other jobs on this shared machine falls on all of them alike); the table gives each "
         "method's fastest run (runs longer than 15 s: two runs).",
-        "* rankest variants: `subspace` / `krylov` method; `fp32` products (the default for fp32 input), `fast` "
+        "* rankest variants: `subspace` / `krylov` / `krylov-rr` method; `fp32` products (the default for fp32 input), `fast` "
         "(bf16-input GEMMs with fp32 accumulation and output, fp64 carry), `fp64` products.",
         "* Peak memory: rise of the process's peak RSS (VmHWM, reset before each call) above the RSS with the "
         "matrix loaded.",
@@ -596,7 +597,9 @@ def main(argv=None) -> int:
         "~5e-5, the bf16 rounding of T itself.",
         "At equal passes, rankest `subspace` computes the same subspace as sklearn / torch / fbpca with "
         "n_iter = passes − 1 (same number of GEMMs with T); `krylov` keeps every block (memory (passes − 1)·l "
-        "columns) and converges in fewer passes on slowly decaying spectra.",
+        "columns) and converges in fewer passes on slowly decaying spectra; `krylov-rr` is the same Krylov space "
+        "with Musco & Musco's Rayleigh–Ritz extraction, whose last pass computes T·Q only: 2·passes − 1 GEMMs "
+        "with T, one fewer than torch / sklearn / fbpca at n_iter = passes − 1.",
         "rankest's timings include its a-posteriori error estimate (16 probe columns) and U (from the last "
         "pass, no extra pass).",
         f"fp32 rounding of the test matrices moves σ by at most ‖T₃₂ − T₆₄‖_F ≤ "

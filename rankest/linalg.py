@@ -17,6 +17,11 @@ on every pass) is as good as an in-memory matrix.
   Nyström on span{AΩ, A²Ω, …, A^{q−1}Ω}, each block orthogonalised against the previous
   ones (block Gram–Schmidt twice, then QR). More accurate than subspace iteration at the
   same number of passes on slowly decaying spectra; memory O(V'·(q−1)·l).
+* q passes, ``method="krylov-rr"`` — the same Krylov blocks with Musco & Musco's own
+  Rayleigh–Ritz extraction: the last pass computes only T·Q_{q−1} (and its l×l Gram), not
+  Tᵀ(T·Q_{q−1}): 2q − 1 products of T instead of 2q. Its values are Ritz values, below the
+  truth by Cauchy interlacing (λ̂_i ≤ λ_i), so every bound below still holds. The cheapest way
+  here to a given accuracy on slowly decaying spectra (benchmarks/reports/svd_cpu.md).
 
 Every result carries the unexplained energy E − Σσ̂² (E = ‖T‖_F² streamed in fp64) and a
 probe estimate of ‖A − Â‖_F (Tropp, Yurtsever, Udell & Cevher 2019, "Streaming low-rank
@@ -53,7 +58,7 @@ import torch
 from .errors import UserError
 
 PRECISIONS = ("fp64", "fp32", "fast")
-METHODS = ("subspace", "krylov")
+METHODS = ("subspace", "krylov", "krylov-rr")
 
 #: Unit round-off of the products, as far as Y = Tᵀ(T·X) is concerned (sets the Nyström shift
 #: and the round-off part of the error). ``fast``: T and X are rounded to bf16 consistently (a
@@ -309,6 +314,19 @@ def _gram_apply_bf16(rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> 
     y2 = torch.mm(r.T, torch.cat([z_hi, z_lo], dim=1), out_dtype=torch.float32)
     out += y2[:, :m]
     out += y2[:, m:]
+    return z
+
+
+def gram_of_image(rows: torch.Tensor, x: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    """out += ZᵀZ for Z = T·X of one chunk (the Rayleigh–Ritz pass of ``krylov-rr``; fp32 or
+    fp64 products): Z as :func:`gram_apply` computes it, its Gram in fp64 (the products of fp32
+    values are exact there). Returns Z.
+
+    rows : (n, V'); x : (V', m) float32 or float64; out : (m, m) float64.
+    """
+    z = rows.to(x.dtype) @ x
+    z64 = z.to(torch.float64)
+    out += z64.T @ z64
     return z
 
 
@@ -629,7 +647,8 @@ class _Source:
 
 
 def _run_pass(src: _Source, blocks, plan: dict, *, pass_index: int, keep_z: bool = False,
-              want_energy: bool = False, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+              want_energy: bool = False, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              image_gram: bool = False):
     """One pass over the rows: Y_j = Tᵀ(T·X_j) for every test block X_j (fp64 (V', m_j) each).
 
     Blocks are concatenated into one product (one GEMM per chunk). V' of a stream is known only
@@ -637,7 +656,8 @@ def _run_pass(src: _Source, blocks, plan: dict, *, pass_index: int, keep_z: bool
     ``plan["precision"]`` (the exact fallback switches to fp64). Returns (ys, energy, n_rows,
     z) with z = T·X_0 (N × m_0, product dtype) when ``keep_z``, else None. With ``reduce`` (a sum
     over processes that each stream a shard of the rows), Y, the energy and the row count are
-    those of all the shards, identical on every process.
+    those of all the shards, identical on every process. With ``image_gram`` (one block), the
+    pass accumulates (T·X)ᵀ(T·X) (m × m, fp64) instead of Tᵀ(T·X): ``ys`` is [that Gram].
     """
     x = y = None
     widths: list[int] = []
@@ -650,10 +670,14 @@ def _run_pass(src: _Source, blocks, plan: dict, *, pass_index: int, keep_z: bool
             bl = blocks(src.n_cols) if callable(blocks) else blocks
             widths = [int(b_.shape[1]) for b_ in bl]
             x = torch.cat(bl, dim=1).to(device=src.device, dtype=product_dtype(plan["precision"], src.device))
-            y = torch.zeros(src.n_cols, sum(widths), dtype=torch.float64, device=src.device)
+            y = torch.zeros(sum(widths) if image_gram else src.n_cols, sum(widths), dtype=torch.float64,
+                            device=src.device)
         if rows.shape[0] == 0:
             continue
-        z = gram_apply(rows, x, precision=plan["precision"], out=y)
+        if image_gram:
+            z = gram_of_image(rows, x, out=y)
+        else:
+            z = gram_apply(rows, x, precision=plan["precision"], out=y)
         _check_finite(z, rows, index, start)
         if want_energy:
             energy += row_energy(rows)
@@ -737,6 +761,11 @@ def _resolve(k, oversample, passes, method, precision, n_probes, seed, src: _Sou
         precision = "fp64" if src.dtype == torch.float64 else "fp32"
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if method == "krylov-rr" and precision == "fast":
+        # Rayleigh–Ritz takes its subspace from the blocks themselves, which `fast` rounds to bf16:
+        # the vectors would keep that rounding (3e-4 measured, against 4e-7 for krylov).
+        raise InputError("method='krylov-rr' reads its subspace from the test blocks, which precision='fast' "
+                         "rounds to bf16; use method='krylov' (or 'subspace') with 'fast', or precision='fp32'")
     n_probes = _check_int("n_probes", n_probes, minimum=0)
     seed = _check_int("seed", seed, minimum=-(1 << 63))
     return k, oversample, passes, method, precision, n_probes, seed
@@ -764,9 +793,11 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         Passes over the rows. 1: shifted Nyström (single pass, :func:`streaming_nystrom`).
         q ≥ 2: ``method`` with q passes (q − 1 power steps of Halko et al. 2011). "auto": 3,
         or 1 for a one-shot iterable.
-    method : {"subspace", "krylov"}
-        Subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4) or block Krylov
-        (Musco & Musco 2015, Alg. 2; memory (passes − 1)·l columns). Same for passes = 1.
+    method : {"subspace", "krylov", "krylov-rr"}
+        Subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), block Krylov with a
+        Nyström finish, or block Krylov with Musco & Musco's Rayleigh–Ritz finish (2015, Alg. 2),
+        whose last pass computes T·Q only: 2·passes − 1 products with T instead of 2·passes.
+        Krylov memory: (passes − 1)·l columns. All the same for passes = 1.
     precision : {"fp64", "fp32", "fast"}, optional
         Arithmetic of the products (always carried in fp64), see :func:`gram_apply`.
         Default: fp64 for fp64 input, fp32 otherwise.
@@ -831,7 +862,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
             return [torch.eye(v, dtype=torch.float64, device=src.device)]
         l_ = min(k + oversample, v)
         out = [round_test(gaussian_test_matrix(v, l_, seed=seed, stream=STREAM_OMEGA, device=src.device), precision)]
-        if passes == 1 and n_probes:
+        if (passes == 1 or method == "krylov-rr") and n_probes:
+            # krylov-rr's last pass computes no A·X: its probes' images come from this pass.
             out.append(probe_matrix(v, n_probes, seed=seed, precision=precision, device=src.device))
         return out
 
@@ -855,42 +887,102 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         return _package(src, lam[:k], vecs, core, z, info, return_vectors=return_vectors)
 
     probes = probe_matrix(v, n_probes, seed=seed, precision=precision, device=src.device) if n_probes else None
-    probe_y = None
+    probe_y = ys[1] if (method == "krylov-rr" and n_probes) else None
+    krylov = method in ("krylov", "krylov-rr")
     y = ys[0]
     basis: list[torch.Tensor] = []  # subspace: [Q]; Krylov: the orthonormal blocks Q_1, Q_2, …
     used: list[torch.Tensor] = []  # the same blocks as the products saw them (round_test)
     images: list[torch.Tensor] = []  # A·Q of each block
     zs: list[torch.Tensor] = []  # T·Q of each block (in memory, for U)
+    last_gram = None  # krylov-rr: (T·Q_last)ᵀ(T·Q_last), from the last pass
     for j in range(1, passes):
         last = j == passes - 1
-        prev = torch.cat(basis, dim=1) if (method == "krylov" and basis) else None
+        prev = torch.cat(basis, dim=1) if (krylov and basis) else None
         room = v - (0 if prev is None else prev.shape[1])
         if room <= 0:
             break  # the Krylov space spans R^V' already: the Nyström below is exact
         q = _orth(y[:, :room], prev)  # re-orthonormalise every pass (QR): no growth or loss of rank
-        with_probes = probes is not None and (last or room <= y.shape[1] and method == "krylov")
         qr_ = round_test(q, precision)
+        if method == "krylov-rr" and last:  # Rayleigh–Ritz: T·Q only
+            ys, _, _, z = _run_pass(src, [qr_], plan, pass_index=j, keep_z=keep, reduce=reduce, image_gram=True)
+            last_gram = ys[0]
+            basis.append(q), used.append(qr_)
+            if keep:
+                zs.append(z)
+            break
+        with_probes = probes is not None and method != "krylov-rr" and (
+            last or room <= y.shape[1] and method == "krylov")
         ys, _, _, z = _run_pass(src, [qr_] + ([probes] if with_probes else []), plan, pass_index=j, keep_z=keep,
                                 reduce=reduce)
         y = ys[0]
         if with_probes:
             probe_y = ys[1]
-        if method == "krylov":
+        if krylov:
             basis.append(q), used.append(qr_), images.append(y)
             if keep:
                 zs.append(z)
         else:
             basis, used, images, zs = [q], [qr_], [y], ([z] if keep else [])
-    xk, yk = torch.cat(used, dim=1), torch.cat(images, dim=1)
+    xk = torch.cat(used, dim=1)
     kk = min(k, xk.shape[1])
-    # The blocks are orthonormal unless `fast` rounded them (then nystrom() re-orthonormalises).
-    lam, vecs, core = nystrom(xk, yk, precision=precision, orthonormal=precision != "fast",
-                              n_vectors=kk if (return_vectors or probes is not None) else 0)
-    err = nystrom_error(lam, vecs, energy, kk, probes=probes, probe_images=probe_y,
-                        roundoff=core["shift"] * xk.shape[1])
+    n_vec = kk if (return_vectors or probes is not None) else 0
+    if method == "krylov-rr":
+        lam, vecs, core = rayleigh_ritz(used, images, last_gram, precision=precision, n_vectors=n_vec)
+        roundoff = core["roundoff"]
+    else:
+        # The blocks are orthonormal unless `fast` rounded them (then nystrom() re-orthonormalises).
+        lam, vecs, core = nystrom(xk, torch.cat(images, dim=1), precision=precision,
+                                  orthonormal=precision != "fast", n_vectors=n_vec)
+        roundoff = core["shift"] * xk.shape[1]
+    err = nystrom_error(lam, vecs, energy, kk, probes=probes, probe_images=probe_y, roundoff=roundoff)
     info = {"passes": passes, "method": method, **base, "shift": core["shift"], **err}
     z = (zs[0] if len(zs) == 1 else torch.cat(zs, dim=1)) if keep and zs else None
     return _package(src, lam[:kk], vecs, core, z, info, return_vectors=return_vectors)
+
+
+def rayleigh_ritz(used: list[torch.Tensor], images: list[torch.Tensor], last_gram: Optional[torch.Tensor], *,
+                  precision: str, n_vectors: int = 0):
+    """Ritz pairs of A = TᵀT on span of the Krylov blocks X = [X_1 … X_m] (Musco & Musco 2015,
+    Alg. 2, steps 5–7), without A·X_m.
+
+    The core G = XᵀAX is assembled from what the passes computed: XᵀA·X_{<m} from the images
+    Y_j = A·X_j (j < m), and X_mᵀAX_m = (T·X_m)ᵀ(T·X_m) = ``last_gram`` (None when the blocks
+    already spanned R^V' and every image exists). X is orthonormal (fp32/fp64 products use the
+    blocks as they are); G = WΛWᵀ gives the Ritz values Λ and vectors XW. Â = XWΛWᵀXᵀ = PAP
+    (P the projection on span X): λ̂_i ≤ λ_i by Cauchy interlacing, E − Σλ̂ ≥ Σ_i(λ_i − λ̂_i).
+
+    Parameters
+    ----------
+    used : m blocks (V', l_j) float64, as the products saw them; images : the m − 1 (or m) A·X_j.
+    last_gram : (l_m, l_m) float64 or None.
+
+    Returns
+    -------
+    (lam (L,) descending ≥ 0, vecs (V', n_vectors) or None, core) — core as :func:`nystrom_eigh`'s
+    for rebuilding U from T·X (``l_chol`` = I, ``w``, ``r`` = None), ``shift`` = 0 and
+    ``roundoff``: the energy the products' round-off may move, L·10·u·λ̂_1.
+    """
+    x = torch.cat(used, dim=1)
+    if last_gram is None:
+        g = x.T @ torch.cat(images, dim=1)
+    else:
+        prev = torch.cat(used[:-1], dim=1) if len(used) > 1 else None
+        if prev is None:
+            g = last_gram
+        else:
+            ay = torch.cat(images, dim=1)  # A·X_{<m}
+            cross = ay.T @ used[-1]  # X_{<m}ᵀ A X_m
+            g = torch.cat([torch.cat([prev.T @ ay, cross], dim=1),
+                           torch.cat([cross.T, last_gram], dim=1)], dim=0)
+    mu, w = sym_eigh(g)
+    lam = mu.clamp_min(0.0)
+    vecs = None
+    if n_vectors:
+        vecs = x @ w[:, :n_vectors]
+    width = g.shape[0]
+    roundoff = width * 10.0 * UNIT_ROUNDOFF[precision] * float(lam[0]) if width else 0.0
+    return lam, vecs, {"shift": 0.0, "roundoff": roundoff, "l_chol": torch.eye(width, dtype=torch.float64,
+                                                                                device=g.device), "w": w, "r": None}
 
 
 def streaming_nystrom(A_or_stream, k: int, *, oversample: Optional[int] = None, precision: Optional[str] = None,

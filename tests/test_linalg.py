@@ -120,7 +120,7 @@ def test_single_pass_w_error(name, precision):
 
 @pytest.mark.parametrize("name", ["poly1", "exp"])
 @pytest.mark.parametrize("precision", ["fp64", "fp32"])
-@pytest.mark.parametrize("method", ["subspace", "krylov"])
+@pytest.mark.parametrize("method", ["subspace", "krylov", "krylov-rr"])
 def test_three_passes_sigma(name, precision, method):
     """passes = 3, l = 2k: σ_1…σ_{k/2} within 1e-3 (relative) on the i^-1 and exponential spectra."""
     dtype = torch.float64 if precision == "fp64" else torch.float32
@@ -142,13 +142,15 @@ def test_more_passes_converge():
 
 
 @pytest.mark.parametrize("name", ["lowrank_noise", "poly1", "exp"])
-@pytest.mark.parametrize("passes", [1, 3])
-def test_error_estimates_bound_the_truth(name, passes):
+@pytest.mark.parametrize("passes,method", [(1, "subspace"), (3, "subspace"), (3, "krylov-rr")])
+def test_error_estimates_bound_the_truth(name, passes, method):
     """The a-posteriori estimates: σ_upper ≥ σ, W-error lower curve ≤ truth, and the curve is
-    within 1e-2 of the truth up to trusted_d (and the certified trusted_d is no larger)."""
+    within 1e-2 of the truth up to trusted_d (and the certified trusted_d is no larger). For
+    krylov-rr Â = PAP is a Rayleigh–Ritz approximation (A − Â indefinite): the bounds rest on
+    Cauchy interlacing and Lidskii's inequality instead of A − Â ≽ 0."""
     a = make_matrix(name)
     s, e, w = truth(a)
-    res = randomized_svd(a, K, passes=passes, seed=3)
+    res = randomized_svd(a, K, passes=passes, method=method, seed=3)
     info = res.info
     tol_e = energy_tol("fp64", s[0])
     # U = E − Σ over all l Nyström values: at most the energy beyond the k reported ones
@@ -178,7 +180,7 @@ def test_fast_precision_measured_effect():
 # --------------------------------------------------------------------------------------------
 # vectors and signs
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("passes,method", [(1, "subspace"), (3, "subspace"), (3, "krylov")])
+@pytest.mark.parametrize("passes,method", [(1, "subspace"), (3, "subspace"), (3, "krylov"), (3, "krylov-rr")])
 def test_vectors(passes, method):
     a = make_matrix("exp")
     u, s, vt, _ = randomized_svd(a, K, passes=passes, method=method)
@@ -225,17 +227,18 @@ def _stream(a: torch.Tensor, cuts: list[int], as_numpy: bool = False):
 
 
 _MAT = make_matrix("poly1", n=600, v=200, seed=4)
-_REF = {p: randomized_svd(_MAT, 20, passes=p, method=m, seed=1, chunk_rows=10_000, precision="fp64")
-        for p, m in [(1, "subspace"), (3, "subspace"), (4, "krylov")]}
+_REF = {(p, m): randomized_svd(_MAT, 20, passes=p, method=m, seed=1, chunk_rows=10_000, precision="fp64")
+        for p, m in [(1, "subspace"), (3, "subspace"), (4, "krylov"), (4, "krylov-rr")]}
 
 
 @settings(max_examples=12, deadline=None)
 @given(cuts=st.lists(st.integers(min_value=1, max_value=599), max_size=8),
-       pm=st.sampled_from([(1, "subspace"), (3, "subspace"), (4, "krylov")]), as_numpy=st.booleans())
+       pm=st.sampled_from([(1, "subspace"), (3, "subspace"), (4, "krylov"), (4, "krylov-rr")]),
+       as_numpy=st.booleans())
 def test_stream_equals_in_memory(cuts, pm, as_numpy):
     """Whatever the chunking, a stream gives the in-memory result to fp64 round-off (not bitwise)."""
     passes, method = pm
-    ref = _REF[passes]
+    ref = _REF[(passes, method)]
     res = randomized_svd(_stream(_MAT, cuts, as_numpy), 20, passes=passes, method=method, seed=1, precision="fp64")
     s_ref = ref.S.numpy()
     np.testing.assert_allclose(res.S.numpy(), s_ref, rtol=1e-10, atol=1e-12 * s_ref[0])
@@ -301,6 +304,7 @@ def test_bad_k(k):
 @pytest.mark.parametrize("kwargs,match", [
     ({"passes": 0}, "passes"), ({"method": "lanczos"}, "method"), ({"precision": "fp16"}, "precision"),
     ({"oversample": -1}, "oversample"), ({"n_probes": -1}, "n_probes"),
+    ({"method": "krylov-rr", "precision": "fast"}, "krylov-rr.*bf16"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -365,3 +369,29 @@ def test_nystrom_core_rank_deficient():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         randomized_svd(t, 8, passes=3)  # no warning, no failure
+
+
+def test_krylov_rr_saves_the_last_product(monkeypatch):
+    """krylov-rr's last pass multiplies by T only (T·Q and its l×l Gram): q − 1 passes of
+    Tᵀ(T·X) and one of T·X — 2q − 1 products with T instead of 2q — and its Ritz values sit
+    between subspace iteration's and the Nyström-finished Krylov's on the i^-1 spectrum."""
+    from rankest import linalg
+
+    calls = {"gram_apply": 0, "gram_of_image": 0}
+    for name in calls:
+        real = getattr(linalg, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(linalg, name, counted)
+    a = make_matrix("poly1")
+    s, _, _ = truth(a)
+    rel = lambda r: float(np.max(np.abs(r.S.numpy() - s[:K]) / s[:K]))  # noqa: E731
+    rr = randomized_svd(a, K, passes=3, method="krylov-rr", chunk_rows=N // 4, seed=5)
+    assert calls == {"gram_apply": 2 * 4, "gram_of_image": 4}  # 4 chunks per pass
+    sub = randomized_svd(a, K, passes=3, method="subspace", seed=5, return_vectors=False)
+    kry = randomized_svd(a, K, passes=3, method="krylov", seed=5, return_vectors=False)
+    assert rel(kry) < rel(rr) < rel(sub)
+    assert np.all(rr.S.numpy() <= s[:K] * (1 + 1e-12))  # Ritz values: below the truth (interlacing)
