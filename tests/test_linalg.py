@@ -395,3 +395,23 @@ def test_krylov_rr_saves_the_last_product(monkeypatch):
     kry = randomized_svd(a, K, passes=3, method="krylov", seed=5, return_vectors=False)
     assert rel(kry) < rel(rr) < rel(sub)
     assert np.all(rr.S.numpy() <= s[:K] * (1 + 1e-12))  # Ritz values: below the truth (interlacing)
+
+
+def test_krylov_blocks_stay_orthogonal_on_a_low_rank_matrix():
+    """Rank 12 < l: the later Krylov blocks are round-off inside the earlier ones; _orth's repair
+    keeps the whole basis orthonormal, and every method returns the 12 values, the rest ~0."""
+    from rankest.linalg import _orth
+
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(300, 40, generator=g, dtype=torch.float64)).Q
+    inside = basis @ torch.randn(40, 20, generator=g, dtype=torch.float64) + 1e-13 * torch.randn(
+        300, 20, generator=g, dtype=torch.float64)
+    q = _orth(inside, basis)
+    full = torch.cat([basis, q], dim=1)
+    assert float((full.T @ full - torch.eye(60, dtype=torch.float64)).abs().max()) < 1e-12
+    t = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 300, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(t)
+    for method in ("krylov", "krylov-rr"):
+        res = randomized_svd(t, 20, passes=4, method=method, seed=1)
+        np.testing.assert_allclose(res.S[:12].numpy(), s[:12].numpy(), rtol=1e-10)
+        assert float(res.S[12:].max()) < 1e-6 * float(s[0])
