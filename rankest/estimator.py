@@ -393,9 +393,12 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
         # Every process caches its own shard of the rows; the passes sum their products.
         from .rowcache import cache_nbytes
 
-        cache = acc = _open_row_cache(cfg, world, position, n_cols=teacher.n_cols, n_total=n_total,
-                                      row_dtype=row_dtype, rows_of_rank=lambda r, j: sum(
-                                          row_at(i + 1) - row_at(i) for i in range(r, j, world.size)))
+        def rows_of_rank(r: int, j: int) -> int:  # rows of rank r's batches among the first j
+            return sum(row_at(i + 1) - row_at(i) for i in range(r, j, world.size))
+
+        cache = acc = _open_row_cache(cfg, world, position, n_cols=teacher.n_cols,
+                                      shard_rows=rows_of_rank(world.rank, n_batches), row_dtype=row_dtype,
+                                      rows_of_rank=rows_of_rank)
         reason = f"{reason} ({cache.dtype}, {_fmt_bytes(cache_nbytes(n_total, teacher.n_cols, cache.dtype))})"
     elif route == "factor":
         weight, bias = teacher.head()
@@ -473,6 +476,8 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
                             f"try --dtype fp32 or check the model weights.")
         return Chunk(stats=stats, rows=rows if route != "factor" else None, features=h)
 
+    checkpointed = [position is not None]  # a checkpoint counts this run's row cache: keep it on failure
+
     def save_checkpoint(j: int) -> None:
         # Collective: the states are summed onto rank 0, which writes; a failed write stops every rank.
         if cache is not None:  # the rows the checkpoint counts must be on disk before it is
@@ -494,6 +499,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
             from .checkpoint import CheckpointWriteError
 
             raise CheckpointWriteError(message)
+        checkpointed[0] = True
 
     from tqdm.auto import tqdm
 
@@ -523,7 +529,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
             save_checkpoint(n_batches)  # the teacher's pass is done: a resume goes straight to the passes
     except BaseException:
         # The cache is a checkpointed run's state; without a checkpoint it is an intermediate file.
-        if cache is not None and not (cfg.out and (Path(cfg.out) / CHECKPOINT_NAME).exists()):
+        if cache is not None and not checkpointed[0]:
             cache.remove()
         raise
     bar.close()
@@ -586,11 +592,11 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     return spec
 
 
-def _open_row_cache(cfg: EstimateConfig, world, position: Optional[dict], *, n_cols: int, n_total: int,
+def _open_row_cache(cfg: EstimateConfig, world, position: Optional[dict], *, n_cols: int, shard_rows: int,
                     row_dtype: torch.dtype, rows_of_rank):
-    """This process's row cache for --passes ≥ 2: ``DIR/rows.h5`` (``rows.rank{r}.h5`` under
-    torchrun; a temporary folder without --out), created, or reopened after the rows of the
-    batches the checkpoint counts (``rows_of_rank(rank, next_batch)``)."""
+    """This process's row cache for --passes ≥ 2, sized for its ``shard_rows``: ``DIR/rows.h5``
+    (``rows.rank{r}.h5`` under torchrun; a temporary folder without --out), created, or reopened
+    after the rows of the batches the checkpoint counts (``rows_of_rank(rank, next_batch)``)."""
     import tempfile
 
     from .rowcache import RowCache, resolve_cache_dtype
@@ -599,12 +605,12 @@ def _open_row_cache(cfg: EstimateConfig, world, position: Optional[dict], *, n_c
     where = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
     name = "rows.h5" if not world.active else f"rows.rank{world.rank}.h5"
     if position is None:
-        return RowCache(where / name, n_cols, n_total, dtype=dtype)
+        return RowCache(where / name, n_cols, shard_rows, dtype=dtype)
     if int(position.get("world_size", 1)) != world.size:
         raise UserError(f"--resume: the row cache of --passes is sharded over the {position.get('world_size', 1)} "
                         f"process(es) that wrote it, and this run has {world.size}; resume with "
                         f"{position.get('world_size', 1)}.")
-    return RowCache(where / name, n_cols, n_total, dtype=dtype,
+    return RowCache(where / name, n_cols, shard_rows, dtype=dtype,
                     resume_rows=rows_of_rank(world.rank, int(position["next_batch"])))
 
 

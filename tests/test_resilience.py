@@ -622,5 +622,5 @@ def test_passes_resume_needs_the_same_process_count(tmp_path):
 
     cfg = EstimateConfig(out=str(tmp_path), passes=3)
     with pytest.raises(UserError, match="sharded over the 1 process"):
-        _open_row_cache(cfg, World(size=2, rank=1), {"world_size": 1, "next_batch": 3}, n_cols=8, n_total=64,
+        _open_row_cache(cfg, World(size=2, rank=1), {"world_size": 1, "next_batch": 3}, n_cols=8, shard_rows=32,
                         row_dtype=torch.float64, rows_of_rank=lambda r, j: 0)
