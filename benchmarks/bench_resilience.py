@@ -2,10 +2,14 @@
 
     python benchmarks/bench_resilience.py                  # ~3–5 min on 2 shared cores
     python benchmarks/bench_resilience.py --n-cols 8192 --k 1024 --repeats 3 --tokens 131072
+    # on a GPU machine: the 50k Gram (20 GB) and sketch held on the GPU, part 1 only
+    python benchmarks/bench_resilience.py --n-cols 50277 --k 4096 --device cuda --repeats 1 --no-processes \
+        --name resilience_gpu
 
 Part 1 (in this process): an fp64 V'×V' Gram (the exact `gram` route's state) and a V'×(l+s)
 sketch (l = 2k, s = 16 probes: the `sketch` route's state for --rank-max k), filled with random
-numbers. "checkpoint" = :func:`rankest.checkpoint.write_checkpoint` (HDF5 with Fletcher-32
+numbers, on ``--device`` (a GPU-resident state is copied to the host inside ``state()``, so the
+copy counts). "checkpoint" = :func:`rankest.checkpoint.write_checkpoint` (HDF5 with Fletcher-32
 checksums, fsync, rename); "resume" = :func:`rankest.checkpoint.read_checkpoint` (checksums
 verified) + ``load_state`` into a fresh accumulator. Medians of ``--repeats`` on the run folder's
 disk.
@@ -77,19 +81,21 @@ def part1(args) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         d = Path(d)
 
+        dev = torch.device(args.device)
+
         def fill_gram(a):
-            a.gram.copy_(torch.randn(v, v, dtype=torch.float64))
+            a.gram.copy_(torch.randn(v, v, dtype=torch.float64, device=dev))
             a.n_rows = 12345
 
-        out["gram"] = time_state(lambda: Gram(v, space="prob"), fill_gram, d, args.repeats)
+        out["gram"] = time_state(lambda: Gram(v, space="prob", device=dev), fill_gram, d, args.repeats)
         print(f"gram {v}²: {out['gram']['write_s']:.2f} s / {out['gram']['read_s']:.2f} s", flush=True)
 
         def fill_sketch(a):
-            a.y.copy_(torch.randn(*a.y.shape, dtype=torch.float64))
+            a.y.copy_(torch.randn(*a.y.shape, dtype=torch.float64, device=dev))
             a.n_rows = 12345
 
-        out["sketch"] = time_state(lambda: Sketch(v, k, space="prob"), fill_sketch, d, args.repeats)
-        s = Sketch(v, k, space="prob")
+        out["sketch"] = time_state(lambda: Sketch(v, k, space="prob", device=dev), fill_sketch, d, args.repeats)
+        s = Sketch(v, k, space="prob", device="meta")
         out["sketch"]["shape"] = list(s.y.shape)
         out["sketch"]["l"] = s.l
         print(f"sketch {tuple(s.y.shape)}: {out['sketch']['write_s']:.2f} s / {out['sketch']['read_s']:.2f} s",
@@ -145,10 +151,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tmp", default=None, help="folder for the checkpoint files (default: the system's temp)")
     p.add_argument("--name", default="resilience_cpu")
+    p.add_argument("--device", default="cpu", help="where the part-1 states live: cpu | cuda (default cpu)")
+    p.add_argument("--no-processes", action="store_true", help="skip part 2 (1 vs 2 processes)")
     args = p.parse_args()
     load_start = os.getloadavg()
     r1 = part1(args)
-    r2 = part2(args)
+    r2 = None if args.no_processes else part2(args)
     load_end = os.getloadavg()
     write_report(args, r1, r2, load_start, load_end)
 
@@ -158,15 +166,17 @@ def write_report(args, r1, r2, load_start, load_end) -> None:
 
     from rankest.results import provenance
 
-    prov = provenance("cpu")
+    prov = provenance(args.device)
     mib = 2**20
     cmd = (f"python benchmarks/bench_resilience.py --n-cols {args.n_cols} --k {args.k} --tokens {args.tokens} "
-           f"--seq-len {args.seq_len} --batch-size {args.batch_size} --repeats {args.repeats}")
+           f"--seq-len {args.seq_len} --batch-size {args.batch_size} --repeats {args.repeats}"
+           + (f" --device {args.device}" if args.device != "cpu" else "")
+           + (" --no-processes" if args.no_processes else "") + (f" --name {args.name}" if args.name != "resilience_cpu"
+                                                                   else ""))
     g, s = r1["gram"], r1["sketch"]
-    tps = {p: [x["tokens_per_second"] for x in r2["runs"][p]] for p in PROCS}
-    med = {p: statistics.median(v) for p, v in tps.items()}
+    where = "CPU" if args.device == "cpu" else f"{args.device} ({prov.get('device_name', 'GPU')})"
     lines = [
-        "# Checkpoint / resume and 1 vs 2 processes — CPU",
+        f"# Checkpoint / resume and 1 vs 2 processes — states on {where}",
         "",
         f"Command: `{cmd}`",
         "",
@@ -190,8 +200,26 @@ def write_report(args, r1, r2, load_start, load_end) -> None:
         "",
         f"All runs (s): Gram write {[round(x, 2) for x in g['write_all']]}, read {[round(x, 2) for x in g['read_all']]}; "
         f"sketch write {[round(x, 2) for x in s['write_all']]}, read {[round(x, 2) for x in s['read_all']]}.",
-        "The V' = 50k Gram (20 GB) needs a machine with that much memory and disk; not measured here.",
+        ("The V' = 50k Gram (20 GB) needs a machine with that much memory and disk: "
+         "`python benchmarks/bench_resilience.py --n-cols 50277 --k 4096 --device cuda --repeats 1 --no-processes "
+         "--name resilience_gpu` on a GPU machine." if args.n_cols < 50000 else ""),
         "",
+    ]
+    if r2 is not None:
+        lines += processes_section(r2)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    path = REPORTS / f"{args.name}.md"
+    path.write_text("\n".join(lines))
+    (REPORTS / f"{args.name}.json").write_text(json.dumps({"state": r1, "processes": r2}, indent=2, default=str))
+    print(f"wrote {path}")
+
+
+def processes_section(r2) -> list[str]:
+    import torch
+
+    tps = {p: [x["tokens_per_second"] for x in r2["runs"][p]] for p in PROCS}
+    med = {p: statistics.median(v) for p, v in tps.items()}
+    lines = [
         "## tokens/s, 1 process vs 2 gloo processes (tiny random GPT-NeoX, d = 64, V' = 320, fp32, "
         "`--route gram --space prob`)",
         "",
@@ -218,11 +246,7 @@ def write_report(args, r1, r2, load_start, load_end) -> None:
         "law: 2 processes can at most use the same 2 cores. Distribution pays where each process has its own GPU.",
         "",
     ]
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    path = REPORTS / f"{args.name}.md"
-    path.write_text("\n".join(lines))
-    (REPORTS / f"{args.name}.json").write_text(json.dumps({"state": r1, "processes": r2}, indent=2, default=str))
-    print(f"wrote {path}")
+    return lines
 
 
 if __name__ == "__main__":
