@@ -58,3 +58,18 @@ def checkpoint_progress(path, key: str) -> int:
             return int(json.loads(f.attrs["position"])[key])
     except (OSError, KeyError):
         return -1
+
+
+def count_calls(monkeypatch, obj, names) -> dict:
+    """Wrap the attributes ``names`` of ``obj`` (functions of a module, methods of an object)
+    with ``monkeypatch`` so that each call is counted; returns the live {name: calls} dict."""
+    calls = {name: 0 for name in names}
+    for name in names:
+        real = getattr(obj, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, counted)
+    return calls

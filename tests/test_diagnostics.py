@@ -305,16 +305,9 @@ def test_cli_anisotropy_and_too_few_tokens(ckpt_root, tmp_path, capsys):
 # ---- estimate --diagnostics --------------------------------------------------------------------
 def test_estimate_diagnostics_on_the_same_forward_passes(tiny_teacher, tmp_path, monkeypatch):
     from rankest.estimator import run_estimate
+    from rankest.testing import count_calls
 
-    calls = {"features": 0, "hidden_states": 0}
-    for name in calls:
-        real = getattr(tiny_teacher, name)
-
-        def counted(*a, _real=real, _name=name, **k):
-            calls[_name] += 1
-            return _real(*a, **k)
-
-        monkeypatch.setattr(tiny_teacher, name, counted)
+    calls = count_calls(monkeypatch, tiny_teacher, ("features", "hidden_states"))
     out = tmp_path / "est"
     opts = dict(teacher=tiny_teacher, corpus="lee", tokens=200, seq_len=SEQ, batch_size=4, quiet=True,
                 convergence=False, seed=3)

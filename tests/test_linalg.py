@@ -376,16 +376,9 @@ def test_krylov_rr_saves_the_last_product(monkeypatch):
     Tᵀ(T·X) and one of T·X — 2q − 1 products with T instead of 2q — and its Ritz values sit
     between subspace iteration's and the Nyström-finished Krylov's on the i^-1 spectrum."""
     from rankest import linalg
+    from rankest.testing import count_calls
 
-    calls = {"gram_apply": 0, "gram_of_image": 0}
-    for name in calls:
-        real = getattr(linalg, name)
-
-        def counted(*a, _real=real, _name=name, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(linalg, name, counted)
+    calls = count_calls(monkeypatch, linalg, ("gram_apply", "gram_of_image"))
     a = make_matrix("poly1")
     s, _, _ = truth(a)
     rel = lambda r: float(np.max(np.abs(r.S.numpy() - s[:K]) / s[:K]))  # noqa: E731
