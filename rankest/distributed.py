@@ -111,13 +111,10 @@ def sum_over_processes(world: World) -> Optional[Callable[[torch.Tensor], torch.
     multi-pass SVD (:func:`rankest.linalg.randomized_svd`'s ``reduce``); None for one process."""
     if not world.active:
         return None
-    import torch.distributed as dist
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
-        t = t.contiguous()
-        moved = t.to(world.device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-        return moved.to(t.device)
+        all_sum_(world, [t])
+        return t
 
     return reduce
 
