@@ -288,6 +288,18 @@ def remove_checkpoint(path) -> None:
         pass
 
 
+def check_checkpoint_options(cfg, *, unit: str) -> None:
+    """The checks every checkpointing command makes of ``cfg.checkpoint_every`` (counted in
+    ``unit``), ``cfg.resume``, ``cfg.out`` and ``cfg.overwrite``, each failure a sentence."""
+    if cfg.checkpoint_every is not None and int(cfg.checkpoint_every) < 1:
+        raise UserError(f"--checkpoint-every must be a positive number of {unit}, got {cfg.checkpoint_every}.")
+    for flag, on in (("--checkpoint-every", cfg.checkpoint_every is not None), ("--resume", cfg.resume)):
+        if on and not cfg.out:
+            raise UserError(f"{flag} needs a run folder for the checkpoint; add --out DIR.")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out while --overwrite starts it afresh; pass only one.")
+
+
 def open_run_folder(out, *, resume: bool, overwrite: bool, results_file: str, command: str, run: str,
                     run_config: dict) -> "Checkpoint | None":
     """Prepare the run folder ``out`` (rank 0) and, under ``resume``, read and check its checkpoint.

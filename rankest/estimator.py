@@ -25,6 +25,7 @@ import torch
 
 from . import distributed, ops
 from .accumulators import Chunk, Factor, Gram, RowStats, gram_nbytes
+from .checkpoint import check_checkpoint_options
 from .corpus import corpus_name
 from .errors import UserError
 from .ops.reference import GRAM_PRECISIONS, SPACES  # one definition: the ops' contract
@@ -93,13 +94,7 @@ class EstimateConfig:
             raise UserError(f"--rank-max must be a positive integer, got {self.rank_max}.")
         if self.max_memory is not None:
             parse_size(self.max_memory)
-        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
-            raise UserError(f"--checkpoint-every must be a positive number of chunks, got {self.checkpoint_every}.")
-        for flag, on in (("--checkpoint-every", self.checkpoint_every is not None), ("--resume", self.resume)):
-            if on and not self.out:
-                raise UserError(f"{flag} needs a run folder for the checkpoint; add --out DIR.")
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out while --overwrite starts it afresh; pass only one.")
+        check_checkpoint_options(self, unit="chunks")
         if self.passes != "auto" and not (isinstance(self.passes, int) and self.passes >= 1):
             raise UserError(f"--passes must be a positive integer or auto, got {self.passes!r}.")
         from .rowcache import CACHE_DTYPES

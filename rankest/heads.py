@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import check_checkpoint_options
 from .corpus import corpus_name
 from .errors import UserError
 
@@ -536,13 +537,7 @@ class HeadsConfig:
     resume: bool = False
 
     def validate(self) -> None:
-        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
-            raise UserError(f"--checkpoint-every must be a positive number of steps, got {self.checkpoint_every}.")
-        for flag, on in (("--checkpoint-every", self.checkpoint_every is not None), ("--resume", self.resume)):
-            if on and not self.out:
-                raise UserError(f"{flag} needs a run folder for the checkpoint; add --out DIR.")
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out while --overwrite starts it afresh; pass only one.")
+        check_checkpoint_options(self, unit="steps")
         if self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.objective not in OBJECTIVES:
