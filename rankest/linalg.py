@@ -900,7 +900,7 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     basis: list[torch.Tensor] = []  # subspace: [Q]; Krylov: the orthonormal blocks Q_1, Q_2, …
     used: list[torch.Tensor] = []  # the same blocks as the products saw them (round_test)
     images: list[torch.Tensor] = []  # A·Q of each block
-    zs: list[torch.Tensor] = []  # T·Q of each block (in memory, for U)
+    z_last = None  # subspace in memory: T·Q of the current block (for U)
     last_gram = None  # krylov-rr: (T·Q_last)ᵀ(T·Q_last), from the last pass
     # Krylov in memory: every block's T·Q goes into one (N, (q−1)·l) buffer (U = Z·M at the end).
     zbuf = (torch.empty(n_rows, (passes - 1) * ys[0].shape[1], dtype=product_dtype(precision, src.device),
@@ -936,7 +936,7 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
             basis.append(q), used.append(qr_), images.append(y)
             zoff += qr_.shape[1] if keep else 0
         else:
-            basis, used, images, zs = [q], [qr_], [y], ([z] if keep else [])
+            basis, used, images, z_last = [q], [qr_], [y], z
     xk = torch.cat(used, dim=1)
     kk = min(k, xk.shape[1])
     n_vec = kk if (return_vectors or probes is not None) else 0
@@ -950,7 +950,7 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         roundoff = core["shift"] * xk.shape[1]
     err = nystrom_error(lam, vecs, energy, kk, probes=probes, probe_images=probe_y, roundoff=roundoff)
     info = {"passes": passes, "method": method, **base, "shift": core["shift"], **err}
-    z = (zbuf[:, :zoff] if zbuf is not None else zs[0]) if keep else None
+    z = (zbuf[:, :zoff] if zbuf is not None else z_last) if keep else None
     return _package(src, lam[:kk], vecs, core, z, info, return_vectors=return_vectors)
 
 
@@ -973,21 +973,18 @@ def rayleigh_ritz(used: list[torch.Tensor], images: list[torch.Tensor], last_gra
     Returns
     -------
     (lam (L,) descending ≥ 0, vecs (V', n_vectors) or None, core) — core as :func:`nystrom_eigh`'s
-    for rebuilding U from T·X (``l_chol`` = I, ``w``, ``r`` = None), ``shift`` = 0 and
+    for rebuilding U from T·X (``w``; no ``l_chol`` or ``r``), ``shift`` = 0 and
     ``roundoff``: the energy the products' round-off may move, L·10·u·λ̂_1.
     """
     x = torch.cat(used, dim=1)
     if last_gram is None:
         g = x.T @ torch.cat(images, dim=1)
+    elif len(used) == 1:
+        g = last_gram
     else:
-        prev = torch.cat(used[:-1], dim=1) if len(used) > 1 else None
-        if prev is None:
-            g = last_gram
-        else:
-            ay = torch.cat(images, dim=1)  # A·X_{<m}
-            cross = ay.T @ used[-1]  # X_{<m}ᵀ A X_m
-            g = torch.cat([torch.cat([prev.T @ ay, cross], dim=1),
-                           torch.cat([cross.T, last_gram], dim=1)], dim=0)
+        prev, ay = torch.cat(used[:-1], dim=1), torch.cat(images, dim=1)  # X_{<m} and A·X_{<m}
+        cross = ay.T @ used[-1]  # X_{<m}ᵀ A X_m
+        g = torch.cat([torch.cat([prev.T @ ay, cross], dim=1), torch.cat([cross.T, last_gram], dim=1)], dim=0)
     mu, w = sym_eigh(g)
     lam = mu.clamp_min(0.0)
     vecs = None
@@ -995,8 +992,7 @@ def rayleigh_ritz(used: list[torch.Tensor], images: list[torch.Tensor], last_gra
         vecs = x @ w[:, :n_vectors]
     width = g.shape[0]
     roundoff = width * 10.0 * UNIT_ROUNDOFF[precision] * float(lam[0]) if width else 0.0
-    return lam, vecs, {"shift": 0.0, "roundoff": roundoff, "l_chol": torch.eye(width, dtype=torch.float64,
-                                                                                device=g.device), "w": w, "r": None}
+    return lam, vecs, {"shift": 0.0, "roundoff": roundoff, "w": w}
 
 
 def streaming_nystrom(A_or_stream, k: int, *, oversample: Optional[int] = None, precision: Optional[str] = None,
@@ -1076,7 +1072,10 @@ def _package(src: _Source, lam: torch.Tensor, vecs: Optional[torch.Tensor], core
             # P_Z·T = Q_Z·Fᵀ; with F = V_F·Σ·Wᵀ, U = Q_Z·W = Z·L⁻ᵀ·W (see nystrom_eigh).
             # T·Q = T·X·R⁻¹ when X was orthonormalised in nystrom(). The small factor
             # M = R⁻¹·L⁻ᵀ·W_k (L × k, fp64) is formed first, then one GEMM in Z's dtype: U = Z·M.
-            m = torch.linalg.solve_triangular(core["l_chol"].T, core["w"][:, :k], upper=True)
+            # (Rayleigh–Ritz has no L: Z·W_k, normalised, is U.)
+            m = core["w"][:, :k]
+            if core.get("l_chol") is not None:
+                m = torch.linalg.solve_triangular(core["l_chol"].T, m, upper=True)
             if core.get("r") is not None:
                 m = torch.linalg.solve_triangular(core["r"], m, upper=True)
             u = (z @ m.to(z.dtype)).to(torch.float64)
