@@ -345,19 +345,26 @@ class NgramRows:
         return float((n_h * ent).sum()), float(-(c * np.log(p_obs)).sum()), float(n_h.sum())
 
 
-def build_rows(counts: NgramCounts, *, vocab: int, smoothing: str = "mle", space: str = "prob",
-               weighting: str = "equal", min_count: int = 1, contexts: Optional[int] = None,
-               seed: int = 0) -> NgramRows:
-    """Choose the contexts (≥ min_count occurrences, then C sampled, seeded; streamed in a
-    seeded random order so every prefix is a uniform subsample) and the compressed columns."""
+def check_target_options(space: str, smoothing: str, weighting: str) -> tuple[str, float]:
+    """The checks of an n-gram target's ``space``, ``smoothing`` and ``weighting`` (each failure a
+    sentence); returns :func:`parse_smoothing` (``smoothing``)."""
     kind, k = parse_smoothing(smoothing)
     if space not in NGRAM_SPACES:
-        raise UserError(f"n-gram targets support --space prob or clr, got {space!r}.")
+        raise UserError(f"n-gram targets support --space prob (the paper's) or clr (with smoothing), got {space!r}.")
     if space == "clr" and kind == "mle":
         raise UserError("--space clr takes log p, and MLE rows have zeros (log 0 = −∞); use --space prob, or "
                         "smoothing: --smoothing add-k:1 or --smoothing kn.")
     if weighting not in WEIGHTINGS:
         raise UserError(f"--weighting must be equal or count, got {weighting!r}.")
+    return kind, k
+
+
+def build_rows(counts: NgramCounts, *, vocab: int, smoothing: str = "mle", space: str = "prob",
+               weighting: str = "equal", min_count: int = 1, contexts: Optional[int] = None,
+               seed: int = 0) -> NgramRows:
+    """Choose the contexts (≥ min_count occurrences, then C sampled, seeded; streamed in a
+    seeded random order so every prefix is a uniform subsample) and the compressed columns."""
+    kind, k = check_target_options(space, smoothing, weighting)
     if counts.n_contexts == 0:
         raise UserError(f"the corpus has no {counts.order}-gram (fewer than {counts.order} tokens per document); "
                         f"use a larger corpus or a lower order.")
@@ -555,16 +562,9 @@ def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
     from .offline_tokenizers import load_tokenizer
 
     order = parse_order(cfg.teacher)
-    parse_smoothing(cfg.smoothing)
+    check_target_options(cfg.space, cfg.smoothing, cfg.weighting)  # before any tokenising
     n_ctx = parse_contexts(cfg.contexts)
     fractions = parse_fractions(cfg.corpus_fractions)
-    if cfg.space not in NGRAM_SPACES:
-        raise UserError(f"n-gram targets support --space prob (the paper's) or clr (with smoothing), got {cfg.space!r}.")
-    if cfg.space == "clr" and parse_smoothing(cfg.smoothing)[0] == "mle":
-        raise UserError("--space clr takes log p, and MLE rows have zeros (log 0 = −∞); use --space prob, or "
-                        "smoothing: --smoothing add-k:1 or --smoothing kn.")
-    if cfg.weighting not in WEIGHTINGS:
-        raise UserError(f"--weighting must be equal or count, got {cfg.weighting!r}.")
     if int(cfg.min_count) < 1:
         raise UserError(f"--min-count must be ≥ 1, got {cfg.min_count}.")
     budget = parse_size(cfg.max_memory) if cfg.max_memory else None
