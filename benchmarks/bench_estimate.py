@@ -62,9 +62,9 @@ def worker(args) -> dict:
     import torch
 
     from rankest import ops
-    from rankest.corpus import iter_batches, load_documents, pack_windows, plan_rows
-    from rankest.estimator import run_estimate
-    from rankest.teachers import load_teacher
+    from rankest.sources.corpus import iter_batches, load_documents, pack_windows, plan_rows
+    from rankest.estimator.pipeline import run_estimate
+    from rankest.sources.teachers import load_teacher
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

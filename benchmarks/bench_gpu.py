@@ -15,8 +15,8 @@ What is measured, in one process, on the same synthetic tokens (seeded uniform i
    median): ``transform_rows`` GB/s (bf16 logits → fp32 clr / prob rows + stats, n = 8192)
    against the copy bandwidth, and ``gram_update`` TFLOP/s (fp64 and fast modes, V' = 50,277);
 1. the bare teacher forward, ``model(input_ids=ids).logits`` in bf16 (use_cache=False), tokens/s;
-2. ``rankest.estimator.run_estimate`` with route ``factor`` (clr), ``sketch`` (prob, k = 4096,
-   fast; skipped while ``rankest.sketch`` does not exist) and ``gram`` (prob, V' = 50,277, fast),
+2. ``rankest.estimator.pipeline.run_estimate`` with route ``factor`` (clr), ``sketch`` (prob, k = 4096,
+   fast; skipped while ``rankest.accumulate.sketch`` does not exist) and ``gram`` (prob, V' = 50,277, fast),
    and with ``--full`` gram fp64 — each as a ratio to (1);
 3. a naive PyTorch baseline a user would write: the same forward, fp32 ``log_softmax``, explicit
    centring (clr) and fp32 sketch GEMMs ``Y += Tᵀ(TΩ)`` with Ω V'×k fp32 — ratio to (1).
@@ -354,7 +354,7 @@ def build_teacher(shape: Shape, dev, seed: int):
     """GPT-NeoX of the given shape, random weights created directly on the device in its dtype."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from rankest.teachers import Teacher
+    from rankest.sources.teachers import Teacher
 
     dtype = DTYPES[shape.dtype]
     kw = dict(vocab_size=shape.logit_width, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -378,7 +378,7 @@ def build_teacher(shape: Shape, dev, seed: int):
     if any(p.dtype != dtype or p.device.type != dev.type for p in model.parameters()):
         model = model.to(device=dev, dtype=dtype)  # (.to() would also cast rotary's fp32 inv_freq)
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    with torch.no_grad():  # randomised norms (as rankest.teachers.build_tiny_neox): β ≠ 0, γ ≠ 1
+    with torch.no_grad():  # randomised norms (as rankest.sources.teachers.build_tiny_neox): β ≠ 0, γ ≠ 1
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.copy_(torch.rand(module.weight.shape, device=dev, generator=gen) + 0.5)
@@ -463,12 +463,12 @@ class FinalizeProbe:
 
     @contextlib.contextmanager
     def patch(self, stub: bool, keep: bool = False):
-        import rankest.estimator as est
+        import rankest.estimator.pipeline as est
 
         saved = {"Factor": est.Factor, "Gram": est.Gram}
         sketch_mod = None
         try:
-            import rankest.sketch as sketch_mod
+            import rankest.accumulate.sketch as sketch_mod
         except ImportError:
             sketch_mod = None
         self.finalize_s, self.test_block_s, self.acc, self.gram_check = 0.0, 0.0, None, None
@@ -544,7 +544,7 @@ PHASE_ORDER = ("forward", "factor", "factor_fast", "sketch", "gram_fast", "gram_
 
 def sketch_available() -> bool:
     try:
-        import rankest.sketch  # noqa: F401
+        import rankest.accumulate.sketch  # noqa: F401
     except ImportError:
         return False
     return True
@@ -655,7 +655,7 @@ class Bench:
                             generator=torch.Generator(device=dev).manual_seed(a.seed + 3))
         ek = estimate_kwargs(s)
         probe = FinalizeProbe()
-        from rankest.estimator import run_estimate
+        from rankest.estimator.pipeline import run_estimate
 
         def run_phase(name: str, wins, *, stub: bool, keep: bool = False) -> dict:
             free_memory(dev)  # each phase starts from the same allocator state (the Gram is 20 GB)
@@ -697,8 +697,8 @@ class Bench:
                 self.log(f"{name}: skipped (--skip)")
         if not sketch_available():
             phases.remove("sketch")
-            self.res["phases"]["sketch"] = {"skipped": "rankest.sketch is not available in this build"}
-            self.log("sketch: skipped (rankest.sketch not available)")
+            self.res["phases"]["sketch"] = {"skipped": "rankest.accumulate.sketch is not available in this build"}
+            self.log("sketch: skipped (rankest.accumulate.sketch not available)")
         # Warm-up: every phase once on one batch; factor's finalize runs for real (cuSOLVER set-up),
         # the others' are stubbed (the sketch's costs seconds whatever the batch).
         for name in list(phases):

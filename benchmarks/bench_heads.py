@@ -44,10 +44,10 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from rankest import fit_heads
-    from rankest.heads import parse_ranks
-    from rankest.heads_report import plot_loss_vs_rank
-    from rankest.results import provenance
-    from rankest.teachers import load_teacher
+    from rankest.heads.pipeline import parse_ranks
+    from rankest.report.heads import plot_loss_vs_rank
+    from rankest.io.results import provenance
+    from rankest.sources.teachers import load_teacher
 
     t0 = time.perf_counter()
     teacher = load_teacher(args.teacher, device="cpu", dtype="fp32")

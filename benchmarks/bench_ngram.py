@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rankest import ops  # noqa: E402
-from rankest.accumulators import Chunk, Gram  # noqa: E402
-from rankest.ngram import build_rows, count_ngrams, ngram_spectrum, tokenize_documents  # noqa: E402
-from rankest.results import provenance, write_text_atomic  # noqa: E402
+from rankest.accumulate.base import Chunk, Gram  # noqa: E402
+from rankest.targets.ngram import build_rows, count_ngrams, ngram_spectrum, tokenize_documents  # noqa: E402
+from rankest.io.results import provenance, write_text_atomic  # noqa: E402
 
 WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -80,7 +80,7 @@ def bench_documents() -> list[str]:
 
     import pydoc_data.topics
 
-    from rankest.corpus import load_documents
+    from rankest.sources.corpus import load_documents
 
     text8 = Path(importlib.util.find_spec("gensim").submodule_search_locations[0]) / "test/test_data/head500.noblanks.cor"
     return (wiki_documents() + load_documents("lee") + list(pydoc_data.topics.topics.values())
@@ -110,7 +110,7 @@ def timed(fn, repeat=1):
 def gram_case(counts, vocab: int, contexts: int, min_count: int) -> dict:
     """Exact fp64 Gram of C sampled MLE rows (contexts seen ≥ min_count times): sparse op vs
     dense chunks + gram_update, and the eigensolver."""
-    from rankest.ngram import SparseGram
+    from rankest.targets.ngram import SparseGram
 
     eligible = int((counts.ctx_count >= min_count).sum())
     rows = build_rows(counts, vocab=vocab, contexts=min(contexts, eligible), min_count=min_count, seed=0)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--svd-contexts", type=int, default=3000, help="C for the dense SVD comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reports"))
     args = ap.parse_args(argv)
-    from rankest.offline_tokenizers import load_tokenizer
+    from rankest.sources.tokenizers import load_tokenizer
 
     try:
         tok, tok_name = load_tokenizer(args.tokenizer)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
 
 
 def write_report(out: Path, res: dict, argv) -> None:
-    from rankest.report import _plt, _save
+    from rankest.report.estimate import _plt, _save
 
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance(torch.device("cpu"))

@@ -9,8 +9,8 @@
 Part 1 (in this process): an fp64 V'×V' Gram (the exact `gram` route's state) and a V'×(l+s)
 sketch (l = 2k, s = 16 probes: the `sketch` route's state for --rank-max k), filled with random
 numbers, on ``--device`` (a GPU-resident state is copied to the host inside ``state()``, so the
-copy counts). "checkpoint" = :func:`rankest.checkpoint.write_checkpoint` (HDF5 with Fletcher-32
-checksums, fsync, rename); "resume" = :func:`rankest.checkpoint.read_checkpoint` (checksums
+copy counts). "checkpoint" = :func:`rankest.io.checkpoint.write_checkpoint` (HDF5 with Fletcher-32
+checksums, fsync, rename); "resume" = :func:`rankest.io.checkpoint.read_checkpoint` (checksums
 verified) + ``load_state`` into a fresh accumulator. Medians of ``--repeats`` on the run folder's
 disk.
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 def time_state(acc_factory, fill, folder: Path, repeats: int) -> dict:
     """Median seconds to checkpoint and to resume one accumulator's state; file size."""
-    from rankest.checkpoint import read_checkpoint, write_checkpoint
+    from rankest.io.checkpoint import read_checkpoint, write_checkpoint
 
     acc = acc_factory()
     fill(acc)
@@ -73,8 +73,8 @@ def time_state(acc_factory, fill, folder: Path, repeats: int) -> dict:
 def part1(args) -> dict:
     import torch
 
-    from rankest.accumulators import Gram
-    from rankest.sketch import Sketch
+    from rankest.accumulate.base import Gram
+    from rankest.accumulate.sketch import Sketch
 
     v, k = args.n_cols, args.k
     out = {}
@@ -104,7 +104,7 @@ def part1(args) -> dict:
 
 
 def part2(args) -> dict:
-    from rankest.teachers import build_tiny_neox
+    from rankest.sources.teachers import build_tiny_neox
 
     work = Path(tempfile.mkdtemp(dir=args.tmp))
     try:
@@ -164,7 +164,7 @@ def main() -> None:
 def write_report(args, r1, r2, load_start, load_end) -> None:
     import torch
 
-    from rankest.results import provenance
+    from rankest.io.results import provenance
 
     prov = provenance(args.device)
     mib = 2**20

@@ -41,9 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rankest.accumulators import Chunk  # noqa: E402
+from rankest.accumulate.base import Chunk  # noqa: E402
 from rankest.linalg import randomized_svd  # noqa: E402
-from rankest.sketch import Sketch  # noqa: E402
+from rankest.accumulate.sketch import Sketch  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 
@@ -479,7 +479,7 @@ def write_report(results: dict, out: Path, command: str, pngs: list[str]) -> Non
             f"{fmt_bytes(st['dense_fp32_bytes'])}, the machine has {fmt_bytes(env['mem_total'])}), generated on the "
             f"fly in chunks of {st['chunk_rows']} rows from t_i = g_iᵀ·diag(s)·Wᵀ "
             f"(latent rank {st['latent_rank']}, "
-            "s = 1 for j ≤ 16 then 0.5/(j − 15)), single pass through `rankest.sketch.Sketch` "
+            "s = 1 for j ≤ 16 then 0.5/(j − 15)), single pass through `rankest.accumulate.sketch.Sketch` "
             f"(k = {st['k']}, l = {st['l']}, {st['n_probes']} probes, products `{st['precision']}`).",
             "",
             f"* time: {st['stream_time_s']:.0f} s for the pass ({st['row_generation_time_s']:.0f} s of it generating "

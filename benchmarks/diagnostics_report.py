@@ -33,12 +33,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import rankest  # noqa: E402
-from rankest.diagnostics_report import (anisotropy_markdown, head_spectrum_markdown, plot_anisotropy,  # noqa: E402
+from rankest.report.diagnostics import (anisotropy_markdown, head_spectrum_markdown, plot_anisotropy,  # noqa: E402
                                         plot_head_heatmap, plot_singular_entropy)
-from rankest.estimator import run_estimate  # noqa: E402
-from rankest.results import provenance, write_text_atomic  # noqa: E402
+from rankest.estimator.pipeline import run_estimate  # noqa: E402
+from rankest.io.results import provenance, write_text_atomic  # noqa: E402
 from rankest.spectrum import to_json  # noqa: E402
-from rankest.teachers import DEFAULT_TEACHER, build_tiny_neox, load_teacher  # noqa: E402
+from rankest.sources.teachers import DEFAULT_TEACHER, build_tiny_neox, load_teacher  # noqa: E402
 
 
 def main() -> None:

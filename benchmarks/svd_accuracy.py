@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rankest.linalg import randomized_svd  # noqa: E402
-from rankest.results import provenance  # noqa: E402
+from rankest.io.results import provenance  # noqa: E402
 
 
 def known_spectrum(name: str, v: int) -> np.ndarray:
@@ -46,9 +46,9 @@ def synthetic(name: str, n: int, v: int, seed: int = 0) -> torch.Tensor:
 
 def neox_rows(space: str, n_rows: int) -> torch.Tensor:
     """Target rows of a tiny random GPT-NeoX (d = 64, V' = 320 + padding) on the embedded corpus."""
-    from rankest.corpus import DEFAULT_CORPUS, iter_batches, load_documents, pack_windows, plan_rows
+    from rankest.sources.corpus import DEFAULT_CORPUS, iter_batches, load_documents, pack_windows, plan_rows
     from rankest.ops import reference
-    from rankest.teachers import build_tiny_neox
+    from rankest.sources.teachers import build_tiny_neox
 
     model, tok = build_tiny_neox(hidden_size=64, layers=2, heads=4, context_length=128, seed=3)
     model = model.double().eval()

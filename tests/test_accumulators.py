@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankest.accumulators import Chunk, Factor, Gram, RowStats, head_gram, psd_sqrt
+from rankest.accumulate.base import Chunk, Factor, Gram, RowStats, head_gram, psd_sqrt
 from rankest.ops import reference
 
 

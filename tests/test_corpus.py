@@ -1,4 +1,4 @@
-"""Tests of rankest.corpus: documents, packing, the row plan and batches."""
+"""Tests of rankest.sources.corpus: documents, packing, the row plan and batches."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from rankest import corpus
-from rankest.corpus import (
+from rankest.sources import corpus
+from rankest.sources.corpus import (
     CORPORA,
     DEFAULT_CORPUS,
     RowPlan,

@@ -11,8 +11,8 @@ import torch
 
 from rankest import cli
 from rankest.errors import UserError
-from rankest.estimator import run_estimate
-from rankest.teachers import load_teacher
+from rankest.estimator.pipeline import run_estimate
+from rankest.sources.teachers import load_teacher
 from rankest.testing import write_word_corpus
 
 pytest.importorskip("accelerate")

@@ -1,4 +1,4 @@
-"""Representation diagnostics (rankest.diagnostics, rankest.revisions) against oracles.
+"""Representation diagnostics (rankest.diagnostics.pipeline, rankest.sources.revisions) against oracles.
 
 * anisotropy: the O(n·d) streamed formula against the brute-force mean of the n×n cosine
   matrix, on random data and on a random GPT-NeoX's real hidden states (read through the full
@@ -19,12 +19,12 @@ import torch
 
 import rankest
 from rankest import cli
-from rankest.corpus import iter_batches, load_documents, pack_windows, plan_rows
-from rankest.diagnostics import (Anisotropy, head_spectrum_metrics, run_anisotropy, run_head_spectrum,
+from rankest.sources.corpus import iter_batches, load_documents, pack_windows, plan_rows
+from rankest.diagnostics.pipeline import (Anisotropy, head_spectrum_metrics, run_anisotropy, run_head_spectrum,
                                  singular_entropy_kl, teacher_anisotropy, teacher_head_spectrum)
 from rankest.errors import UserError
-from rankest.revisions import Checkpoint, read_results, resolve_checkpoints, sweep_checkpoints
-from rankest.teachers import build_tiny_neox, load_teacher
+from rankest.sources.revisions import Checkpoint, read_results, resolve_checkpoints, sweep_checkpoints
+from rankest.sources.teachers import build_tiny_neox, load_teacher
 
 SEQ = 16
 
@@ -216,7 +216,7 @@ def test_head_spectrum_sweep_end_to_end(ckpt_root, tmp_path):
 
 
 def test_anisotropy_sweep_resumes_where_it_stopped(ckpt_root, tmp_path, monkeypatch):
-    import rankest.teachers as teachers
+    import rankest.sources.teachers as teachers
 
     out = tmp_path / "an"
     opts = dict(teacher=str(ckpt_root), corpus="lee", tokens=120, seq_len=SEQ, device="cpu", dtype="fp32",
@@ -304,7 +304,7 @@ def test_cli_anisotropy_and_too_few_tokens(ckpt_root, tmp_path, capsys):
 
 # ---- estimate --diagnostics --------------------------------------------------------------------
 def test_estimate_diagnostics_on_the_same_forward_passes(tiny_teacher, tmp_path, monkeypatch):
-    from rankest.estimator import run_estimate
+    from rankest.estimator.pipeline import run_estimate
     from rankest.testing import count_calls
 
     calls = count_calls(monkeypatch, tiny_teacher, ("features", "hidden_states"))
@@ -336,8 +336,8 @@ def test_estimate_diagnostics_on_the_same_forward_passes(tiny_teacher, tmp_path,
 def test_estimate_diagnostics_count_against_max_memory(tiny_teacher):
     """--diagnostics' per-layer Grams come out of --max-memory: a budget they alone exceed is
     refused with a sentence; the anisotropy state's size is that of its tensors."""
-    from rankest.diagnostics import Anisotropy
-    from rankest.estimator import run_estimate
+    from rankest.diagnostics.pipeline import Anisotropy
+    from rankest.estimator.pipeline import run_estimate
 
     acc = Anisotropy([32, 32, 32], pca=True)
     assert acc.nbytes() == 8 * 3 * (32 * 32 + 2 * 32) + 8 * 3 * 2

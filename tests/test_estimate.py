@@ -11,11 +11,11 @@ import torch
 
 from rankest import cli
 from rankest.testing import write_word_corpus
-from rankest.corpus import iter_batches, load_documents, pack_windows, plan_rows
-from rankest.estimator import run_estimate
+from rankest.sources.corpus import iter_batches, load_documents, pack_windows, plan_rows
+from rankest.estimator.pipeline import run_estimate
 from rankest.ops import reference
 from rankest.spectrum import Spectrum
-from rankest.teachers import build_tiny_neox, load_teacher
+from rankest.sources.teachers import build_tiny_neox, load_teacher
 
 SEQ = 32
 D = 32
@@ -173,7 +173,7 @@ def _cli(args, capsys):
 def test_cli_embedded_default_end_to_end(embedded_teacher, monkeypatch, tmp_path, capsys):
     # The real loading of the embedded teacher is exercised once, by the session fixture; the CLI
     # reuses that model instead of loading it a second time.
-    import rankest.teachers as teachers
+    import rankest.sources.teachers as teachers
 
     monkeypatch.setattr(teachers, "load_teacher", lambda *a, **k: embedded_teacher)
     out = tmp_path / "run"

@@ -16,9 +16,9 @@ import torch
 
 from rankest import UserError, cli, fit_heads
 from rankest.testing import write_word_corpus
-from rankest.heads import (HeadSpec, HeadSweep, evaluate_head, feature_truncations, lr_factor, paper_lr, parse_ranks,
+from rankest.heads.pipeline import (HeadSpec, HeadSweep, evaluate_head, feature_truncations, lr_factor, paper_lr, parse_ranks,
                            weight_truncations)
-from rankest.teachers import build_tiny_neox, load_teacher
+from rankest.sources.teachers import build_tiny_neox, load_teacher
 
 SEQ = 32
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
@@ -298,12 +298,12 @@ def test_cli_writes_the_run_folder(neox_dir, corpus_file, tmp_path, capsys):
     assert summary["val_perplexity"][0] == pytest.approx(math.exp(summary["val_loss"][0]))
     for f in ("heads.h5", "heads.md", "report.md", "heads_loss_vs_rank.png", "heads_loss_vs_w_error.png"):
         assert (out / f).is_file()
-    from rankest.heads import HeadsResult
+    from rankest.heads.pipeline import HeadsResult
 
     back = HeadsResult.load(out / "heads.h5")
     assert back.val_loss == summary["val_loss"] and back.w_error_weight_curve.shape == (32,)
     # A teacher the paper used gets its digitised Fig. 6 numbers in the report.
-    from rankest.heads_report import PAPER_FIG6, paper_key, write_heads_report
+    from rankest.report.heads import PAPER_FIG6, paper_key, write_heads_report
 
     back.meta["teacher"] = "EleutherAI/pythia-1b"
     assert paper_key(back.meta["teacher"]) == "pythia-1b" and paper_key(neox_dir) is None

@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 
 from rankest import cli
-from rankest import heads as heads_mod
-from rankest.checkpoint import CHECKPOINT_NAME, Interrupted, read_checkpoint, write_checkpoint
+from rankest.heads import pipeline as heads_mod
+from rankest.io.checkpoint import CHECKPOINT_NAME, Interrupted, read_checkpoint, write_checkpoint
 from rankest.errors import UserError
-from rankest.heads import HeadsResult, run_heads
-from rankest.teachers import load_teacher
+from rankest.heads.pipeline import HeadsResult, run_heads
+from rankest.sources.teachers import load_teacher
 from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,8 +259,8 @@ def test_failed_checkpoint_write_keeps_previous(teacher64, corpus_file, tmp_path
     the reason, the first checkpoint is byte-identical, and --resume from it gives the result."""
     import errno
 
-    from rankest import checkpoint as ckpt_mod
-    from rankest.checkpoint import CheckpointWriteError
+    from rankest.io import checkpoint as ckpt_mod
+    from rankest.io.checkpoint import CheckpointWriteError
 
     want = api(teacher64, corpus_file)
     out = tmp_path / "run"

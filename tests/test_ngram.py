@@ -14,7 +14,7 @@ import torch
 
 from rankest import ops
 from rankest.errors import UserError
-from rankest.ngram import build_rows, count_ngrams, ngram_spectrum
+from rankest.targets.ngram import build_rows, count_ngrams, ngram_spectrum
 
 IMPLS = [pytest.param(ops, id="compiled"), pytest.param(ops.reference, id="reference")]
 
@@ -252,8 +252,8 @@ def test_sketch_route_from_dense_chunks():
     assert np.all(sk.sigma[:20] <= exact.sigma[:20] * (1 + 1e-9))  # Nyström never overestimates
     np.testing.assert_allclose(sk.sigma[0], exact.sigma[0], rtol=1e-2)
     # oracle: the same sketch (same seed) fed the explicitly built compressed matrix at once
-    from rankest.accumulators import Chunk
-    from rankest.sketch import Sketch
+    from rankest.accumulate.base import Chunk
+    from rankest.accumulate.sketch import Sketch
 
     ref = Sketch(rows.width, 20, space="prob", seed=0, precision="fp64")
     x = torch.from_numpy(rows.dense_chunk(rows.sel))
@@ -316,10 +316,10 @@ def test_context_selection():
 
 # ---- estimate integration -----------------------------------------------------------------------------
 def test_estimate_run_folder(tiny_neox_dir, tmp_path):
-    from rankest.estimator import run_estimate
-    from rankest.ngram import tokenize_documents
-    from rankest.offline_tokenizers import load_tokenizer
-    from rankest.corpus import DEFAULT_CORPUS, load_documents
+    from rankest.estimator.pipeline import run_estimate
+    from rankest.targets.ngram import tokenize_documents
+    from rankest.sources.tokenizers import load_tokenizer
+    from rankest.sources.corpus import DEFAULT_CORPUS, load_documents
 
     out = tmp_path / "run"
     corpus = tmp_path / "small.txt"  # the first 80 documents of the embedded corpus (speed)
@@ -351,7 +351,7 @@ def test_estimate_run_folder(tiny_neox_dir, tmp_path):
                for c in counts.counts[counts.ptr[i]:counts.ptr[i + 1]]) / counts.ctx_count.sum()
     np.testing.assert_allclose(spec.meta["nll"], nll, rtol=1e-10)
     # the comparison report lists the n-gram facts and draws the paper's Fig. 7 ranges
-    from rankest.report import compare_runs
+    from rankest.report.estimate import compare_runs
 
     md = compare_runs([out, out], tmp_path / "cmp").read_text()
     assert "## n-gram runs" in md and f"{spec.meta['contexts']:,} / {counts.n_contexts:,}" in md
@@ -382,9 +382,9 @@ def test_cli_bad_input(tiny_neox_dir, capsys):
 def test_gguf_bpe_builder_matches_transformers():
     """The builder setup-tokenizers uses for Pythia's / GPT-2's GGUF vocabularies, checked
     offline on the embedded teacher's GGUF against transformers' own GGUF tokenizer."""
-    from rankest.corpus import DEFAULT_CORPUS, load_documents
-    from rankest.offline_tokenizers import build_from_gguf, load_tokenizer
-    from rankest.teachers import DEFAULT_TEACHER, TEACHERS, _gguf_location
+    from rankest.sources.corpus import DEFAULT_CORPUS, load_documents
+    from rankest.sources.tokenizers import build_from_gguf, load_tokenizer
+    from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS, _gguf_location
 
     mine = build_from_gguf(_gguf_location(*TEACHERS[DEFAULT_TEACHER].gguf))
     ref, name = load_tokenizer("smollm2")
@@ -395,7 +395,7 @@ def test_gguf_bpe_builder_matches_transformers():
 
 
 def test_named_tokenizer_not_set_up(tmp_path, monkeypatch):
-    from rankest.offline_tokenizers import load_tokenizer
+    from rankest.sources.tokenizers import load_tokenizer
 
     monkeypatch.setenv("RANKEST_CACHE", str(tmp_path))
     with pytest.raises(UserError, match="setup-tokenizers"):

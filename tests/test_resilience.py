@@ -27,16 +27,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rankest import cli
-from rankest import checkpoint as ckpt_mod
+from rankest.io import checkpoint as ckpt_mod
 from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
-from rankest.accumulators import Chunk, Factor, Gram, RowStats
-from rankest.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, Interrupted, read_checkpoint, write_checkpoint
-from rankest.distributed import sum_states
+from rankest.accumulate.base import Chunk, Factor, Gram, RowStats
+from rankest.io.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, Interrupted, read_checkpoint, write_checkpoint
+from rankest.runtime.distributed import sum_states
 from rankest.errors import UserError
-from rankest.estimator import run_estimate
-from rankest.results import read_spectrum_h5
-from rankest.sketch import Sketch
-from rankest.teachers import load_teacher
+from rankest.estimator.pipeline import run_estimate
+from rankest.io.results import read_spectrum_h5
+from rankest.accumulate.sketch import Sketch
+from rankest.sources.teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = np.finfo(np.float64).eps
@@ -394,12 +394,12 @@ def _is_bad(o) -> bool:
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(o=OPTION)
 def test_cli_bad_combinations_exit_2_with_a_sentence(o, tmp_path_factory, monkeypatch, capsys):
-    import rankest.corpus
+    import rankest.sources.corpus
 
     def reached(*a, **k):
         raise _Reached
 
-    monkeypatch.setattr(rankest.corpus, "load_documents", reached)
+    monkeypatch.setattr(rankest.sources.corpus, "load_documents", reached)
     argv = ["estimate", "--teacher", "unused", "--quiet", "--tokens", o["tokens"], "--seq-len", str(o["seq_len"]),
             "--batch-size", str(o["batch_size"]), "--positions", o["positions"], "--route", o["route"],
             "--space", o["space"]]
@@ -617,8 +617,8 @@ def test_passes_two_gloo_processes_equal_one(neox_dir, corpus_file, tmp_path, re
 
 
 def test_passes_resume_needs_the_same_process_count(tmp_path):
-    from rankest.distributed import World
-    from rankest.estimator import EstimateConfig, _open_row_cache
+    from rankest.runtime.distributed import World
+    from rankest.estimator.pipeline import EstimateConfig, _open_row_cache
 
     cfg = EstimateConfig(out=str(tmp_path), passes=3)
     with pytest.raises(UserError, match="sharded over the 1 process"):

@@ -5,9 +5,9 @@ import collections
 import pytest
 import torch
 
-from rankest.accumulators import Chunk
+from rankest.accumulate.base import Chunk
 from rankest.errors import UserError
-from rankest.rowcache import CACHE_DTYPES, RowCache, cache_nbytes, resolve_cache_dtype
+from rankest.io.rowcache import CACHE_DTYPES, RowCache, cache_nbytes, resolve_cache_dtype
 from rankest.testing import generator
 
 
@@ -63,7 +63,7 @@ def test_killed_writer_leaves_the_synced_rows_for_a_resume(tmp_path):
     torch.save(rows, tmp_path / "rows.pt")
     child = (
         "import os, torch\n"
-        "from rankest.rowcache import RowCache\n"
+        "from rankest.io.rowcache import RowCache\n"
         f"rows = torch.load({str(tmp_path / 'rows.pt')!r})\n"
         f"c = RowCache({str(tmp_path / 'rows.h5')!r}, 33, 100, dtype='fp32')\n"
         "c.append(rows[:40]); c.sync()\n"

@@ -1,4 +1,4 @@
-"""rankest.sketch.Sketch: the single-pass streaming Nyström accumulator (the `sketch` route).
+"""rankest.accumulate.sketch.Sketch: the single-pass streaming Nyström accumulator (the `sketch` route).
 
 One-sided results (σ̂ ≤ σ, tail ≥ true tail) against the exact SVD; the same values as
 rankest.linalg.streaming_nystrom; merge = one sketch; state round trips (through HDF5) and is
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from rankest.accumulators import Chunk
+from rankest.accumulate.base import Chunk
 from rankest.errors import UserError
 from rankest.linalg import UNIT_ROUNDOFF, InputError, streaming_nystrom
-from rankest.sketch import Sketch
+from rankest.accumulate.sketch import Sketch
 
 from test_linalg import energy_tol, make_matrix, truth, w_curve
 

@@ -1,4 +1,4 @@
-"""Tests of rankest.teachers: the table, name resolution, offline loading, features and head."""
+"""Tests of rankest.sources.teachers: the table, name resolution, offline loading, features and head."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pathlib
 import pytest
 import torch
 
-from rankest import teachers
+from rankest.sources import teachers
 from rankest.errors import UserError
-from rankest.teachers import (
+from rankest.sources.teachers import (
     DEFAULT_TEACHER,
     TEACHERS,
     TeacherInfo,

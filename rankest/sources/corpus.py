@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from rankest.assets import package_file
+from rankest.sources.assets import package_file
 from rankest.errors import UserError
 
 __all__ = [

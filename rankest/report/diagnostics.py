@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .report import _fmt, _plt, _save
-from .results import write_text_atomic
+from rankest.report.estimate import _fmt, _plt, _save
+from rankest.io.results import write_text_atomic
 
 __all__ = ["plot_anisotropy", "plot_head_heatmap", "plot_singular_entropy", "anisotropy_markdown",
            "head_spectrum_markdown", "write_section", "write_diagnostics_report"]

@@ -36,12 +36,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .accumulators import Accumulator, Chunk
-from .errors import UserError
-from .linalg import (DEFAULT_PROBES, PRECISIONS, SPECTRUM_PRECISION, STREAM_OMEGA, InputError, _check_finite,
+from rankest.accumulate.base import Accumulator, Chunk
+from rankest.errors import UserError
+from rankest.linalg import (DEFAULT_PROBES, PRECISIONS, SPECTRUM_PRECISION, STREAM_OMEGA, InputError, _check_finite,
                      _check_int, gaussian_test_matrix, gram_apply, nystrom_finalize, probe_matrix, product_dtype,
                      round_test, row_energy)
-from .spectrum import Spectrum
+from rankest.spectrum import Spectrum
 
 #: Version of the state layout written by :meth:`Sketch.state` (2: the counter-hash test matrix;
 #: a version-1 state was built with another Ω and cannot be continued).

@@ -25,8 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import ops
-from .spectrum import Spectrum
+from rankest import ops
+from rankest.spectrum import Spectrum
 
 
 @dataclass

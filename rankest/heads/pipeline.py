@@ -61,9 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import check_checkpoint_options
-from .corpus import corpus_name
-from .errors import UserError
+from rankest.io.checkpoint import check_checkpoint_options
+from rankest.sources.corpus import corpus_name
+from rankest.errors import UserError
 
 INITS = ("normal", "scaled", "svd")
 OBJECTIVES = ("ce", "kl")
@@ -325,7 +325,7 @@ def evaluate_heads(heads: Sequence[tuple], h: torch.Tensor, targets: torch.Tenso
     """:func:`evaluate_head` of several heads ``(a, b, bias)`` on this process's rows; under
     torchrun (``world`` active) the sums of every process are added (one all-reduce) and divided
     by ``n_rows``, the global row count, so every process gets the global means."""
-    from . import distributed
+    from rankest.runtime import distributed
 
     sums = np.array([_eval_sums(h, targets, *head, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
                      for head in heads]).reshape(len(heads), 3)
@@ -444,7 +444,7 @@ class HeadSweep:
                 (loss / n).backward()
                 losses[i] += float(loss.detach()) / n
         if self.world is not None and self.world.active:
-            from . import distributed
+            from rankest.runtime import distributed
 
             params = self.params()
             for p in params:  # a process without rows this step still joins the sum (with zeros)
@@ -578,7 +578,7 @@ class _Split:
         return before[idx]
 
     def batch(self, k: int):
-        from .corpus import Batch
+        from rankest.sources.corpus import Batch
 
         lo = k * self.batch_size
         idx = self.plan.windows[lo:lo + self.batch_size]
@@ -706,7 +706,7 @@ def _write_cache(path: Path, attrs: dict, train: _Source, val: _Source, quiet: b
     import h5py
     from tqdm.auto import tqdm
 
-    from .results import atomic_path
+    from rankest.io.results import atomic_path
 
     n_train, n_val = int(train.offsets[-1]), int(val.offsets[-1])
     d = attrs["hidden_size"]
@@ -778,8 +778,8 @@ class HeadsResult:
         """heads.h5: arrays as datasets, the summary as a JSON attribute."""
         import h5py
 
-        from .results import SCHEMA_VERSION, atomic_path
-        from .spectrum import to_json
+        from rankest.io.results import SCHEMA_VERSION, atomic_path
+        from rankest.spectrum import to_json
 
         with atomic_path(Path(path)) as tmp:
             with h5py.File(tmp, "w") as f:
@@ -840,9 +840,9 @@ def run_heads(**kwargs) -> Optional[HeadsResult]:
     report into ``out`` when given. Under torchrun (``WORLD_SIZE`` > 1) every process trains on
     its shard of each batch; rank 0 alone writes and returns the result (the others: None).
     """
-    from . import distributed
-    from .corpus import DEFAULT_CORPUS
-    from .teachers import DEFAULT_TEACHER
+    from rankest.runtime import distributed
+    from rankest.sources.corpus import DEFAULT_CORPUS
+    from rankest.sources.teachers import DEFAULT_TEACHER
 
     unknown = set(kwargs) - set(HeadsConfig.__dataclass_fields__)
     if unknown:
@@ -862,11 +862,11 @@ def run_heads(**kwargs) -> Optional[HeadsResult]:
 
 def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     """The body of :func:`run_heads` for one process of ``world``."""
-    from . import distributed
-    from .corpus import plan_rows, windows_for
-    from .estimator import check_linear_head
-    from .results import now_iso, provenance
-    from .teachers import teacher_and_documents
+    from rankest.runtime import distributed
+    from rankest.sources.corpus import plan_rows, windows_for
+    from rankest.estimator.pipeline import check_linear_head
+    from rankest.io.results import now_iso, provenance
+    from rankest.sources.teachers import teacher_and_documents
 
     run_config = _heads_run_config(cfg)
     ckpt_box: dict[str, Any] = {}  # rank 0's checkpoint, when resuming
@@ -890,7 +890,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     corpus_label = corpus_name(cfg.corpus)
 
     # Windows and the seeded validation / training split.
-    from .corpus import _position_mask
+    from rankest.sources.corpus import _position_mask
 
     per_window = int(_position_mask(cfg.positions, cfg.seq_len).sum())
     need = (cfg.tokens or 0) + cfg.val_tokens
@@ -909,7 +909,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     steps = int(cfg.steps) if cfg.steps else train_split.n_batches
     derived = _heads_derived(teacher, labels, steps, train_split, val_split)
     if position is not None:
-        from .checkpoint import check_same_run
+        from rankest.io.checkpoint import check_same_run
 
         ck = ckpt_box.get("ckpt")
         distributed.on_main(world, lambda: check_same_run(ck.derived, derived, ck.path, "data or teacher"))
@@ -973,7 +973,7 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
         "seconds_total": time.perf_counter() - t0, "world_size": world.size,
     })
     if out is not None:
-        from .checkpoint import CHECKPOINT_NAME, remove_checkpoint
+        from rankest.io.checkpoint import CHECKPOINT_NAME, remove_checkpoint
 
         prov = provenance(device)
         prov.update({"started": started, "finished": now_iso()})
@@ -997,7 +997,7 @@ HEADS_NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every",
 
 def _heads_run_config(cfg: HeadsConfig) -> dict:
     """The options a checkpoint must share with the sweep that resumes it (JSON-able)."""
-    from .checkpoint import run_config
+    from rankest.io.checkpoint import run_config
 
     out = run_config(cfg, skip=HEADS_NOT_COMPARED)
     if not isinstance(out.get("ranks"), str):
@@ -1007,7 +1007,7 @@ def _heads_run_config(cfg: HeadsConfig) -> dict:
 
 def _heads_derived(teacher, labels, steps: int, train: _Split, val: _Split) -> dict:
     """What the teacher and data resolved to, with a sha256 of both splits' rows."""
-    from .estimator import _rows_fingerprint
+    from rankest.estimator.pipeline import _rows_fingerprint
 
     return {"n_cols": teacher.n_cols, "hidden_size": teacher.hidden_size,
             "teacher_dtype": str(teacher.dtype).replace("torch.", ""), "ranks": ",".join(labels), "steps": steps,
@@ -1018,7 +1018,7 @@ def _heads_derived(teacher, labels, steps: int, train: _Split, val: _Split) -> d
 def _prepare_out(cfg: HeadsConfig, run_config: dict, box: dict) -> Optional[dict]:
     """Rank 0: prepare the run folder; when resuming, read and check the checkpoint (into
     ``box["ckpt"]``) and return its position (None when starting afresh)."""
-    from .checkpoint import open_run_folder
+    from rankest.io.checkpoint import open_run_folder
 
     ck = open_run_folder(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, results_file="heads.h5",
                          command="heads", run="sweep", run_config=run_config)
@@ -1048,8 +1048,8 @@ class _Checkpointing:
 
     def restore(self, sweep: "HeadSweep", history: np.ndarray) -> None:
         """Load the checkpoint's heads, AdamW states and loss history on every process."""
-        from . import distributed
-        from .checkpoint import set_rng_state
+        from rankest.runtime import distributed
+        from rankest.io.checkpoint import set_rng_state
 
         states = self.ckpt.states if self.world.main else None
         sweep_state = distributed.broadcast_arrays(self.world, None if states is None else states["sweep"])
@@ -1061,8 +1061,8 @@ class _Checkpointing:
 
     def save(self, sweep: "HeadSweep", history: np.ndarray, step: int, extra: dict) -> None:
         """Collective: rank 0 writes; a failed write stops every process."""
-        from . import distributed
-        from .checkpoint import CHECKPOINT_NAME, CheckpointWriteError, rng_state, write_checkpoint
+        from rankest.runtime import distributed
+        from rankest.io.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, rng_state, write_checkpoint
 
         message = None
         if self.world.main:
@@ -1084,7 +1084,7 @@ class _Checkpointing:
 def _feature_gram(train_src: _Source, gram_rows: int, d: int, device, world) -> tuple[torch.Tensor, int]:
     """fp64 HᵀH of the first training batches holding ≥ ``gram_rows`` rows (summed over the
     processes' shards); the batches stay in the source's memo for training."""
-    from . import distributed
+    from rankest.runtime import distributed
 
     n_train = int(train_src.offsets[-1])
     gram = torch.zeros(d, d, dtype=torch.float64, device=device)
@@ -1103,8 +1103,8 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: _Sou
          head_dtype, device, world, ckpt: _Checkpointing) -> HeadsResult:
     from tqdm.auto import tqdm
 
-    from . import distributed
-    from .checkpoint import CHECKPOINT_NAME, Interrupted, StopOnSignal
+    from rankest.runtime import distributed
+    from rankest.io.checkpoint import CHECKPOINT_NAME, Interrupted, StopOnSignal
 
     d = weight.shape[1]
     n_train = int(train_src.offsets[-1])
@@ -1265,9 +1265,9 @@ def _lr_search(cfg, ranks, labels, train_src: _Source, d, n_cols, feat_f, bias, 
 
 def write_heads_run(out: Path, result: HeadsResult) -> dict:
     """heads.h5 + heads.json + the report (heads.md, and report.md when the folder has none)."""
-    from .heads_report import write_heads_report
-    from .results import write_text_atomic
-    from .spectrum import to_json
+    from rankest.report.heads import write_heads_report
+    from rankest.io.results import write_text_atomic
+    from rankest.spectrum import to_json
 
     out = Path(out)
     result.save(out / "heads.h5")

@@ -41,7 +41,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import UserError
+from rankest.errors import UserError
 
 SMOOTHING_HELP = "mle | add-k:K | kn"
 WEIGHTINGS = ("equal", "count")
@@ -125,7 +125,7 @@ class NgramCounts:
 
 def count_ngrams(tokens: torch.Tensor, order: int) -> NgramCounts:
     """Count the n-grams of a token stream (negative tokens = document boundaries)."""
-    from . import ops
+    from rankest import ops
 
     grams, counts = ops.ngram_count(tokens, order)
     g, c = grams.numpy(), counts.numpy()
@@ -417,7 +417,7 @@ class SparseGram:
         self.n_rows = 0
 
     def update(self, idx: np.ndarray) -> None:
-        from . import ops
+        from rankest import ops
 
         crow, col, val, alpha = self.rows.sparse_chunk(idx)
         ops.sparse_gram_update(self.g, torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(val))
@@ -441,7 +441,7 @@ class SparseGram:
 
 
 def _spectrum_of_gram(g: torch.Tensor, *, n_rows: int, vocab: int, space: str, energy: float):
-    from .spectrum import Spectrum
+    from rankest.spectrum import Spectrum
 
     lam = np.linalg.eigvalsh(g.numpy(), UPLO="L") if g.numel() else np.zeros(0)
     sigma = np.sqrt(np.clip(lam, 0.0, None))[::-1].copy()
@@ -455,8 +455,8 @@ def ngram_spectrum(rows: NgramRows, *, route: str = "auto", budget: Optional[int
     (Spectrum, route reason, timings)."""
     from tqdm.auto import tqdm
 
-    from .accumulators import Chunk, Gram, gram_nbytes
-    from .estimator import _fmt_bytes, available_memory
+    from rankest.accumulate.base import Chunk, Gram, gram_nbytes
+    from rankest.estimator.pipeline import _fmt_bytes, available_memory
 
     w = rows.width
     need = gram_nbytes(w) + (8 * w * w if rows.smoothing != "mle" else 0)  # + the corrected copy
@@ -488,7 +488,7 @@ def ngram_spectrum(rows: NgramRows, *, route: str = "auto", budget: Optional[int
     elif route == "gram":
         acc = Gram(w, space=rows.space, precision="fp64")
     else:
-        from .sketch import Sketch
+        from rankest.accumulate.sketch import Sketch
 
         k = int(rank_max) if rank_max else min(1024, w - 1)
         if k >= w:
@@ -555,11 +555,11 @@ def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
     ``--seq-len``, ``--positions``, ``--sample``, ``--batch-size``, ``--dtype`` do not apply
     (contexts are chosen with ``--contexts`` / ``--min-count``); ``--gram-precision`` is
     always fp64 here."""
-    from .corpus import DEFAULT_CORPUS, load_documents
-    from .corpus import corpus_name
-    from .estimator import parse_size
-    from .results import now_iso, prepare_run_folder, provenance, write_run, write_text_atomic
-    from .offline_tokenizers import load_tokenizer
+    from rankest.sources.corpus import DEFAULT_CORPUS, load_documents
+    from rankest.sources.corpus import corpus_name
+    from rankest.estimator.pipeline import parse_size
+    from rankest.io.results import now_iso, prepare_run_folder, provenance, write_run, write_text_atomic
+    from rankest.sources.tokenizers import load_tokenizer
 
     order = parse_order(cfg.teacher)
     check_target_options(cfg.space, cfg.smoothing, cfg.weighting)  # before any tokenising
@@ -655,7 +655,7 @@ def render_ngram_section(spec, sweep: dict, out) -> str:
              "unigram distribution, not the structure of language; a large share of them pushes the rank up. "
              "Unobserved tokens are identical columns, merged exactly into one (see rankest/ngram.py).", ""]
     if sweep:
-        from .report import plot_w_error
+        from rankest.report.estimate import plot_w_error
 
         plot_w_error([(f"{f:g} of the corpus ({fa['n_tokens']:,} tokens)", s) for f, (s, fa) in sorted(sweep.items())],
                      out / "corpus_fractions.png", f"ngram:{m['order']} · corpus-size sweep")

@@ -23,12 +23,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import distributed, ops
-from .accumulators import Chunk, Factor, Gram, RowStats, gram_nbytes
-from .checkpoint import check_checkpoint_options
-from .corpus import corpus_name
-from .errors import UserError
-from .ops.reference import GRAM_PRECISIONS, SPACES  # one definition: the ops' contract
+from rankest.runtime import distributed
+from rankest import ops
+from rankest.accumulate.base import Chunk, Factor, Gram, RowStats, gram_nbytes
+from rankest.io.checkpoint import check_checkpoint_options
+from rankest.sources.corpus import corpus_name
+from rankest.errors import UserError
+from rankest.ops.reference import GRAM_PRECISIONS, SPACES  # one definition: the ops' contract
 
 ROUTES = ("auto", "factor", "gram", "sketch")
 
@@ -97,7 +98,7 @@ class EstimateConfig:
         check_checkpoint_options(self, unit="chunks")
         if self.passes != "auto" and not (isinstance(self.passes, int) and self.passes >= 1):
             raise UserError(f"--passes must be a positive integer or auto, got {self.passes!r}.")
-        from .rowcache import CACHE_DTYPES
+        from rankest.io.rowcache import CACHE_DTYPES
 
         if self.row_cache_dtype != "auto" and self.row_cache_dtype not in CACHE_DTYPES:
             raise UserError(f"--row-cache-dtype must be auto or one of {', '.join(CACHE_DTYPES)}, "
@@ -145,7 +146,7 @@ def _fmt_bytes(n: float) -> str:
 
 def _sketch_available() -> bool:
     try:
-        from . import sketch  # noqa: F401
+        from rankest.accumulate import sketch  # noqa: F401
     except ImportError:
         return False
     return True
@@ -269,8 +270,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     :class:`~rankest.spectrum.Spectrum` (with ``meta`` holding teacher, corpus, route, NLL and
     provenance); writes a run folder when ``out`` is given.
     """
-    from .corpus import DEFAULT_CORPUS
-    from .teachers import DEFAULT_TEACHER
+    from rankest.sources.corpus import DEFAULT_CORPUS
+    from rankest.sources.teachers import DEFAULT_TEACHER
 
     unknown = set(kwargs) - set(EstimateConfig.__dataclass_fields__)
     if unknown:
@@ -282,7 +283,7 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         cfg.corpus = DEFAULT_CORPUS
     cfg.validate()
     if isinstance(cfg.teacher, str) and cfg.teacher.startswith("ngram:"):
-        from .ngram import run_ngram_estimate
+        from rankest.targets.ngram import run_ngram_estimate
 
         for flag, on in (("--resume", cfg.resume), ("--checkpoint-every", cfg.checkpoint_every is not None),
                          ("--diagnostics", cfg.diagnostics), ("--passes >= 2", cfg.passes not in ("auto", 1))):
@@ -301,11 +302,11 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
 def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, *, return_summary: bool):
     """The body of :func:`run_estimate` for one process of ``world`` (rank 0 alone writes files and
     returns the spectrum; the other ranks return None)."""
-    from .checkpoint import (CHECKPOINT_NAME, Interrupted, StopOnSignal, check_same_run, open_run_folder,
+    from rankest.io.checkpoint import (CHECKPOINT_NAME, Interrupted, StopOnSignal, check_same_run, open_run_folder,
                              remove_checkpoint, rng_state, set_rng_state, write_checkpoint)
-    from .corpus import iter_batches, plan_rows, windows_for
-    from .results import now_iso, provenance, write_run
-    from .teachers import teacher_and_documents
+    from rankest.sources.corpus import iter_batches, plan_rows, windows_for
+    from rankest.io.results import now_iso, provenance, write_run
+    from rankest.sources.teachers import teacher_and_documents
 
     run_config = _run_config(cfg)
     ckpt = None  # rank 0's checkpoint when resuming (it alone holds the summed states)
@@ -349,7 +350,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
             linear, lin_err = check_linear_head(teacher, first.input_ids.to(teacher.device))
     diag = None
     if cfg.diagnostics:  # every layer's hidden states from the same forward pass: no extra pass
-        from .diagnostics import EstimateDiagnostics
+        from rankest.diagnostics.pipeline import EstimateDiagnostics
 
         diag = EstimateDiagnostics(teacher)
     # The accumulators' budget: --max-memory less what the diagnostics hold (a d×d fp64 Gram per
@@ -386,7 +387,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     if route == "sketch" and passes > 1:
         # The first pass is the teacher's; randomized_svd then re-reads the cached rows q times.
         # Every process caches its own shard of the rows; the passes sum their products.
-        from .rowcache import cache_nbytes
+        from rankest.io.rowcache import cache_nbytes
 
         def rows_of_rank(r: int, j: int) -> int:  # rows of rank r's batches among the first j
             return sum(row_at(i + 1) - row_at(i) for i in range(r, j, world.size))
@@ -401,7 +402,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
     elif route == "gram":
         acc = Gram(teacher.n_cols, space=cfg.space, precision=cfg.gram_precision, device=teacher.device)
     else:
-        from .sketch import Sketch
+        from rankest.accumulate.sketch import Sketch
 
         acc = Sketch(teacher.n_cols, sketch_rank(cfg, teacher.n_cols), space=cfg.space, seed=cfg.seed,
                      precision=_sketch_precision(cfg.gram_precision, row_dtype), device=teacher.device)
@@ -491,7 +492,7 @@ def _estimate(cfg: EstimateConfig, world: "distributed.World", run_device: str, 
                 message = str(e)
         message = distributed.broadcast(world, message)
         if message is not None:
-            from .checkpoint import CheckpointWriteError
+            from rankest.io.checkpoint import CheckpointWriteError
 
             raise CheckpointWriteError(message)
         checkpointed[0] = True
@@ -594,7 +595,7 @@ def _open_row_cache(cfg: EstimateConfig, world, position: Optional[dict], *, n_c
     after the rows of the batches the checkpoint counts (``rows_of_rank(rank, next_batch)``)."""
     import tempfile
 
-    from .rowcache import RowCache, resolve_cache_dtype
+    from rankest.io.rowcache import RowCache, resolve_cache_dtype
 
     dtype = resolve_cache_dtype(cfg.row_cache_dtype, row_dtype)
     where = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
@@ -613,8 +614,8 @@ def _multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int,
                         device: torch.device, energy: float, reduce=None):
     """q passes of randomized subspace iteration over the cached rows → a sketch-route Spectrum
     (σ̂ ≤ σ, with the error estimates of :func:`rankest.linalg.randomized_svd`)."""
-    from .linalg import product_dtype, randomized_svd
-    from .sketch import spectrum_from_svd
+    from rankest.linalg import product_dtype, randomized_svd
+    from rankest.accumulate.sketch import spectrum_from_svd
 
     precision = _sketch_precision(cfg.gram_precision, row_dtype)
     try:
@@ -642,7 +643,7 @@ NOT_COMPARED = ("out", "overwrite", "quiet", "resume", "checkpoint_every", "devi
 
 def _run_config(cfg: EstimateConfig) -> dict:
     """The options a checkpoint must share with the run that resumes it (JSON-able)."""
-    from .checkpoint import run_config
+    from rankest.io.checkpoint import run_config
 
     return run_config(cfg, skip=NOT_COMPARED)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import _fmt, _plt, _save
-from .results import write_text_atomic
+from rankest.report.estimate import _fmt, _plt, _save
+from rankest.io.results import write_text_atomic
 
 #: Paper Fig. 6: final validation loss by rank r of heads trained on frozen models.
 PAPER_FIG6 = {

@@ -41,10 +41,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from . import ops
-from .accumulators import Accumulator, eigh_lower, svdvals
-from .errors import UserError
-from .spectrum import Spectrum
+from rankest import ops
+from rankest.accumulate.base import Accumulator, eigh_lower, svdvals
+from rankest.errors import UserError
+from rankest.spectrum import Spectrum
 
 __all__ = [
     "Anisotropy",
@@ -291,7 +291,7 @@ def teacher_anisotropy(teacher, windows: torch.Tensor, plan, *, batch_size: int 
     ``last_is_head_input`` (whether the last representation equals the head's input)."""
     from tqdm.auto import tqdm
 
-    from .corpus import iter_batches
+    from rankest.sources.corpus import iter_batches
 
     acc: Optional[Anisotropy] = None
     last_is_head_input = None
@@ -350,7 +350,7 @@ def run_anisotropy(**kwargs) -> dict[str, dict[str, Any]]:
     ``depth``, ``mean_norm``, ``pc1_variance_share``, ``width``, ``n_rows``),
     ``last_is_head_input`` and ``source``, in sweep order.
     """
-    from .corpus import DEFAULT_CORPUS, check_seq_len, load_documents, pack_windows, plan_rows
+    from rankest.sources.corpus import DEFAULT_CORPUS, check_seq_len, load_documents, pack_windows, plan_rows
 
     opts = _options(kwargs, dict(corpus=None, tokens=16384, seq_len=256, positions="all", sample="windows",
                                  seed=0, batch_size=8, pca=True), "anisotropy")
@@ -397,9 +397,9 @@ def run_head_spectrum(**kwargs) -> dict[str, dict[str, Any]]:
 
 
 def _sweep(kind: str, opts: dict, compute, config: dict) -> dict[str, dict[str, Any]]:
-    from .diagnostics_report import write_diagnostics_report
-    from .revisions import resolve_checkpoints, sweep_checkpoints
-    from .teachers import DEFAULT_TEACHER
+    from rankest.report.diagnostics import write_diagnostics_report
+    from rankest.sources.revisions import resolve_checkpoints, sweep_checkpoints
+    from rankest.sources.teachers import DEFAULT_TEACHER
 
     teacher = opts["teacher"] if opts["teacher"] is not None else DEFAULT_TEACHER
     checkpoints = resolve_checkpoints(teacher, opts["revisions"], cache_dir=opts["cache_dir"])
@@ -467,8 +467,8 @@ class EstimateDiagnostics:
     def write(self, out, *, config: dict, prov: dict) -> None:
         """anisotropy.{h5,json}, head_spectrum.{h5,json}, the PNGs and the report.md sections in
         the run folder ``out`` (after the estimate's own report.md, whose content is kept)."""
-        from .diagnostics_report import write_diagnostics_report
-        from .revisions import write_results
+        from rankest.report.diagnostics import write_diagnostics_report
+        from rankest.sources.revisions import write_results
 
         aniso, head = self.results()
         label = self.teacher.revision or self.teacher.name

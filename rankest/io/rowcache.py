@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import UserError
+from rankest.errors import UserError
 
 CACHE_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _H5_DTYPES = {"fp64": np.float64, "fp32": np.float32, "fp16": np.float16, "bf16": np.int16}

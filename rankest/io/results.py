@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import UserError
-from .spectrum import Spectrum, _jsonable, to_json
+from rankest.errors import UserError
+from rankest.spectrum import Spectrum, _jsonable, to_json
 
 #: Bumped whenever the layout of results.h5 changes; readers refuse newer files.
 SCHEMA_VERSION = 1
@@ -52,7 +52,7 @@ def provenance(device=None) -> dict[str, Any]:
     """Versions, git hash, host and device: what a result needs to be reproduced."""
     import torch
 
-    from . import __version__
+    from rankest import __version__
 
     prov: dict[str, Any] = {
         "rankest_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
@@ -71,7 +71,7 @@ def provenance(device=None) -> dict[str, Any]:
     else:
         prov["device_name"] = prov["cpu"]
     try:
-        from . import ops
+        from rankest import ops
 
         prov["ops_backend"] = ops.extension_backend() or "reference"
     except Exception:  # noqa: BLE001 - provenance must never fail a run
@@ -204,7 +204,7 @@ def read_spectrum_h5(path, *, group: str = "/") -> Spectrum:
 
 def write_run(out: Path, spec: Spectrum, *, config: dict, prov: dict) -> dict:
     """results.h5 + results.json (+ report.md and PNGs, see rankest.report)."""
-    from .report import write_report
+    from rankest.report.estimate import write_report
 
     write_spectrum_h5(spec, out / "results.h5", config=config, prov=prov)
     summary = spec.summary()

@@ -39,7 +39,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .errors import UserError
+from rankest.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.h5"
 FORMAT = "rankest.checkpoint"
@@ -130,7 +130,7 @@ def write_checkpoint(path, *, config: dict, derived: dict, position: dict, conve
     Raises :class:`CheckpointWriteError` (a UserError: exit 2) when the disk refuses the write
     (ENOSPC, EIO, …); the previous checkpoint at ``path`` is then untouched.
     """
-    from .results import atomic_path
+    from rankest.io.results import atomic_path
 
     path = Path(path)
     try:
@@ -151,7 +151,7 @@ def _write_file(tmp: Path, *, config, derived, position, convergence, states, rn
     """The HDF5 writer proper (separate so tests can inject I/O faults into it)."""
     import h5py
 
-    from . import __version__
+    from rankest import __version__
 
     with h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
@@ -310,7 +310,7 @@ def open_run_folder(out, *, resume: bool, overwrite: bool, results_file: str, co
     command than ``command`` (positions without a ``command`` are estimate's), or one of another
     configuration. Stale temporary files of a writer killed mid-write are removed.
     """
-    from .results import prepare_run_folder
+    from rankest.io.results import prepare_run_folder
 
     folder = Path(out)
     has_ckpt = resume and (folder / CHECKPOINT_NAME).is_file()
@@ -339,7 +339,7 @@ def run_config(cfg, *, skip: tuple[str, ...]) -> dict:
     :func:`rankest.corpus.corpus_name`."""
     from dataclasses import fields
 
-    from .corpus import corpus_name
+    from rankest.sources.corpus import corpus_name
 
     out = {}
     for f in fields(cfg):

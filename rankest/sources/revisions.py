@@ -32,9 +32,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .errors import UserError
-from .results import SCHEMA_VERSION, atomic_path, now_iso, provenance, write_text_atomic
-from .spectrum import _jsonable, to_json
+from rankest.errors import UserError
+from rankest.io.results import SCHEMA_VERSION, atomic_path, now_iso, provenance, write_text_atomic
+from rankest.spectrum import _jsonable, to_json
 
 __all__ = ["Checkpoint", "resolve_checkpoints", "cached_revisions", "sweep_checkpoints", "write_results",
            "read_results", "KINDS"]
@@ -63,7 +63,7 @@ class Checkpoint:
 def cached_revisions(hf_id: str, cache_dir=None) -> list[str]:
     """Revisions of ``hf_id`` present in the Hugging Face cache: its refs (branches, tags) and the
     commit hashes of its snapshots."""
-    from .teachers import _cache_dir
+    from rankest.sources.teachers import _cache_dir
 
     repo = pathlib.Path(_cache_dir(cache_dir)) / f"models--{hf_id.replace('/', '--')}"
     found: list[str] = []
@@ -78,7 +78,7 @@ def cached_revisions(hf_id: str, cache_dir=None) -> list[str]:
 
 def _remote_revisions(hf_id: str) -> Optional[list[str]]:
     """Branches and tags on the Hub, or None when the Hub cannot be asked."""
-    from .teachers import _offline
+    from rankest.sources.teachers import _offline
 
     if _offline():
         return None
@@ -115,7 +115,7 @@ def resolve_checkpoints(teacher, revisions: Optional[list[str]] = None, *, cache
     """Turn ``--teacher`` and ``--revisions`` into the checkpoints of a sweep (see the module
     docstring); raise one :class:`UserError` naming every revision that does not exist and
     listing the ones found."""
-    from .teachers import TeacherInfo, resolve_teacher
+    from rankest.sources.teachers import TeacherInfo, resolve_teacher
 
     revisions = [r for r in (revisions or []) if str(r).strip()]
     if hasattr(teacher, "head") and hasattr(teacher, "model"):  # a loaded Teacher
@@ -177,7 +177,7 @@ def resolve_checkpoints(teacher, revisions: Optional[list[str]] = None, *, cache
 
 
 def _offline_now() -> bool:
-    from .teachers import _offline
+    from rankest.sources.teachers import _offline
 
     return _offline()
 
@@ -286,7 +286,7 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
     """
     from tqdm.auto import tqdm
 
-    from .teachers import load_teacher, quiet_loading
+    from rankest.sources.teachers import load_teacher, quiet_loading
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")

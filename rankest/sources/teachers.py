@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rankest.assets import package_file
+from rankest.sources.assets import package_file
 from rankest.errors import UserError
 
 __all__ = [
@@ -707,7 +707,7 @@ def teacher_and_documents(teacher, corpus, *, revision: str | None, device, dtyp
     (a loaded :class:`Teacher` is used as it is: tests and notebooks reuse one model), whose
     context must hold ``seq_len``. Pre-tokenised windows (a LongTensor corpus) have no documents.
     ``quiet`` also silences transformers' progress bars."""
-    from .corpus import check_seq_len, load_documents
+    from rankest.sources.corpus import check_seq_len, load_documents
 
     docs = None if isinstance(corpus, torch.Tensor) else load_documents(corpus)
     if isinstance(teacher, str):

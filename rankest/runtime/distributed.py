@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .errors import UserError
+from rankest.errors import UserError
 
 
 #: Values reduced per collective call (2^24 fp64 = 128 MiB of scratch per process).

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .results import read_spectrum_h5, write_text_atomic
-from .spectrum import REPORTED_EPS, Spectrum
+from rankest.io.results import read_spectrum_h5, write_text_atomic
+from rankest.spectrum import REPORTED_EPS, Spectrum
 
 
 def _plt():
@@ -26,7 +26,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    from .results import atomic_path
+    from rankest.io.results import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
@@ -195,13 +195,13 @@ def compare_runs(folders: Sequence[Path], out: Path) -> Path:
     specs = []
     for folder in folders:
         spec = read_spectrum_h5(Path(folder) / "results.h5")
-        from .ngram import ngram_label
+        from rankest.targets.ngram import ngram_label
 
         ng = ngram_label(spec.meta)
         specs.append((f"{spec.meta.get('teacher', Path(folder).name)}{ng} {spec.space}/{spec.route}", spec))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from .ngram import draw_paper_fig7, ngram_compare_lines
+    from rankest.targets.ngram import draw_paper_fig7, ngram_compare_lines
 
     fig7 = any(str(s.meta.get("teacher", "")).startswith("ngram:") and s.space == "prob" for _, s in specs)
     plot_w_error(specs, out / "compare_w_error.png", "W-error curves", decorate=draw_paper_fig7 if fig7 else None)

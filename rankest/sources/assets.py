@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
-from .errors import UserError
+from rankest.errors import UserError
 
 
 def package_file(package: str, relative: str, *, what: str, install: str) -> pathlib.Path:
