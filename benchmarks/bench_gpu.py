@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""rankest on a GPU at Pythia-6.9B scale: `estimate` against one bare forward pass (issue 4).
+"""rankest on a GPU at Pythia-6.9B scale: `estimate` against one bare forward pass.
 
     python3 benchmarks/bench_gpu.py                  # H100/H200: ~2–3 min (model build included)
     python3 benchmarks/bench_gpu.py --full           # + gram fp64 mode and the 50k fp64 eigensolve (~+2 min)

@@ -8,7 +8,7 @@ validation rows), the feature Gram, the head's Gram and the reference evaluation
 eight separate runs pay them eight times. Both sides are whole ``rankest.fit_heads`` calls with
 the teacher already loaded (packing, features, truncation curve, training, validation), same
 seed, same rows, so the separate runs must also reproduce the sweep's validation losses — the
-report gives the largest difference. Goal (issue 5): sweep ≤ 40% of the eight runs.
+report gives the largest difference. Goal: sweep ≤ 40% of the eight runs.
 
 Writes benchmarks/reports/heads_<teacher>.md and heads_<teacher>.png (loss and accuracy versus
 rank, with the zero-training truncations and the teacher's own head) naming the machine.

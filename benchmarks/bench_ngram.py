@@ -43,8 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rankest import ops  # noqa: E402
-from rankest.accumulate.base import Chunk, Gram  # noqa: E402
-from rankest.targets.ngram import build_rows, count_ngrams, ngram_spectrum, tokenize_documents  # noqa: E402
+from rankest.accumulate.base import Chunk  # noqa: E402
+from rankest.accumulate.gram import Gram  # noqa: E402
+from rankest.targets.ngram import build_rows, count_ngrams, tokenize_documents  # noqa: E402
+from rankest.estimator.pipeline import ngram_spectrum  # noqa: E402
 from rankest.io.results import provenance, write_text_atomic  # noqa: E402
 
 WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
 
 
 def write_report(out: Path, res: dict, argv) -> None:
-    from rankest.report.estimate import _plt, _save
+    from rankest.report.plots import _plt, _save
 
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance(torch.device("cpu"))

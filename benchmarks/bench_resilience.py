@@ -73,7 +73,7 @@ def time_state(acc_factory, fill, folder: Path, repeats: int) -> dict:
 def part1(args) -> dict:
     import torch
 
-    from rankest.accumulate.base import Gram
+    from rankest.accumulate.gram import Gram
     from rankest.accumulate.sketch import Sketch
 
     v, k = args.n_cols, args.k

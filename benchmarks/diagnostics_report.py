@@ -37,7 +37,7 @@ from rankest.report.diagnostics import (anisotropy_markdown, head_spectrum_markd
                                         plot_head_heatmap, plot_singular_entropy)
 from rankest.estimator.pipeline import run_estimate  # noqa: E402
 from rankest.io.results import provenance, write_text_atomic  # noqa: E402
-from rankest.spectrum import to_json  # noqa: E402
+from rankest.io.files import to_json  # noqa: E402
 from rankest.sources.teachers import DEFAULT_TEACHER, build_tiny_neox, load_teacher  # noqa: E402
 
 

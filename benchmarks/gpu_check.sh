@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 4, in one command, on a machine with an NVIDIA GPU, PyTorch and nvcc
+# The GPU check, in one command, on a machine with an NVIDIA GPU, PyTorch and nvcc
 # but no network, `datasets` or `gguf` (e.g. the lent H100/H200: Python 3.12, torch 2.11+cu130):
 #
 #   bash benchmarks/gpu_check.sh            # build + CUDA op tests + benchmark: ~5 min on an H100

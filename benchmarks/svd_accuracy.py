@@ -1,6 +1,6 @@
 """Accuracy of rankest's randomized SVD against the exact fp64 SVD, per singular value.
 
-The matrices of issue 3's accuracy section: spectra of the randomized-SVD literature (low rank +
+The matrices of the randomized SVD's accuracy targets: spectra of the randomized-SVD literature (low rank +
 noise, σ_i = i⁻¹, i⁻², e^(−i/10); Halko et al. 2011 §7, Tropp et al. 2017 §6) as T = U·diag(σ)·Wᵀ
 with Haar-random U, W, and the `clr` / `prob` rows of a tiny random GPT-NeoX (real Pythia
 architecture) on the embedded corpus. For products in fp32 and fp64 and 1 or 3 passes (l = 2k):
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
          f"Machine: {prov.get('cpu', '?')}, torch {prov.get('torch_version')}. Command: `python benchmarks/svd_accuracy.py` "
          f"(n = {args.n}, V' = {args.v}, k = {args.k}, l = 2k, seed 1; synthetic T = U·diag(σ)·Wᵀ with Haar U, W; "
          "tiny NeoX: d = 64, 2 layers, random weights, fp64 forward, the embedded Lee corpus).", "",
-         "Targets of issue 3: one pass — W-error within 3e-2 of the truth up to d = k/2 and never below it where it "
+         "Targets: one pass — W-error within 3e-2 of the truth up to d = k/2 and never below it where it "
          "claims a bound; three passes — σ_1…σ_{k/2} within 1e-3 on the i⁻¹ and exponential spectra. The column "
          "(σ̂² − σ²)/σ₁² shows the one-sided bound: positive values are round-off of the products (≈ 1e-16 in fp64, "
          "1e-8 in fp32) or of the fp64 oracle itself. `krylov-rr`: block Krylov with the Rayleigh–Ritz finish "

@@ -11,39 +11,33 @@ Reference: Godey, de la Clergerie & Sagot (2024), "Why do small language models
 underperform? Studying LM saturation via the softmax bottleneck", arXiv 2404.07647.
 """
 
-__version__ = "0.1.0"
-
+from rankest._version import __version__  # noqa: E402
+from rankest.diagnostics.commands import run_anisotropy, run_head_spectrum
 from rankest.errors import UserError  # noqa: E402
+from rankest.estimator.pipeline import run_estimate
+from rankest.heads.pipeline import run_heads
 from rankest.spectrum import Spectrum  # noqa: E402
 
 
 def estimate(**kwargs):
-    """Estimate a teacher's target spectrum; see :func:`rankest.estimator.run_estimate`."""
-    from rankest.estimator.pipeline import run_estimate
-
+    """Estimate a teacher's target spectrum; see :func:`rankest.estimator.pipeline.run_estimate`."""
     return run_estimate(**kwargs)
 
 
 def anisotropy(**kwargs):
     """Per-layer anisotropy of a teacher or of each of its checkpoints; see
-    :func:`rankest.diagnostics.run_anisotropy`."""
-    from rankest.diagnostics.pipeline import run_anisotropy
-
+    :func:`rankest.diagnostics.commands.run_anisotropy`."""
     return run_anisotropy(**kwargs)
 
 
 def head_spectrum(**kwargs):
     """Singular spectrum and singular entropy of a teacher's output head, per checkpoint; see
-    :func:`rankest.diagnostics.run_head_spectrum`."""
-    from rankest.diagnostics.pipeline import run_head_spectrum
-
+    :func:`rankest.diagnostics.commands.run_head_spectrum`."""
     return run_head_spectrum(**kwargs)
 
 
 def fit_heads(**kwargs):
-    """Fit rank-constrained heads on a frozen teacher; see :func:`rankest.heads.run_heads`."""
-    from rankest.heads.pipeline import run_heads
-
+    """Fit rank-constrained heads on a frozen teacher; see :func:`rankest.heads.pipeline.run_heads`."""
     return run_heads(**kwargs)
 
 

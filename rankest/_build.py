@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 _MARKER = "rankest.cpp"  # a folder holding this file is rankest's csrc
 _result: tuple[str | None, str] | None = None
 
@@ -34,8 +36,7 @@ def source_dir() -> Path | None:
 
 
 def _want_cuda() -> bool:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME  # imports setuptools: only when deciding a build
 
     return bool(torch.version.cuda) and torch.cuda.is_available() and CUDA_HOME is not None
 
@@ -49,7 +50,6 @@ def _sources(root: Path, cuda: bool) -> list[Path]:
 
 def cache_dir(root: Path, cuda: bool) -> Path:
     """``<cache>/ext-<torch version>-<hash of every source and header, and the CUDA flag>``."""
-    import torch
 
     h = hashlib.sha256(b"cuda" if cuda else b"cpu")
     for p in sorted(q for q in root.rglob("*") if q.suffix in {".h", ".cpp", ".cu", ".cuh"}):
@@ -61,7 +61,7 @@ def cache_dir(root: Path, cuda: bool) -> Path:
 
 def _jit_build() -> str:
     """Compile and load the sources; returns where the library lives. Raises on failure."""
-    from torch.utils import cpp_extension
+    import torch.utils.cpp_extension as cpp_extension  # setuptools and the compiler toolchain: only to build
 
     root = source_dir()
     if root is None:
@@ -72,8 +72,6 @@ def _jit_build() -> str:
     lib = build / "rankest_C.so"
     if lib.exists():  # the folder's name hashes the sources: a library there is current
         try:
-            import torch
-
             torch.ops.load_library(str(lib))
             return str(build)
         except OSError:  # e.g. a build interrupted while linking: rebuild below
@@ -97,7 +95,6 @@ def _jit_build() -> str:
 
 
 def _registered() -> bool:
-    import torch
 
     try:
         torch.ops.rankest.transform_rows.default  # noqa: B018

@@ -7,11 +7,24 @@ Exit status: 0 on success; 2 on bad input (one sentence on stderr saying what an
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Optional, Sequence
 
+import h5py
+
+from rankest._version import __version__
+from rankest.diagnostics.commands import run_anisotropy, run_head_spectrum
 from rankest.errors import UserError
+from rankest.estimator.pipeline import run_estimate
+from rankest.heads.pipeline import run_heads
+from rankest.io.results import read_spectrum_h5
+from rankest.report.compare import compare_runs
+from rankest.report.estimate import write_report
+from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
+from rankest.sources.tokenizers import setup_tokenizers
 
 EPILOG_ESTIMATE = """examples:
   python -m rankest estimate                                   # embedded SmolLM2-135M on the embedded corpus, offline
@@ -160,7 +173,6 @@ def add_checkpoint_options(p: argparse.ArgumentParser, *, unit: str, what: str, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rankest import __version__
 
     parser = argparse.ArgumentParser(
         prog="rankest", description="How high is the rank of a language model's target distribution?",
@@ -239,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_estimate(args) -> int:
-    from rankest.estimator.pipeline import run_estimate
 
     corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
     spec = run_estimate(teacher=args.teacher, revision=args.revision, corpus=corpus, tokens=args.tokens,
@@ -278,7 +289,6 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_teachers(args) -> int:
-    from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
 
     print(f"{'name':28} {'hugging face id':40} {'d':>6} {'V_real':>7} {'V_logit':>7} {'context':>7}")
     for name, t in TEACHERS.items():
@@ -289,16 +299,9 @@ def cmd_teachers(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pathlib import Path
-
-    from rankest.report.estimate import compare_runs, write_report
-    from rankest.io.results import read_spectrum_h5
 
     folders = [Path(f) for f in args.folders]
     if len(folders) == 1 and not args.out:
-        import json
-
-        import h5py
 
         spec = read_spectrum_h5(folders[0] / "results.h5")
         with h5py.File(folders[0] / "results.h5", "r") as f:
@@ -312,7 +315,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_anisotropy(args) -> int:
-    from rankest.diagnostics.pipeline import run_anisotropy
 
     corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
     results = run_anisotropy(teacher=args.teacher, revision=args.revision, revisions=args.revisions, corpus=corpus,
@@ -330,7 +332,6 @@ def cmd_anisotropy(args) -> int:
 
 
 def cmd_head_spectrum(args) -> int:
-    from rankest.diagnostics.pipeline import run_head_spectrum
 
     results = run_head_spectrum(teacher=args.teacher, revision=args.revision, revisions=args.revisions,
                                 device=args.device, dtype=args.dtype, device_map=args.device_map, out=args.out,
@@ -347,7 +348,6 @@ def cmd_head_spectrum(args) -> int:
 
 
 def cmd_heads(args) -> int:
-    from rankest.heads.pipeline import run_heads
 
     corpus = args.corpus[0] if args.corpus and len(args.corpus) == 1 else args.corpus
     res = run_heads(teacher=args.teacher, revision=args.revision, corpus=corpus, tokens=args.tokens,
@@ -376,7 +376,6 @@ def cmd_heads(args) -> int:
 
 
 def cmd_setup_tokenizers(args) -> int:
-    from rankest.sources.tokenizers import setup_tokenizers
 
     for name, path in setup_tokenizers(sdist=args.sdist).items():
         print(f"{name}: {path}")

@@ -410,20 +410,50 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64",
     return lam, vecs, {"shift": nu, "l_chol": chol, "w": w}
 
 
-def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of the symmetric part of ``a``, *descending*.
+# ---- the symmetric eigensolver policy (every eigensolve of rankest goes through here) ----------
+# On CPU through numpy's LAPACK, always in fp64: torch 2.13's CPU eigh/svd (MKL syevd) ran 10–200×
+# slower on the shared 2-core machine whenever another process held a core (a 576² eigh: 8 s
+# instead of 0.04 s; 2000² fp64: 30 s against numpy's 0.9 s); numpy's was unaffected. On a GPU,
+# torch.linalg (cuSOLVER).
+def eigh_lower(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs (ascending) of the symmetric matrix whose lower triangle ``g`` holds.
 
-    On CPU through numpy's LAPACK: torch's CPU eigh (MKL syevd, torch 2.13) ran 10–40× slower on
-    the shared 2-core machine this was written on (2000×2000 fp64: 30 s against numpy's 0.9 s,
-    200×200: 2 s) whenever another process held a core; numpy's was unaffected.
+    g : (n, n) float64 → (λ (n,), V (n, n)) float64 on g's device, G = V·diag(λ)·Vᵀ.
     """
-    a = 0.5 * (a + a.T)
-    if a.device.type == "cpu":
-        lam, vec = np.linalg.eigh(a.numpy())
-        lam, vec = torch.from_numpy(lam), torch.from_numpy(vec)
-    else:
-        lam, vec = torch.linalg.eigh(a)
+    if g.device.type == "cpu":
+        lam, vec = np.linalg.eigh(g.numpy(), UPLO="L")
+        return torch.from_numpy(lam), torch.from_numpy(vec)
+    return torch.linalg.eigh(g, UPLO="L")
+
+
+def eigvalsh_lower(g: torch.Tensor) -> np.ndarray:
+    """Eigenvalues (ascending, fp64 numpy) of the symmetric matrix whose lower triangle ``g`` holds."""
+    if g.device.type == "cpu":
+        return np.linalg.eigvalsh(g.numpy(), UPLO="L")
+    return torch.linalg.eigvalsh(g, UPLO="L").cpu().numpy()
+
+
+def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of the symmetric part of ``a``, *descending* (:func:`eigh_lower` of (a + aᵀ)/2)."""
+    lam, vec = eigh_lower(0.5 * (a + a.T))
     return lam.flip(0), vec.flip(1)
+
+
+def psd_sqrt(g: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root R = V·diag(sqrt(max(λ, 0)))·Vᵀ of a PSD matrix (fp64), so RᵀR = G.
+
+    Not Cholesky: a LayerNorm's features lie on an affine hyperplane, so [H 1] (and a fresh
+    model's H) is rank-deficient and Cholesky fails; eigh tolerates it (docs/design.md, "Factor route").
+    """
+    lam, vec = eigh_lower(g)
+    return (vec * lam.clamp_min(0).sqrt()) @ vec.T
+
+
+def svdvals(a: torch.Tensor) -> np.ndarray:
+    """Singular values (descending, fp64 numpy) of ``a``; numpy's LAPACK on CPU, as :func:`eigh_lower`."""
+    if a.device.type == "cpu":
+        return np.linalg.svd(a.numpy(), compute_uv=False)
+    return torch.linalg.svdvals(a).cpu().numpy()
 
 
 def _norm2(y: torch.Tensor, iters: int = 12) -> float:
@@ -1002,7 +1032,7 @@ def streaming_nystrom(A_or_stream, k: int, *, oversample: Optional[int] = None, 
 
     Y = TᵀT·Ω is accumulated chunk by chunk (Ω regenerated from counters, :func:`gaussian_test_matrix`),
     then the shifted Nyström core (:func:`nystrom_eigh`) runs on the orthonormalised test matrix
-    (:func:`nystrom_finalize`). It is :class:`rankest.sketch.Sketch` without the accumulator
+    (:func:`nystrom_finalize`). It is :class:`rankest.accumulate.sketch.Sketch` without the accumulator
     interface: both give the same values for the same seed. Parameters and result as
     :func:`randomized_svd` with ``passes=1`` (works on a one-shot iterable too).
     """
@@ -1014,7 +1044,7 @@ def nystrom_finalize(y: torch.Tensor, probe_y: Optional[torch.Tensor], *, n_cols
                      energy: float, precision: str, n_vectors: int = 0, confidence: float = DEFAULT_CONFIDENCE):
     """From a single-pass sketch Y = A·Ω (and A·Θ) to eigenvalues, vectors and error estimates.
 
-    Shared by :func:`streaming_nystrom` and :class:`rankest.sketch.Sketch` (one formula). Ω and
+    Shared by :func:`streaming_nystrom` and :class:`rankest.accumulate.sketch.Sketch` (one formula). Ω and
     Θ are regenerated from ``seed``. Ω = Q·R is orthonormalised first (Tropp et al. 2017 use an
     orthonormal test matrix): A·Q = Y·R⁻¹ gives the same approximation with a better-conditioned
     core.

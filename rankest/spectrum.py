@@ -1,6 +1,6 @@
 """`Spectrum`: a target matrix's singular values and every metric derived from them.
 
-One reference implementation of each metric of ARCHITECTURE.md lives here; every route
+One reference implementation of each metric (docs/design.md, "Metrics") lives here; every route
 (`factor`, `gram`, `sketch`) produces a `Spectrum` and every report reads one.
 
 Notation: T is the N×V' target matrix (rows = contexts, columns = real vocabulary),
@@ -17,12 +17,14 @@ Roy & Vetterli (2007), "The effective rank": exp of the entropy of σ/Σσ.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+
+from rankest.io.files import jsonable
+from rankest.io.spectrum_file import read_spectrum_h5, write_spectrum_h5
 
 #: The errors at which ``rank_at`` is always reported.
 REPORTED_EPS = (0.5, 0.1, 0.01)
@@ -187,7 +189,7 @@ class Spectrum:
         return self.total_energy / float(self.sigma[0] ** 2)
 
     def metrics(self) -> dict[str, Any]:
-        """The scalar metrics, under their INTERFACES.md names (convergence curves use these)."""
+        """The scalar metrics, under their result names (docs/design.md, "Result names") (convergence curves use these)."""
         return {
             "rank_at": {str(e): self.rank_at(e) for e in REPORTED_EPS},
             "numerical_rank": self.numerical_rank,
@@ -207,38 +209,19 @@ class Spectrum:
             "convergence": {str(k): v for k, v in sorted(self.convergence.items())},
         }
         out.update(self.meta)
-        return _jsonable(out)
+        return jsonable(out)
 
     # ---- persistence ------------------------------------------------------------------------
-    def save(self, path, *, group: str = "/") -> None:
-        """Write to an HDF5 file (datasets ``sigma``, ``w_error``; everything else as JSON attrs)."""
-        from rankest.io.results import write_spectrum_h5
-
-        write_spectrum_h5(self, path, group=group)
+    def save(self, path, *, group: str = "/", config: dict | None = None, prov: dict | None = None) -> None:
+        """Write to an HDF5 file (datasets ``sigma``, ``w_error``; everything else as JSON attrs;
+        ``config`` and ``prov`` of the run beside them)."""
+        write_spectrum_h5(self, path, group=group, config=config, prov=prov)
 
     @classmethod
     def load(cls, path, *, group: str = "/") -> "Spectrum":
         """Read a spectrum written by :meth:`save` (or a run folder's ``results.h5``)."""
-        from rankest.io.results import read_spectrum_h5
-
-        return read_spectrum_h5(path, group=group)
+        return read_spectrum_h5(path, build=cls, group=group)
 
 
-def _jsonable(x):
-    """Recursively turn numpy scalars/arrays and non-finite floats into JSON-safe values."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    return x
 
 
-def to_json(obj) -> str:
-    return json.dumps(_jsonable(obj), indent=2, sort_keys=False)

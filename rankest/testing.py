@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import torch
+import h5py
+import json
+import numpy as np
+import os
 
 
 def devices() -> list[str]:
@@ -25,8 +29,6 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 def write_word_corpus(path, *, seed: int, paragraphs: int = 40, words=WORDS) -> str:
     """A text file of ``paragraphs`` paragraphs (blank-line separated) of 5 random sentences of
     6–13 ``words``, seeded; returns its path as a string."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     paras = [" ".join(" ".join(rng.choice(words, size=rng.integers(6, 14))).capitalize() + "." for _ in range(5))
              for _ in range(paragraphs)]
@@ -37,8 +39,6 @@ def write_word_corpus(path, *, seed: int, paragraphs: int = 40, words=WORDS) -> 
 def subprocess_env(root) -> dict:
     """Environment of a real ``python -m rankest`` child process in the tests: this checkout
     first on PYTHONPATH, the Hub offline, one OpenMP thread (2 shared cores)."""
-    import os
-
     env = dict(os.environ)
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,10 +49,6 @@ def subprocess_env(root) -> dict:
 def checkpoint_progress(path, key: str) -> int:
     """``position[key]`` of the checkpoint at ``path`` (−1 while there is none, or it is being
     replaced); reads one attribute only, so a test can poll it while a child process runs."""
-    import json
-
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             return int(json.loads(f.attrs["position"])[key])

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from rankest.accumulate.base import Chunk, Factor, Gram, RowStats, head_gram, psd_sqrt
+from rankest.accumulate.base import Chunk
+from rankest.accumulate.factor import centred_head_gram as head_gram
+from rankest.accumulate.factor import Factor
+from rankest.accumulate.gram import Gram
+from rankest.accumulate.rowstats import RowStats
+from rankest.linalg import psd_sqrt
 from rankest.ops import reference
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rankest.sources import corpus
+from rankest.sources import rows as rows_mod
 from rankest.sources.corpus import (
     CORPORA,
     DEFAULT_CORPUS,
@@ -166,7 +167,7 @@ def test_plan_is_seeded():
 @pytest.mark.parametrize("threshold", [None, 4])  # permutation, and the draw-deduplicate path
 def test_plan_rows_are_uniform(monkeypatch, threshold):
     if threshold is not None:
-        monkeypatch.setattr(corpus, "_RANDPERM_MAX", threshold)
+        monkeypatch.setattr(rows_mod, "_RANDPERM_MAX", threshold)
     n_windows, seq_len, tokens, trials = 6, 10, 15, 1200
     counts = torch.zeros(n_windows, seq_len)
     for seed in range(trials):
@@ -223,7 +224,7 @@ def test_plan_too_many_tokens():
 
 def test_sampling_large_candidate_sets_stays_small():
     gen = torch.Generator().manual_seed(0)
-    picked = corpus._sample_without_replacement(1 << 40, 1000, gen)
+    picked = rows_mod._sample_without_replacement(1 << 40, 1000, gen)
     assert picked.numel() == 1000 == picked.unique().numel()
     assert int(picked.min()) >= 0 and int(picked.max()) < 1 << 40
 

@@ -20,10 +20,14 @@ import torch
 import rankest
 from rankest import cli
 from rankest.sources.corpus import iter_batches, load_documents, pack_windows, plan_rows
-from rankest.diagnostics.pipeline import (Anisotropy, head_spectrum_metrics, run_anisotropy, run_head_spectrum,
-                                 singular_entropy_kl, teacher_anisotropy, teacher_head_spectrum)
+from rankest.accumulate.anisotropy import Anisotropy
+from rankest.diagnostics.head_spectrum import head_spectrum_metrics, singular_entropy_kl, teacher_head_spectrum
+from rankest.diagnostics.commands import run_anisotropy, run_head_spectrum
+from rankest.diagnostics.anisotropy import teacher_anisotropy
 from rankest.errors import UserError
-from rankest.sources.revisions import Checkpoint, read_results, resolve_checkpoints, sweep_checkpoints
+from rankest.sources.revisions import Checkpoint, resolve_checkpoints
+from rankest.io.sweep_results import read_results
+from rankest.diagnostics.commands import sweep_checkpoints
 from rankest.sources.teachers import build_tiny_neox, load_teacher
 
 SEQ = 16
@@ -336,7 +340,7 @@ def test_estimate_diagnostics_on_the_same_forward_passes(tiny_teacher, tmp_path,
 def test_estimate_diagnostics_count_against_max_memory(tiny_teacher):
     """--diagnostics' per-layer Grams come out of --max-memory: a budget they alone exceed is
     refused with a sentence; the anisotropy state's size is that of its tensors."""
-    from rankest.diagnostics.pipeline import Anisotropy
+    from rankest.accumulate.anisotropy import Anisotropy
     from rankest.estimator.pipeline import run_estimate
 
     acc = Anisotropy([32, 32, 32], pca=True)

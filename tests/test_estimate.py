@@ -315,7 +315,7 @@ def test_passes_bad_input(neox64, corpus_file, capsys, neox_dir):
 
 
 def test_python_api_estimate(neox64, corpus_file):
-    """rankest.estimate(...) is run_estimate under the package's name (INTERFACES.md)."""
+    """rankest.estimate(...) is run_estimate under the package's name (the Python API)."""
     import rankest
 
     spec = rankest.estimate(teacher=neox64, corpus=corpus_file, tokens=64, seq_len=SEQ, space="prob", quiet=True)

@@ -16,7 +16,7 @@ import torch
 
 from rankest import UserError, cli, fit_heads
 from rankest.testing import write_word_corpus
-from rankest.heads.pipeline import (HeadSpec, HeadSweep, evaluate_head, feature_truncations, lr_factor, paper_lr, parse_ranks,
+from rankest.heads import (HeadSpec, HeadSweep, evaluate_head, feature_truncations, lr_factor, paper_lr, parse_ranks,
                            weight_truncations)
 from rankest.sources.teachers import build_tiny_neox, load_teacher
 

@@ -1,4 +1,4 @@
-"""`heads` survives interruptions and runs on several processes (issue 8, the `heads` route).
+"""`heads` survives interruptions and runs on several processes.
 
 Oracles: the uninterrupted one-process sweep of the same options on the same fp64 teacher.
 
@@ -30,9 +30,11 @@ import pytest
 
 from rankest import cli
 from rankest.heads import pipeline as heads_mod
-from rankest.io.checkpoint import CHECKPOINT_NAME, Interrupted, read_checkpoint, write_checkpoint
+from rankest.runtime.run import Run
+from rankest.io.checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkpoint
+from rankest.runtime.run import Interrupted
 from rankest.errors import UserError
-from rankest.heads.pipeline import HeadsResult, run_heads
+from rankest.heads import HeadsResult, run_heads
 from rankest.sources.teachers import load_teacher
 from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
 
@@ -132,13 +134,13 @@ def test_interrupt_then_resume_equals_uninterrupted(variant, teacher64, corpus_f
     np.testing.assert_array_equal(back.train_loss, got.train_loss)
     # Periodic checkpoints alone (no signal): one from step 6 resumes to the same result.
     out2 = tmp_path / "run2"
-    original_save = heads_mod._Checkpointing.save
+    original_save = Run.save
     with monkeypatch.context() as m:
-        def save_then_stop(self, sweep, history, step, extra):
-            original_save(self, sweep, history, step, extra)
-            if step == 6:
+        def save_then_stop(self, *, position, **kw):
+            original_save(self, position=position, **kw)
+            if position["step"] == 6:
                 raise KeyboardInterrupt  # a crash right after the checkpoint of step 6
-        m.setattr(heads_mod._Checkpointing, "save", save_then_stop)
+        m.setattr(Run, "save", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             api(teacher64, corpus_file, out2, checkpoint_every=3, **kw)
     assert read_checkpoint(out2 / CHECKPOINT_NAME).position["step"] == 6

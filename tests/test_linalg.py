@@ -1,7 +1,7 @@
 """rankest.linalg: randomized SVD (single pass Nyström, subspace, block Krylov) against the exact
 fp64 SVD on matrices of known spectrum, in fp64 and fp32.
 
-Targets (issue 3): passes = 1 (l = 2k): the W-error curve within 3e-2 of the truth up to
+Targets: passes = 1 (l = 2k): the W-error curve within 3e-2 of the truth up to
 d = k/2 and never below it (up to round-off); passes ≥ 3: σ_1…σ_{k/2} within 1e-3 (relative)
 on the i^-1 and exponential spectra. Streaming equals in-memory to fp64 round-off, whatever
 the chunking. Round-off tolerances follow from the precision of the products: working on TᵀT,

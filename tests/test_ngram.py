@@ -14,7 +14,8 @@ import torch
 
 from rankest import ops
 from rankest.errors import UserError
-from rankest.targets.ngram import build_rows, count_ngrams, ngram_spectrum
+from rankest.targets.ngram import build_rows, count_ngrams
+from rankest.estimator.pipeline import ngram_spectrum
 
 IMPLS = [pytest.param(ops, id="compiled"), pytest.param(ops.reference, id="reference")]
 
@@ -351,7 +352,7 @@ def test_estimate_run_folder(tiny_neox_dir, tmp_path):
                for c in counts.counts[counts.ptr[i]:counts.ptr[i + 1]]) / counts.ctx_count.sum()
     np.testing.assert_allclose(spec.meta["nll"], nll, rtol=1e-10)
     # the comparison report lists the n-gram facts and draws the paper's Fig. 7 ranges
-    from rankest.report.estimate import compare_runs
+    from rankest.report.compare import compare_runs
 
     md = compare_runs([out, out], tmp_path / "cmp").read_text()
     assert "## n-gram runs" in md and f"{spec.meta['contexts']:,} / {counts.n_contexts:,}" in md

@@ -29,8 +29,12 @@ from hypothesis import strategies as st
 from rankest import cli
 from rankest.io import checkpoint as ckpt_mod
 from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
-from rankest.accumulate.base import Chunk, Factor, Gram, RowStats
-from rankest.io.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, Interrupted, read_checkpoint, write_checkpoint
+from rankest.accumulate.base import Chunk
+from rankest.accumulate.factor import Factor
+from rankest.accumulate.gram import Gram
+from rankest.accumulate.rowstats import RowStats
+from rankest.io.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, read_checkpoint, write_checkpoint
+from rankest.runtime.run import Interrupted
 from rankest.runtime.distributed import sum_states
 from rankest.errors import UserError
 from rankest.estimator.pipeline import run_estimate
@@ -618,7 +622,8 @@ def test_passes_two_gloo_processes_equal_one(neox_dir, corpus_file, tmp_path, re
 
 def test_passes_resume_needs_the_same_process_count(tmp_path):
     from rankest.runtime.distributed import World
-    from rankest.estimator.pipeline import EstimateConfig, _open_row_cache
+    from rankest.estimator import EstimateConfig
+    from rankest.estimator.multipass import open_row_cache as _open_row_cache
 
     cfg = EstimateConfig(out=str(tmp_path), passes=3)
     with pytest.raises(UserError, match="sharded over the 1 process"):

@@ -38,9 +38,22 @@ import torch
 
 from rankest.accumulate.base import Accumulator, Chunk
 from rankest.errors import UserError
-from rankest.linalg import (DEFAULT_PROBES, PRECISIONS, SPECTRUM_PRECISION, STREAM_OMEGA, InputError, _check_finite,
-                     _check_int, gaussian_test_matrix, gram_apply, nystrom_finalize, probe_matrix, product_dtype,
-                     round_test, row_energy)
+from rankest.linalg import (
+    DEFAULT_PROBES,
+    PRECISIONS,
+    SPECTRUM_PRECISION,
+    STREAM_OMEGA,
+    InputError,
+    _check_finite,
+    _check_int,
+    gaussian_test_matrix,
+    gram_apply,
+    nystrom_finalize,
+    probe_matrix,
+    product_dtype,
+    round_test,
+    row_energy,
+)
 from rankest.spectrum import Spectrum
 
 #: Version of the state layout written by :meth:`Sketch.state` (2: the counter-hash test matrix;
@@ -224,7 +237,7 @@ class Sketch(Accumulator):
 
 def _sketch_meta(sketch_error: dict, trusted: int, *, passes: int, method: str, l: int, k: int, seed: int,
                  precision: str, n_probes: int) -> dict:
-    """The ``meta`` every sketch-route Spectrum carries (INTERFACES.md: sketch_error, trusted_d)."""
+    """The ``meta`` every sketch-route Spectrum carries (``sketch_error``, ``trusted_d``; docs/design.md, "Result names")."""
     return {
         "sketch_error": sketch_error,
         "trusted_d": trusted,

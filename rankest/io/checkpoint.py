@@ -2,22 +2,22 @@
 
 A checkpoint holds everything a killed run needs to go on as if it had never stopped:
 
-* ``/state/<accumulator>/<key>`` — every accumulator's :meth:`~rankest.accumulators.Accumulator.state`
+* ``/state/<accumulator>/<key>`` — every accumulator's :meth:`~rankest.accumulate.Accumulator.state`
   (fp64 sums, stored bit for bit; HDF5 Fletcher-32 checksums on every dataset, so a corrupted
   byte is detected on reading instead of silently changing a spectrum);
 * ``/rng/<key>`` — the global RNG states (torch, CUDA, numpy, Python). rankest's own random
   choices use private seeded generators (the row plan, the sketch's counter-based test
   matrices), so these are restored for whatever else in the process draws from them;
-* attributes: ``format`` = ``rankest.checkpoint``, ``version``, the run's ``config`` and
+* attributes: ``format`` = ``rankest.io.checkpoint``, ``version``, the run's ``config`` and
   ``derived`` keys (what the data and teacher resolved to: V', dtype, a fingerprint of the
   sampled rows), ``position`` (the next batch of the row plan, rows done, route) and the
   ``convergence`` snapshots so far (JSON).
 
 Writing goes to a temporary file in the run folder, is flushed and fsynced, then renamed over
-the previous checkpoint (:func:`rankest.results.atomic_path`): a crash or a full disk leaves
+the previous checkpoint (:func:`rankest.io.results.atomic_path`): a crash or a full disk leaves
 the previous checkpoint or none, never half of one. A checkpoint is position-based, not
 process-based: it holds the sum over all processes' shards, so a run may resume with a
-different number of processes (see :mod:`rankest.distributed`).
+different number of processes (see :mod:`rankest.runtime.distributed`).
 
     python -m rankest estimate --out runs/x --checkpoint-every 50     # checkpoint every 50 chunks
     python -m rankest estimate --out runs/x --checkpoint-every 50 --resume   # after a crash
@@ -29,17 +29,17 @@ import errno
 import json
 import os
 import random
-import signal
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+import h5py
 import numpy as np
 import torch
 
+from rankest._version import __version__
 from rankest.errors import UserError
+from rankest.io.files import atomic_path, to_json
 
 CHECKPOINT_NAME = "checkpoint.h5"
 FORMAT = "rankest.checkpoint"
@@ -51,13 +51,6 @@ class CheckpointWriteError(UserError):
     """Writing a checkpoint failed (disk full, I/O error); the previous checkpoint is intact."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """The run stopped on SIGINT/SIGTERM after writing a checkpoint. ``exit_code`` = 128 + signal."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + int(signum)
 
 
 @dataclass
@@ -73,21 +66,9 @@ class Checkpoint:
     rng: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-# ---- JSON that keeps NaN (metrics may be NaN) and understands numpy scalars ---------------------
-def _default(x):
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (Path, torch.dtype, torch.device)):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
 def _dumps(obj) -> str:
-    return json.dumps(obj, default=_default, sort_keys=True)
+    """Compact, key-sorted JSON that keeps NaN (:func:`rankest.io.files.jsonable`): a resume is bit for bit."""
+    return to_json(obj, indent=None, sort_keys=True, keep_nan=True)
 
 
 # ---- RNG state -------------------------------------------------------------------------------
@@ -130,8 +111,6 @@ def write_checkpoint(path, *, config: dict, derived: dict, position: dict, conve
     Raises :class:`CheckpointWriteError` (a UserError: exit 2) when the disk refuses the write
     (ENOSPC, EIO, …); the previous checkpoint at ``path`` is then untouched.
     """
-    from rankest.io.results import atomic_path
-
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
@@ -149,10 +128,6 @@ def write_checkpoint(path, *, config: dict, derived: dict, position: dict, conve
 
 def _write_file(tmp: Path, *, config, derived, position, convergence, states, rng) -> None:
     """The HDF5 writer proper (separate so tests can inject I/O faults into it)."""
-    import h5py
-
-    from rankest import __version__
-
     with h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["version"] = CHECKPOINT_VERSION
@@ -182,8 +157,6 @@ def _dataset(group, key: str, value: np.ndarray) -> None:
 # ---- reading ---------------------------------------------------------------------------------
 def read_checkpoint(path) -> Checkpoint:
     """Read a checkpoint; refuse (UserError) a missing, truncated, corrupt, foreign or newer file."""
-    import h5py
-
     path = Path(path)
     fix = "delete it (or pass --overwrite instead of --resume) to start afresh"
     if not path.is_file():
@@ -245,39 +218,6 @@ def check_same_run(saved: dict, current: dict, path, what: str = "configuration"
                         f"checkpoint's options, or pass --overwrite instead of --resume to start afresh.")
 
 
-# ---- signals -----------------------------------------------------------------------------------
-class StopOnSignal:
-    """Context manager: the first SIGINT/SIGTERM only sets ``signum`` (the streaming loop then
-    writes a checkpoint at the end of the current chunk and stops); a second one acts at once
-    (the previous handlers are back). A no-op outside the main thread, where Python cannot
-    install handlers."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.signum: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        self._restore()
-        print(f"\nrankest: received {signal.Signals(signum).name}; writing a checkpoint after this chunk "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def _restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
 
 
 def remove_checkpoint(path) -> None:
@@ -288,68 +228,7 @@ def remove_checkpoint(path) -> None:
         pass
 
 
-def check_checkpoint_options(cfg, *, unit: str) -> None:
-    """The checks every checkpointing command makes of ``cfg.checkpoint_every`` (counted in
-    ``unit``), ``cfg.resume``, ``cfg.out`` and ``cfg.overwrite``, each failure a sentence."""
-    if cfg.checkpoint_every is not None and int(cfg.checkpoint_every) < 1:
-        raise UserError(f"--checkpoint-every must be a positive number of {unit}, got {cfg.checkpoint_every}.")
-    for flag, on in (("--checkpoint-every", cfg.checkpoint_every is not None), ("--resume", cfg.resume)):
-        if on and not cfg.out:
-            raise UserError(f"{flag} needs a run folder for the checkpoint; add --out DIR.")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume continues the run in --out while --overwrite starts it afresh; pass only one.")
 
 
-def open_run_folder(out, *, resume: bool, overwrite: bool, results_file: str, command: str, run: str,
-                    run_config: dict) -> "Checkpoint | None":
-    """Prepare the run folder ``out`` (rank 0) and, under ``resume``, read and check its checkpoint.
-
-    Returns the checkpoint to continue from, or None to start afresh (also under ``resume`` when
-    there is none: a scheduler can always pass it, and is told so on stderr). Refused: resuming a
-    finished ``run`` (``results_file`` there and no checkpoint), a checkpoint written by another
-    command than ``command`` (positions without a ``command`` are estimate's), or one of another
-    configuration. Stale temporary files of a writer killed mid-write are removed.
-    """
-    from rankest.io.results import prepare_run_folder
-
-    folder = Path(out)
-    has_ckpt = resume and (folder / CHECKPOINT_NAME).is_file()
-    if resume and not has_ckpt and (folder / results_file).is_file():
-        raise UserError(f"the {run} in {folder} has finished ({results_file} and no {CHECKPOINT_NAME}); nothing to "
-                        f"resume: pass --overwrite to compute it again, or choose another --out.")
-    folder = prepare_run_folder(folder, overwrite=overwrite or resume)
-    for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    if not has_ckpt:
-        if resume:
-            print(f"rankest: no {CHECKPOINT_NAME} in {folder}; starting from the beginning", file=sys.stderr)
-        return None
-    ckpt = read_checkpoint(folder / CHECKPOINT_NAME)
-    if ckpt.position.get("command", "estimate") != command:
-        raise UserError(f"the checkpoint {ckpt.path} is not a {command} checkpoint (written by another command); "
-                        f"pass --overwrite instead of --resume to start afresh, or choose another --out.")
-    check_same_run(ckpt.config, run_config, ckpt.path)
-    return ckpt
 
 
-def run_config(cfg, *, skip: tuple[str, ...]) -> dict:
-    """The options of a run (a config dataclass) that a checkpoint must share with the run that
-    resumes it, JSON-able: every field but ``skip`` (those that only say where and how it runs);
-    a loaded teacher by name and a local one by absolute path, the corpus by
-    :func:`rankest.corpus.corpus_name`."""
-    from dataclasses import fields
-
-    from rankest.sources.corpus import corpus_name
-
-    out = {}
-    for f in fields(cfg):
-        if f.name in skip:
-            continue
-        v = getattr(cfg, f.name)
-        if f.name == "teacher":
-            v = v if isinstance(v, str) else getattr(v, "name", str(v))
-            v = str(Path(v).resolve()) if Path(v).exists() else v  # ./m and /abs/m are one teacher
-        elif f.name == "corpus":
-            v = corpus_name(v)
-        out[f.name] = v
-    return out

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import h5py
 import numpy as np
 import torch
 
@@ -58,7 +59,6 @@ class RowCache:
 
     def __init__(self, path, n_cols: int, n_rows: int, *, dtype: str = "fp32",
                  resume_rows: Optional[int] = None) -> None:
-        import h5py
 
         if dtype not in CACHE_DTYPES:
             raise UserError(f"--row-cache-dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}.")
@@ -86,7 +86,6 @@ class RowCache:
         self.sync()
 
     def _reopen(self, rows: int) -> None:
-        import h5py
 
         want = (max(1, self.capacity), self.n_cols)
         try:
@@ -114,6 +113,7 @@ class RowCache:
 
     # The accumulator interface the estimate loop feeds (the cache is written, not summed).
     cheap_finalize = False
+    needs = "rows"  # what update() reads of a chunk (the Accumulator convention)
 
     def update(self, chunk) -> None:
         if chunk.rows is None:
@@ -142,8 +142,6 @@ class RowCache:
         """A zero-argument callable that yields the cached rows in order, chunk by chunk, as
         ``out_dtype`` tensors on ``device`` (the stream :func:`rankest.linalg.randomized_svd`
         reads once per pass)."""
-        import h5py
-
         self.close()
         path, n, dtype = self.path, self.n_rows, self.dtype
         rows_per = chunk_rows or max(256, (64 << 20) // max(1, self.n_cols * 4))

@@ -13,6 +13,7 @@ accurate as any kernel; outputs are then cast to the requested dtype.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SPACES = ("clr", "prob", "logprob")
@@ -121,7 +122,7 @@ def gram_update(gram: torch.Tensor, chunk: torch.Tensor, precision: str) -> None
     gram : (V, V) float64, modified in place
         Only the **lower triangle** (including the diagonal) is defined after the update;
         the upper triangle is left untouched. Symmetrise once at the end
-        (:func:`rankest.accumulators.symmetrize_lower`), not per chunk.
+        (:func:`rankest.ops.reference.symmetrize_lower`), not per chunk.
     chunk : (n, V) float64 / float32 / bfloat16 / float16
         Rows of the target matrix; n may be 0.
     precision : {"fp64", "fast"}
@@ -176,8 +177,6 @@ def ngram_count(tokens: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.T
     This reference builds the L×n window matrix (memory L·n·8 bytes) and sorts it; the compiled
     op hashes instead, in memory proportional to M.
     """
-    import numpy as np
-
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError("tokens must be a 1-D int64 or int32 tensor")
     if tokens.device.type != "cpu":

@@ -19,8 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rankest.report.estimate import _fmt, _plt, _save
-from rankest.io.results import write_text_atomic
+from rankest.io.files import write_text_atomic
+from rankest.report.plots import _plt, _save
+from rankest.report.text import fmt
 
 __all__ = ["plot_anisotropy", "plot_head_heatmap", "plot_singular_entropy", "anisotropy_markdown",
            "head_spectrum_markdown", "write_section", "write_diagnostics_report"]
@@ -109,9 +110,9 @@ def anisotropy_markdown(results: dict[str, dict[str, Any]], plot: Optional[str])
         a = np.asarray(r["anisotropy"], dtype=float)
         share = np.asarray(r.get("pc1_variance_share", [np.nan]), dtype=float)
         i = int(np.nanargmax(a)) if np.isfinite(a).any() else 0
-        lines.append(f"| {label} | {int(np.asarray(r['n_rows'])):,} | {a.size} | {_fmt(float(a[-1]))} | "
-                     f"{_fmt(float(a[i]))} ({float(np.asarray(r['depth'])[i]):.2f}) | {_fmt(float(share[-1]))} | "
-                     f"{_fmt(float(np.asarray(r['mean_norm'])[-1]))} | {r.get('last_is_head_input')} |")
+        lines.append(f"| {label} | {int(np.asarray(r['n_rows'])):,} | {a.size} | {fmt(float(a[-1]))} | "
+                     f"{fmt(float(a[i]))} ({float(np.asarray(r['depth'])[i]):.2f}) | {fmt(float(share[-1]))} | "
+                     f"{fmt(float(np.asarray(r['mean_norm'])[-1]))} | {r.get('last_is_head_input')} |")
     lines.append("")
     for label, r in results.items():
         lines += [f"<details><summary>{label}: every layer</summary>", "",
@@ -119,7 +120,7 @@ def anisotropy_markdown(results: dict[str, dict[str, Any]], plot: Optional[str])
         cols = (r["depth"], r["width"], r["anisotropy"], r["mean_norm"],
                 r.get("pc1_variance_share", np.full(len(r["depth"]), np.nan)))
         for dep, wid, a, nrm, sh in zip(*(np.asarray(c) for c in cols)):
-            lines.append(f"| {float(dep):.3f} | {int(wid)} | {_fmt(float(a))} | {_fmt(float(nrm))} | {_fmt(float(sh))} |")
+            lines.append(f"| {float(dep):.3f} | {int(wid)} | {fmt(float(a))} | {fmt(float(nrm))} | {fmt(float(sh))} |")
         lines += ["", "</details>", ""]
     return lines
 
@@ -141,11 +142,11 @@ def head_spectrum_markdown(results: dict[str, dict[str, Any]], plots: dict[str, 
         k = s.size
 
         def at(arr, i):
-            return _fmt(float(arr[i])) if i < arr.size else "—"
+            return fmt(float(arr[i])) if i < arr.size else "—"
 
-        lines.append(f"| {label} | {r['head_n_rows']:,} × {r['head_n_cols']} | {_fmt(float(s[0]))} | {at(ratio, 10)} | "
-                     f"{at(ratio, 99)} | {_fmt(r['head_singular_entropy_kl'])} | {_fmt(r['head_singular_entropy_kl_sq'])} | "
-                     f"{_fmt(r['head_singular_entropy_max'])} | {_fmt(r['head_effective_rank'])} | "
+        lines.append(f"| {label} | {r['head_n_rows']:,} × {r['head_n_cols']} | {fmt(float(s[0]))} | {at(ratio, 10)} | "
+                     f"{at(ratio, 99)} | {fmt(r['head_singular_entropy_kl'])} | {fmt(r['head_singular_entropy_kl_sq'])} | "
+                     f"{fmt(r['head_singular_entropy_max'])} | {fmt(r['head_effective_rank'])} | "
                      f"{at(w, max(k // 4, 1) - 1)} | {at(w, max(k // 2, 1) - 1)} |")
     lines.append("")
     return lines

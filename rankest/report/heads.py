@@ -1,6 +1,6 @@
 """The `heads` report: a table and PNG plots of loss / accuracy versus rank and loss versus W-error.
 
-Where the teacher is one the paper used, its digitised numbers (ARCHITECTURE.md, "Reference
+Where the teacher is one the paper used, its digitised numbers (docs/design.md, "Reference
 numbers", ±0.02 nats) are drawn beside ours: Fig. 6 (final validation loss of a rank-r head on
 the frozen model, after ~150M Pile tokens from N(0,1) init) and Fig. 8 (Pythia-1B: loss of the
 head truncated to rank d against the W-error of the truncated head matrix). Our corpus, token
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rankest.report.estimate import _fmt, _plt, _save
-from rankest.io.results import write_text_atomic
+from rankest.io.files import write_text_atomic
+from rankest.report.plots import _plt, _save
+from rankest.report.text import fmt
 
 #: Paper Fig. 6: final validation loss by rank r of heads trained on frozen models.
 PAPER_FIG6 = {
@@ -110,7 +111,7 @@ def render_heads_markdown(res, plots: dict[str, str]) -> str:
         f"Heads W = A·B of rank r on the frozen final features (d = {m.get('hidden_size')}, V' = {m.get('n_cols'):,}), "
         f"objective `{m.get('objective')}`, init `{m.get('init')}`, {m.get('steps')} AdamW steps "
         f"(β = 0.9, 0.95, weight decay 0.01, 1% warm-up, cosine to 10%) of ≈ {m.get('rows_per_step', 0):.0f} rows "
-        f"({_fmt(m.get('epochs'), 3)} epochs of {m.get('n_train_rows', 0):,} training rows), every rank on the "
+        f"({fmt(m.get('epochs'), 3)} epochs of {m.get('n_train_rows', 0):,} training rows), every rank on the "
         f"same batches. Validation: {m.get('n_val_rows', 0):,} held-out rows (whole windows, seeded split).",
         "",
         "## Validation loss and accuracy by rank",
@@ -120,15 +121,15 @@ def render_heads_markdown(res, plots: dict[str, str]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, lab in enumerate(res.labels):
-        lines.append(f"| {lab} ({res.ranks[i]}) | {res.lr[i]:.3g} | {_fmt(res.val_loss[i])} | "
-                     f"{_fmt(res.val_accuracy[i])} | {_fmt(res.val_perplexity[i])} | "
-                     f"{_fmt(res.truncation_loss_feature[i])} | {_fmt(res.head_w_error_feature[i], 3)} | "
-                     f"{_fmt(res.truncation_loss[i])} | {_fmt(res.head_w_error_weight[i], 3)} |")
-    lines.append(f"| teacher's head (reference) | — | {_fmt(ref['loss'])} | {_fmt(ref['accuracy'])} | "
-                 f"{_fmt(ref['perplexity'])} | | 0 | | 0 |")
+        lines.append(f"| {lab} ({res.ranks[i]}) | {res.lr[i]:.3g} | {fmt(res.val_loss[i])} | "
+                     f"{fmt(res.val_accuracy[i])} | {fmt(res.val_perplexity[i])} | "
+                     f"{fmt(res.truncation_loss_feature[i])} | {fmt(res.head_w_error_feature[i], 3)} | "
+                     f"{fmt(res.truncation_loss[i])} | {fmt(res.head_w_error_weight[i], 3)} |")
+    lines.append(f"| teacher's head (reference) | — | {fmt(ref['loss'])} | {fmt(ref['accuracy'])} | "
+                 f"{fmt(ref['perplexity'])} | | 0 | | 0 |")
     if res.val_kl is not None:
         lines += ["", "KL(teacher ‖ head) on the validation rows (nats): "
-                  + ", ".join(f"{lab}: {_fmt(k)}" for lab, k in zip(res.labels, res.val_kl))]
+                  + ", ".join(f"{lab}: {fmt(k)}" for lab, k in zip(res.labels, res.val_kl))]
     if res.lr_search:
         lines += ["", f"LR search ({res.lr_search.get('search_steps')} steps, scored on "
                       f"{res.lr_search.get('held_out_rows')} held-out training rows): `"
@@ -139,13 +140,13 @@ def render_heads_markdown(res, plots: dict[str, str]) -> str:
                   + ", ".join(f"r = {r}: {v}" for r, v in sorted(PAPER_FIG6[key].items()))
                   + ". Drawn beside ours; corpus, tokens and steps differ."]
     lines += ["", "## Cost", "",
-              f"* features (teacher forward or cache reads): {_fmt(m.get('seconds_features'), 3)} s; heads: "
-              f"{_fmt(m.get('seconds_heads'), 3)} s; {_fmt(m.get('seconds_per_step'), 3)} s per step for all "
-              f"{len(res.ranks)} heads ({_fmt(m.get('seconds_heads_per_step'), 3)} s of it in the heads)",
+              f"* features (teacher forward or cache reads): {fmt(m.get('seconds_features'), 3)} s; heads: "
+              f"{fmt(m.get('seconds_heads'), 3)} s; {fmt(m.get('seconds_per_step'), 3)} s per step for all "
+              f"{len(res.ranks)} heads ({fmt(m.get('seconds_heads_per_step'), 3)} s of it in the heads)",
               f"* head parameters + gradients + AdamW moments: {m.get('head_state_bytes', 0) / 2**20:.1f} MiB; "
               f"peak RSS {m.get('peak_rss_bytes', 0) / 2**20:.0f} MiB"
               + (f"; peak device memory {m['peak_device_bytes'] / 2**20:.0f} MiB" if 'peak_device_bytes' in m else ""),
-              f"* truncation curve (two eigensolves of d×d and the evaluations): {_fmt(m.get('seconds_truncation'), 3)} s",
+              f"* truncation curve (two eigensolves of d×d and the evaluations): {fmt(m.get('seconds_truncation'), 3)} s",
               "", "## Plots", ""]
     for name, fname in plots.items():
         lines += [f"![{name}]({fname})", ""]

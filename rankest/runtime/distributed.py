@@ -4,14 +4,14 @@
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \\
              --rdzv_endpoint=HOST:29500 -m rankest estimate ...          # on each node
 
-Every accumulator is a sum over rows (ARCHITECTURE.md, "Scale beyond one GPU"), so the
+Every accumulator is a sum over rows (docs/design.md, "Scale beyond one process"), so the
 processes split the batches of the seeded row plan — batch j goes to process j mod P, in
 rounds of P consecutive batches — and their states are summed before ``finalize``. The rows
 are those of the one-process plan, whatever P; only the order of the fp64 additions changes.
 
 Detected from torchrun's environment (``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``): NCCL and
 ``cuda:LOCAL_RANK`` when the run is on GPUs, gloo on CPUs. Sums travel as their
-:meth:`~rankest.accumulators.Accumulator.state` arrays (fp64 and int64), reduced to rank 0,
+:meth:`~rankest.accumulate.Accumulator.state` arrays (fp64 and int64), reduced to rank 0,
 which alone finalises, writes results and checkpoints and shows the progress bar; every entry of
 a state is summed except the accumulator's ``fixed_state_keys`` (seed, shapes: equal on all).
 """
@@ -24,9 +24,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from rankest.errors import UserError
-
 
 #: Values reduced per collective call (2^24 fp64 = 128 MiB of scratch per process).
 REDUCE_BLOCK = 1 << 24
@@ -62,7 +62,6 @@ def setup(device: str = "auto") -> tuple[World, str]:
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if size <= 1:
         return World(), device
-    import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -88,7 +87,6 @@ def setup(device: str = "auto") -> tuple[World, str]:
 def shutdown(world: World) -> None:
     """Leave the process group this module created (a no-op for one process)."""
     if world.owns_group:
-        import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -99,7 +97,6 @@ def any_true(world: World, flag: bool) -> bool:
     """True on every process when ``flag`` is true on any (e.g. a signal reached one node)."""
     if not world.active:
         return bool(flag)
-    import torch.distributed as dist
 
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=world.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -123,7 +120,6 @@ def broadcast(world: World, obj: Any) -> Any:
     """Rank 0's ``obj`` on every process (pickled; for small things: decisions, messages)."""
     if not world.active:
         return obj
-    import torch.distributed as dist
 
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=world.device)
@@ -156,7 +152,6 @@ def reduce_state(world: World, state: dict[str, np.ndarray], fixed: tuple[str, .
     """
     if not world.active:
         return state
-    import torch.distributed as dist
 
     out: dict[str, np.ndarray] = {}
     for key in sorted(state):  # the same order on every process
@@ -195,7 +190,6 @@ def all_sum_(world: World, tensors) -> None:
     """
     if not world.active:
         return
-    import torch.distributed as dist
 
     for t in tensors:
         if t.device == world.device:
@@ -220,7 +214,6 @@ def broadcast_arrays(world: World, arrays: Optional[dict[str, np.ndarray]]) -> d
     travels pickled, the data as tensors (no pickle of large states). One process: ``arrays``."""
     if not world.active:
         return arrays
-    import torch.distributed as dist
 
     layout = broadcast(world, None if not world.main else
                        {k: (np.asarray(v).shape, np.asarray(v).dtype.str) for k, v in arrays.items()})

@@ -4,7 +4,7 @@ A teacher is a Hugging Face causal LM whose logits are a linear head applied to 
 (normalised) hidden state: ``z = W h (+ b)``. :class:`Teacher` exposes exactly those two
 pieces — :meth:`Teacher.features` (``h``, the input of the head) and :meth:`Teacher.head`
 (``W``, ``b``) — so the factor route can work on ``d``-dimensional features instead of
-``V``-dimensional logits (see ARCHITECTURE.md, "The matrices").
+``V``-dimensional logits (docs/design.md, "The matrices").
 
 Short names are kept as data in :data:`TEACHERS` (one :class:`TeacherInfo` row per model).
 A local folder with a ``config.json`` (or a ``.gguf`` file) bypasses the table.
@@ -21,8 +21,8 @@ the Q4_1 values, not the original bf16 ones. Loading it takes about half a minut
 
 Examples::
 
-    python -c "from rankest.teachers import load_teacher; t = load_teacher('smollm2-135m-instruct'); print(t)"
-    python -c "from rankest.teachers import load_teacher; print(load_teacher('pythia-70m', revision='step143000'))"
+    python -c "from rankest.sources.teachers import load_teacher; t = load_teacher('smollm2-135m-instruct'); print(t)"
+    python -c "from rankest.sources.teachers import load_teacher; print(load_teacher('pythia-70m', revision='step143000'))"
 
 References: Biderman et al. (2023), "Pythia", arXiv 2304.01373 (sizes, padded vocabularies,
 ``stepN`` revisions); Radford et al. (2019) for GPT-2.
@@ -42,8 +42,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rankest.sources.assets import package_file
 from rankest.errors import UserError
+from rankest.sources.assets import package_file
+from rankest.sources import corpus as corpus_mod  # called through the module: tests replace load_documents
+from rankest.sources.corpus import check_seq_len
 
 __all__ = [
     "TeacherInfo",
@@ -707,9 +709,7 @@ def teacher_and_documents(teacher, corpus, *, revision: str | None, device, dtyp
     (a loaded :class:`Teacher` is used as it is: tests and notebooks reuse one model), whose
     context must hold ``seq_len``. Pre-tokenised windows (a LongTensor corpus) have no documents.
     ``quiet`` also silences transformers' progress bars."""
-    from rankest.sources.corpus import check_seq_len, load_documents
-
-    docs = None if isinstance(corpus, torch.Tensor) else load_documents(corpus)
+    docs = None if isinstance(corpus, torch.Tensor) else corpus_mod.load_documents(corpus)
     if isinstance(teacher, str):
         with quiet_loading(quiet):
             teacher = load_teacher(teacher, revision=revision, device=device, dtype=dtype, device_map=device_map)
@@ -834,3 +834,19 @@ def build_tiny_neox(
         model.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
     return model, tokenizer
+
+
+def check_linear_head(teacher, input_ids: torch.Tensor, *, max_windows: int = 2, max_len: int = 128) -> tuple[bool, float]:
+    """Are the model's own logits exactly its head applied to its features? (relative max error)
+
+    Models with final-logit soft-capping or scaling are not; their clr matrix is then not
+    H·Wcᵀ and the factor route would be wrong. Checked on a prefix of the first windows (a
+    causal model's prefix features equal the full window's), so it costs a fraction of a
+    batch. Tolerance: a few units of the teacher dtype.
+    """
+    ids = input_ids[:max_windows, :max_len]
+    full = teacher.full_logits(ids).float()
+    mine = teacher.logits(teacher.features(ids)).float()
+    err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-30))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(teacher.dtype, 3e-2)
+    return err <= tol, err

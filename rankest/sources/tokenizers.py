@@ -24,6 +24,7 @@ import tempfile
 from typing import Any
 
 from rankest.errors import UserError
+from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS, _gguf_location
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 GGUF_IN_SDIST = {"pythia": "ggml-vocab-gpt-neox.gguf", "gpt2": "ggml-vocab-gpt-2.gguf"}
@@ -51,7 +52,6 @@ def load_tokenizer(spec) -> tuple[Any, str]:
                             f"(downloads the {LLAMA_CPP_PYTHON} sdist from PyPI and extracts its vocabulary).")
         return PreTrainedTokenizerFast(tokenizer_file=str(path)), key
     if name.lower() in ("smollm2", "embedded"):
-        from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS, _gguf_location
 
         info = TEACHERS[DEFAULT_TEACHER]
         file = _gguf_location(*info.gguf) if getattr(info, "gguf", None) else None

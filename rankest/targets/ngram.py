@@ -28,20 +28,30 @@ part goes through :func:`rankest.ops.sparse_gram_update` (CSR, no densifying, fp
 constant through exact rank-2 corrections (u = Σ α_r d_r, A = Σ α_r²):
 G = DᵀD + u·1ᵀ + 1·uᵀ + A·11ᵀ. ``kn`` rows are dense: densified chunk by chunk and fed to
 ``ops.gram_update`` (fp64). When the (m+1)² fp64 Gram does not fit ``--max-memory`` the dense
-chunks feed the Nyström sketch (:class:`rankest.sketch.Sketch`) instead.
+chunks feed the Nyström sketch (:class:`rankest.accumulate.sketch.Sketch`) instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from rankest import ops
+from rankest.accumulate.base import Accumulator, Chunk, SparseRows
+from rankest.accumulate.gram import gram_nbytes
+from rankest.accumulate.sparse_gram import SparseGram
 from rankest.errors import UserError
+from rankest.sources import corpus
+from rankest.sources.tokenizers import load_tokenizer
+from rankest.spectrum import Spectrum
+from rankest.targets.base import Target
 
 SMOOTHING_HELP = "mle | add-k:K | kn"
 WEIGHTINGS = ("equal", "count")
@@ -125,8 +135,6 @@ class NgramCounts:
 
 def count_ngrams(tokens: torch.Tensor, order: int) -> NgramCounts:
     """Count the n-grams of a token stream (negative tokens = document boundaries)."""
-    from rankest import ops
-
     grams, counts = ops.ngram_count(tokens, order)
     g, c = grams.numpy(), counts.numpy()
     n_tokens = int((tokens >= 0).sum())
@@ -177,8 +185,6 @@ def _keys(rows: np.ndarray) -> np.ndarray:
 # ---- tokenising ----------------------------------------------------------------------------------
 def tokenize_documents(docs: Sequence[str], tokenizer, *, progress: bool = False) -> torch.Tensor:
     """Documents → one int64 stream with −1 between documents (no n-gram spans two)."""
-    from tqdm.auto import tqdm
-
     parts: list[np.ndarray] = []
     batch = 256
     for i in tqdm(range(0, len(docs), batch), desc="tokenise", unit="batch", disable=not progress):
@@ -309,14 +315,19 @@ class NgramRows:
             p[rr, self._colmap[tj.next[ent]]] += np.maximum(tj.counts[ent] - dj, 0.0) / np.repeat(tot, lens)
         return p, p_rest
 
-    def row_energy(self, idx: np.ndarray) -> float:
-        """Σ ‖x_r‖² over the full V columns (fp64)."""
+    def row_energies(self, idx: np.ndarray) -> np.ndarray:
+        """‖x_r‖² over the full V columns for each context of ``idx`` ((R,) fp64)."""
         if self.smoothing == "kn":
-            return float((self.dense_chunk(idx) ** 2).sum())
+            return (self.dense_chunk(idx) ** 2).sum(axis=1)
         crow, col, val, alpha = self.sparse_chunk(idx)
-        a = np.repeat(alpha, np.diff(crow))
         nnz = np.diff(crow)
-        return float(((val + a) ** 2).sum() + ((self.vocab - nnz) * alpha ** 2).sum())
+        row = np.repeat(np.arange(idx.size), nnz)
+        on = np.bincount(row, weights=(val + alpha[row]) ** 2, minlength=idx.size)
+        return on + (self.vocab - nnz) * alpha ** 2
+
+    def row_energy(self, idx: np.ndarray) -> float:
+        """Σ ‖x_r‖² over the contexts ``idx``, over the full V columns (fp64)."""
+        return float(self.row_energies(idx).sum())
 
     def row_stats(self, idx: np.ndarray) -> tuple[float, float, float]:
         """(Σ c(h)·H(p_h), Σ −c(hw) log p(w|h), Σ c(h)) over contexts ``idx``: in-sample entropy
@@ -403,124 +414,6 @@ def build_rows(counts: NgramCounts, *, vocab: int, smoothing: str = "mle", space
     return rows
 
 
-# ---- Gram ------------------------------------------------------------------------------------
-class SparseGram:
-    """Exact fp64 Gram of mle / add-k rows from sparse chunks (module docstring): the sparse
-    part DᵀD through ops.sparse_gram_update (lower triangle), u = Σ α_r d_r and A = Σ α_r²
-    for the per-row constants. ``gram()`` returns the full (width × width) lower triangle."""
-
-    def __init__(self, rows: NgramRows) -> None:
-        self.rows = rows
-        self.g = torch.zeros(rows.width, rows.width, dtype=torch.float64)
-        self.u = np.zeros(rows.m)
-        self.a = 0.0
-        self.n_rows = 0
-
-    def update(self, idx: np.ndarray) -> None:
-        from rankest import ops
-
-        crow, col, val, alpha = self.rows.sparse_chunk(idx)
-        ops.sparse_gram_update(self.g, torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(val))
-        if alpha.any():
-            self.u += np.bincount(col, weights=val * np.repeat(alpha, np.diff(crow)), minlength=self.rows.m)
-            self.a += float((alpha ** 2).sum())
-        self.n_rows += idx.size
-
-    def gram(self) -> torch.Tensor:
-        """The full Gram (lower triangle valid), corrections applied to a copy."""
-        if self.a == 0.0:
-            return self.g
-        g = self.g.clone()
-        m, u, a = self.rows.m, torch.from_numpy(self.u), self.a
-        g[:m, :m] += u[:, None] + u[None, :] + a
-        if self.rows.width > m:
-            s = math.sqrt(self.rows.rest)
-            g[m, :m] += s * (u + a)
-            g[m, m] += self.rows.rest * a
-        return g
-
-
-def _spectrum_of_gram(g: torch.Tensor, *, n_rows: int, vocab: int, space: str, energy: float):
-    from rankest.spectrum import Spectrum
-
-    lam = np.linalg.eigvalsh(g.numpy(), UPLO="L") if g.numel() else np.zeros(0)
-    sigma = np.sqrt(np.clip(lam, 0.0, None))[::-1].copy()
-    return Spectrum(sigma=sigma[:min(n_rows, sigma.size)], energy=energy, n_rows=n_rows, n_cols=vocab,
-                    space=space, route="gram", exact=True, precision="fp64")
-
-
-def ngram_spectrum(rows: NgramRows, *, route: str = "auto", budget: Optional[int] = None, rank_max: Optional[int] = None,
-                   seed: int = 0, convergence: bool = True, progress: bool = False) -> tuple[Any, str, dict]:
-    """Stream the rows into the exact Gram (or a sketch when it does not fit); returns
-    (Spectrum, route reason, timings)."""
-    from tqdm.auto import tqdm
-
-    from rankest.accumulate.base import Chunk, Gram, gram_nbytes
-    from rankest.estimator.pipeline import _fmt_bytes, available_memory
-
-    w = rows.width
-    need = gram_nbytes(w) + (8 * w * w if rows.smoothing != "mle" else 0)  # + the corrected copy
-    budget = budget if budget is not None else available_memory(torch.device("cpu")) // 2
-    fits = need <= budget
-    why = (f"the compressed Gram ({w:,}² fp64: {rows.m:,} observed tokens"
-           f"{' + 1 merged column' if w > rows.m else ''}, of V = {rows.vocab:,}) plus eigensolver workspace needs "
-           f"{_fmt_bytes(need)}, {'within' if fits else 'over'} the budget of {_fmt_bytes(budget)}")
-    if route in ("auto", "gram") and not fits:
-        if route == "gram":
-            raise UserError(f"the gram route does not fit: {why}. Raise --max-memory, use --route sketch "
-                            f"--rank-max K, or fewer contexts (--contexts C / --min-count M).")
-        route = "sketch"
-    elif route == "auto":
-        route = "gram"
-    if route == "factor":
-        raise UserError("the factor route needs a neural teacher's head; n-gram targets use --route gram or sketch.")
-    reason = (("sparse CSR Gram (exact fp64)" if rows.smoothing != "kn" else "dense chunks into the fp64 Gram")
-              + f"; {why}") if route == "gram" else f"Nyström sketch from dense chunks; {why}"
-    sel = rows.sel
-    n = sel.size
-    milestones = sorted({x for x in (n // 8, n // 4, n // 2) if 1 < x < n}) if convergence and w <= 4096 and route == "gram" else []
-    conv: dict[int, dict] = {}
-    energy = 0.0
-    bar = tqdm(total=n, unit="ctx", unit_scale=True, desc=f"n-gram {route}", disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    if route == "gram" and rows.smoothing != "kn":
-        acc = SparseGram(rows)
-    elif route == "gram":
-        acc = Gram(w, space=rows.space, precision="fp64")
-    else:
-        from rankest.accumulate.sketch import Sketch
-
-        k = int(rank_max) if rank_max else min(1024, w - 1)
-        if k >= w:
-            raise UserError(f"--rank-max {k} ≥ the {w} compressed columns: use --route gram.")
-        acc = Sketch(w, k, space=rows.space, seed=seed, precision="fp64")
-    bounds = sorted(set(list(range(0, n, CHUNK_ROWS)) + milestones + [n]))
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        idx = sel[a:b]
-        if isinstance(acc, SparseGram):
-            energy += rows.row_energy(idx)
-            acc.update(idx)
-        else:
-            x = torch.from_numpy(rows.dense_chunk(idx))
-            energy += float((x ** 2).sum())  # the merged column √(V−m)·a carries (V−m)·a² exactly
-            acc.update(Chunk(stats=torch.zeros(idx.size, 4, dtype=torch.float64), rows=x))
-        if b in milestones:
-            g = acc.gram() if isinstance(acc, SparseGram) else acc.gram
-            conv[b] = _spectrum_of_gram(g, n_rows=b, vocab=rows.vocab, space=rows.space, energy=energy).metrics()
-        bar.update(idx.size)
-    bar.close()
-    t_stream = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    if route == "gram":
-        g = acc.gram() if isinstance(acc, SparseGram) else acc.gram
-        spec = _spectrum_of_gram(g, n_rows=n, vocab=rows.vocab, space=rows.space, energy=energy)
-    else:
-        spec = acc.finalize(energy=energy)
-        spec.n_cols = rows.vocab
-    if convergence and milestones:
-        conv[n] = spec.metrics()
-    spec.convergence = conv
-    return spec, reason, {"seconds_stream": t_stream, "seconds_finalize": time.perf_counter() - t1}
 
 
 def ngram_facts(counts: NgramCounts, rows: NgramRows) -> dict[str, Any]:
@@ -543,179 +436,123 @@ def ngram_facts(counts: NgramCounts, rows: NgramRows) -> dict[str, Any]:
     }
 
 
-# ---- the estimate command ----------------------------------------------------------------------
+# ---- the target -----------------------------------------------------------------------------------
 def is_ngram_teacher(teacher) -> bool:
     return isinstance(teacher, str) and teacher.startswith("ngram:")
 
 
-def run_ngram_estimate(cfg, *, return_summary: bool = False) -> Any:
-    """``estimate --teacher ngram:N``: EstimateConfig (with the n-gram fields) → Spectrum (and
-    the results.json summary with ``return_summary``) and a run folder with the same result
-    names as a neural teacher plus the n-gram facts. The neural-teacher options ``--tokens``,
-    ``--seq-len``, ``--positions``, ``--sample``, ``--batch-size``, ``--dtype`` do not apply
-    (contexts are chosen with ``--contexts`` / ``--min-count``); ``--gram-precision`` is
-    always fp64 here."""
-    from rankest.sources.corpus import DEFAULT_CORPUS, load_documents
-    from rankest.sources.corpus import corpus_name
-    from rankest.estimator.pipeline import parse_size
-    from rankest.io.results import now_iso, prepare_run_folder, provenance, write_run, write_text_atomic
-    from rankest.sources.tokenizers import load_tokenizer
+class NgramTarget(Target):
+    """The rows of a count-based n-gram model (module docstring), CHUNK_ROWS contexts a unit.
 
-    order = parse_order(cfg.teacher)
-    check_target_options(cfg.space, cfg.smoothing, cfg.weighting)  # before any tokenising
-    n_ctx = parse_contexts(cfg.contexts)
-    fractions = parse_fractions(cfg.corpus_fractions)
-    if int(cfg.min_count) < 1:
-        raise UserError(f"--min-count must be ≥ 1, got {cfg.min_count}.")
-    budget = parse_size(cfg.max_memory) if cfg.max_memory else None
-    corpus = cfg.corpus if cfg.corpus is not None else DEFAULT_CORPUS
-    out = prepare_run_folder(cfg.out, overwrite=cfg.overwrite) if cfg.out else None
-    started = now_iso()
-    t0 = time.perf_counter()
-    tok, tok_name = load_tokenizer(cfg.tokenizer)
-    vocab = len(tok)
-    docs = load_documents(corpus)
-    t_tok = time.perf_counter()
-    stream = tokenize_documents(docs, tok, progress=not cfg.quiet)
-    t_tok = time.perf_counter() - t_tok
+    ``n_cols`` is the compressed width the accumulators see (m observed columns, plus the merged
+    one); the finished spectrum reports the full vocabulary V. mle / add-k rows reach the exact
+    route as sparse chunks (:class:`~rankest.accumulate.sparse_gram.SparseGram`), kn rows and
+    every sketch as dense fp64 chunks.
+    """
 
-    def one(stream_part: torch.Tensor, convergence: bool):
+    unit = "ctx"
+    precision = "fp64"  # the rows are exact in fp64, whatever --gram-precision says
+    supports_passes = False
+    row_dtype = torch.float64
+
+    def __init__(self, rows: NgramRows, *, facts: Optional[dict] = None, tokenizer: str = "",
+                 chunk_rows: int = CHUNK_ROWS) -> None:
+        self.rows, self.chunk_rows = rows, int(chunk_rows)
+        self.name, self.source, self.tokenizer = f"ngram:{rows.counts.order}", "counts", tokenizer
+        self.n_cols, self.n_rows = rows.width, int(rows.sel.size)
+        self.n_units = -(-self.n_rows // self.chunk_rows)
+        self.facts = dict(facts) if facts is not None else ngram_facts(rows.counts, rows)
+        self.sweep: dict[float, tuple] = {}  # corpus fraction → (Spectrum, facts), set by the pipeline
+
+    @classmethod
+    def from_options(cls, cfg, *, stream: Optional[torch.Tensor] = None, tokenizer=None) -> "NgramTarget":
+        """Count ``cfg.corpus`` (or the token ``stream`` given) with ``cfg``'s order, smoothing,
+        space, weighting, min_count, contexts and seed."""
+        order = parse_order(cfg.teacher)
+        check_target_options(cfg.space, cfg.smoothing, cfg.weighting)  # before any tokenising
+        n_ctx = parse_contexts(cfg.contexts)
+        if int(cfg.min_count) < 1:
+            raise UserError(f"--min-count must be ≥ 1, got {cfg.min_count}.")
+        t0 = time.perf_counter()
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+        tok, tok_name = tokenizer
+        t_tok = 0.0
+        if stream is None:
+            docs = corpus.load_documents(cfg.corpus)
+            t = time.perf_counter()
+            stream = tokenize_documents(docs, tok, progress=not cfg.quiet)
+            t_tok = time.perf_counter() - t
         t = time.perf_counter()
-        counts = count_ngrams(stream_part, order)
+        counts = count_ngrams(stream, order)
         t_count = time.perf_counter() - t
-        rows = build_rows(counts, vocab=vocab, smoothing=cfg.smoothing, space=cfg.space, weighting=cfg.weighting,
+        rows = build_rows(counts, vocab=len(tok), smoothing=cfg.smoothing, space=cfg.space, weighting=cfg.weighting,
                           min_count=int(cfg.min_count), contexts=n_ctx, seed=cfg.seed)
-        spec, reason, times = ngram_spectrum(rows, route=cfg.route, budget=budget, rank_max=cfg.rank_max, seed=cfg.seed,
-                                             convergence=convergence, progress=not cfg.quiet)
-        facts = ngram_facts(counts, rows)
-        facts.update(times, seconds_count=t_count,
-                     count_tokens_per_second=counts.n_tokens / t_count if t_count > 0 else None)
-        return spec, reason, facts
+        target = cls(rows, tokenizer=tok_name)
+        target.stream, target.tokenizer_pair = stream, tokenizer
+        target.facts.update(seconds_count=t_count, seconds_tokenize=t_tok, seconds_prepare=time.perf_counter() - t0,
+                            count_tokens_per_second=counts.n_tokens / t_count if t_count > 0 else None)
+        return target
 
-    sweep = {}
-    if fractions:
-        # a prefix of the stream (whole documents, in corpus order) per fraction
+    def prefixes(self, cfg, fractions) -> list[tuple[float, "NgramTarget"]]:
+        """The same model on the prefixes of the corpus (whole documents, in corpus order) that
+        hold each fraction < 1 of its tokens (the corpus-size sweep)."""
+        stream = self.stream
         bounds = np.flatnonzero(stream.numpy() < 0) + 1
+        out = []
         for f in fractions:
             if f >= 1:
                 continue
             cut = int(bounds[max(0, np.searchsorted(bounds, f * stream.numel()) - 1)]) if bounds.size else stream.numel()
             cut = max(cut, int(bounds[0]) if bounds.size else cut)
-            s_f, _, facts_f = one(stream[:cut], False)
-            sweep[f] = (s_f, facts_f)
-    spec, reason, facts = one(stream, cfg.convergence)
-    if fractions:
-        sweep[1.0] = (spec, facts)
-    spec.meta.update({
-        "teacher": f"ngram:{order}", "teacher_source": "counts", "tokenizer": tok_name,
-        "corpus": corpus_name(corpus), "route_reason": reason, "seed": cfg.seed, "device": "cpu",
-        **facts, "seconds_tokenize": t_tok, "seconds_total": time.perf_counter() - t0,
-    })
-    if sweep:
-        spec.meta["corpus_fractions"] = {
-            str(f): {"n_tokens": fa["n_tokens"], "contexts": fa["contexts"],
-                     "singleton_context_share": fa["singleton_context_share"],
-                     "rank_at": s.metrics()["rank_at"], "n_rows": s.n_rows,
-                     "w_error_at": {str(d): float(s.w_error(d)) for d in (10, 100, 1000, 2000, 10000) if d <= s.sigma.size}}
-            for f, (s, fa) in sorted(sweep.items())}
-    if out is not None:
-        prov = provenance(torch.device("cpu"))
-        prov.update({"started": started, "finished": now_iso()})
-        config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("out", "overwrite", "quiet")}
-        config["corpus"] = corpus_name(corpus)
-        config["tokenizer"] = tok_name
-        summary = write_run(out, spec, config=config, prov=prov)
-        extra = render_ngram_section(spec, sweep, out)
-        report = out / "report.md"
-        write_text_atomic(report, report.read_text() + extra)
-        spec.meta["out"] = str(out)
-        if return_summary:
-            return spec, summary
-    if return_summary:
-        return spec, spec.summary()
-    return spec
+            out.append((f, NgramTarget.from_options(cfg, stream=stream[:cut], tokenizer=self.tokenizer_pair)))
+        return out
 
+    # ---- the plan ----------------------------------------------------------------------------
+    def rows_before(self, j: int) -> int:
+        return min(j * self.chunk_rows, self.n_rows)
 
-def render_ngram_section(spec, sweep: dict, out) -> str:
-    """The n-gram facts appended to report.md (and the corpus-size sweep plot)."""
-    m = spec.meta
-    lines = ["", "## n-gram target", "",
-             f"{m['order']}-gram model, smoothing `{m['smoothing']}`, rows weighted `{m['weighting']}`"
-             f"{' (each row × sqrt(c(h)): the Gram of one row per token occurrence)' if m['weighting'] == 'count' else ' (the paper’s)'}, "
-             f"tokenizer `{m['tokenizer']}`.", "",
-             "| fact | value |", "|---|---|",
-             f"| tokens in the corpus | {m['n_tokens']:,} |",
-             f"| distinct {m['order']}-grams | {m['distinct_ngrams']:,} |",
-             f"| contexts observed / used (C) | {m['contexts_total']:,} / {m['contexts']:,} |",
-             f"| share of used contexts seen once | {m['singleton_context_share']:.3f} |",
-             f"| vocabulary V / observed columns / Gram columns | {m['vocab']:,} / {m['observed_columns']:,} / {m['gram_columns']:,} |",
-             f"| in-sample NLL per token (nats) | {m['nll']:.4f} |",
-             f"| counting throughput | {m['count_tokens_per_second'] or 0:,.0f} tokens/s |", "",
-             "MLE rows of singleton contexts are one-hot: they mostly measure the spread of the next-token "
-             "unigram distribution, not the structure of language; a large share of them pushes the rank up. "
-             "Unobserved tokens are identical columns, merged exactly into one (see rankest/ngram.py).", ""]
-    if sweep:
-        from rankest.report.estimate import plot_w_error
+    def derived(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for a in (self.rows.sel, self.rows.cols, self.rows.counts.contexts[self.rows.sel], self.rows.counts.ctx_count):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return {"n_cols": self.n_cols, "vocab": self.rows.vocab, "n_rows": self.n_rows, "rows_sha256": h.hexdigest()}
 
-        plot_w_error([(f"{f:g} of the corpus ({fa['n_tokens']:,} tokens)", s) for f, (s, fa) in sorted(sweep.items())],
-                     out / "corpus_fractions.png", f"ngram:{m['order']} · corpus-size sweep")
-        lines += ["## Corpus-size sweep", "", "![corpus-size sweep](corpus_fractions.png)", "",
-                  "| fraction | tokens | contexts | singleton share | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) |",
-                  "|---|---|---|---|---|---|---|"]
-        for f, (s, fa) in sorted(sweep.items()):
-            r = s.metrics()["rank_at"]
-            lines.append(f"| {f:g} | {fa['n_tokens']:,} | {fa['contexts']:,} | {fa['singleton_context_share']:.3f} | "
-                         f"{r['0.5']} | {r['0.1']} | {r['0.01']} |")
-        lines.append("")
-    return "\n".join(lines)
+    # ---- rows --------------------------------------------------------------------------------
+    def chunk(self, j: int, needs: str) -> Chunk:
+        idx = self.rows.sel[self.rows_before(j):self.rows_before(j + 1)]
+        stats = torch.full((idx.size, 4), float("nan"), dtype=torch.float64)  # no next token per row
+        if needs == "sparse":
+            crow, col, val, alpha = self.rows.sparse_chunk(idx)
+            stats[:, 3] = torch.from_numpy(self.rows.row_energies(idx))
+            return Chunk(stats=stats, sparse=SparseRows(crow, col, val, alpha))
+        x = torch.from_numpy(self.rows.dense_chunk(idx))
+        stats[:, 3] = (x ** 2).sum(dim=1)  # the merged column √(V−m)·a carries (V−m)·a² exactly
+        return Chunk(stats=stats, rows=x)
 
+    # ---- routes ------------------------------------------------------------------------------
+    def gram_nbytes(self, *, on_gpu: bool) -> int:
+        w = self.rows.width
+        return gram_nbytes(w) + (8 * w * w if self.rows.smoothing != "mle" else 0)  # + the corrected copy
 
-# ---- comparison report (rankest.report.compare_runs) -------------------------------------------
-#: Godey et al. (2024), Fig. 7, digitised (ARCHITECTURE.md, ±0.02): 5-gram MLE prob matrices.
-PAPER_FIG7 = {"w_error_at_1000": (0.50, 0.57), "w_error_at_2000": (0.39, 0.49),
-              "d_at_0.1": {"Llama-2": (7000, 9000), "Pythia": (10000, 12000)}}
+    def gram_what(self) -> str:
+        r = self.rows
+        return (f"the compressed Gram ({r.width:,}² fp64: {r.m:,} observed tokens"
+                f"{' + 1 merged column' if r.width > r.m else ''}, of V = {r.vocab:,}) plus eigensolver workspace")
 
+    def accumulator(self, route: str, *, precision: str, space: str) -> Optional[Accumulator]:
+        if route == "gram" and self.rows.smoothing != "kn":
+            return SparseGram(self.rows.m, self.rows.width, self.rows.rest, space=space, n_cols=self.rows.vocab)
+        return None
 
-def draw_paper_fig7(ax) -> None:
-    """The paper's Fig. 7 ranges on a W-error plot: W-error at d = 1000 and 2000, and where the
-    curves cross 0.1 for each tokenizer."""
-    lo, hi = PAPER_FIG7["w_error_at_1000"]
-    ax.plot([1000, 1000], [lo, hi], color="k", lw=3, alpha=0.6, label="paper Fig. 7 (5-gram MLE, 3 corpora)")
-    lo, hi = PAPER_FIG7["w_error_at_2000"]
-    ax.plot([2000, 2000], [lo, hi], color="k", lw=3, alpha=0.6)
-    for (tok, (a, b)), style in zip(PAPER_FIG7["d_at_0.1"].items(), ("-", "--")):
-        ax.plot([a, b], [0.1, 0.1], color="k", lw=3, alpha=0.4, ls=style, label=f"paper: W-error 0.1 ({tok})")
-    ax.set_xlim(left=1)
+    def finish(self, spec: Spectrum) -> Spectrum:
+        """The full vocabulary's spectrum: V columns; an exact one keeps min(N, width) values (the
+        rest are exact zeros)."""
+        if spec.exact:
+            spec.sigma = spec.sigma[:min(spec.n_rows, spec.sigma.size)]
+        spec.n_cols = self.rows.vocab
+        return spec
 
-
-def ngram_label(meta: dict) -> str:
-    """' TOKENIZER SMOOTHING [weighted by count] [C=used/observed]' for an n-gram run, '' otherwise."""
-    if "contexts" not in meta:
-        return ""
-    out = f" {meta.get('tokenizer')} {meta.get('smoothing')}"
-    if meta.get("weighting") == "count":
-        out += " count-weighted"
-    if meta.get("contexts") != meta.get("contexts_total"):
-        out += f" C={meta.get('contexts'):,}/{meta.get('contexts_total'):,}"
-    return out
-
-
-def ngram_compare_lines(specs, folders) -> list[str]:
-    """A table of the n-gram facts of the n-gram runs among ``specs`` (empty when none)."""
-    rows = [(label, s, f) for (label, s), f in zip(specs, folders) if "contexts" in s.meta]
-    if not rows:
-        return []
-    lines = ["", "## n-gram runs", "",
-             "Paper (Godey et al. 2024, Fig. 7, digitised): 5-gram MLE probability rows, W-error(1000) ≈ 0.50–0.57, "
-             "W-error(2000) ≈ 0.39–0.49, W-error ≤ 0.1 past d ≈ 7–9k (Llama-2 tokenizer) or 10–12k (Pythia), on "
-             "corpora far larger than a local run's: the curve moves with the corpus size (see each run's sweep).", "",
-             "| run | order | tokenizer | smoothing | weighting | tokens | contexts C used / observed | singleton share | W-error(1000) | W-error(2000) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, s, f in rows:
-        m = s.meta
-        w = s.w_error()
-        at = lambda d: f"{w[d - 1]:.3f}" if d <= w.size else "—"  # noqa: E731
-        lines.append(f"| `{f}` | {m.get('order')} | {m.get('tokenizer')} | {m.get('smoothing')} | {m.get('weighting')} | "
-                     f"{m.get('n_tokens', 0):,} | {m.get('contexts', 0):,} / {m.get('contexts_total', 0):,} | {m.get('singleton_context_share', float('nan')):.3f} | "
-                     f"{at(1000)} | {at(2000)} |")
-    return lines + [""]
+    def meta(self) -> dict[str, Any]:
+        return {"teacher": self.name, "teacher_source": self.source, "tokenizer": self.tokenizer, "device": "cpu",
+                **self.facts}

@@ -1,0 +1,77 @@
+from typing import Optional
+
+import torch
+
+from rankest import ops
+from rankest.accumulate.base import Accumulator, Chunk, row_precision
+from rankest.linalg import psd_sqrt, svdvals
+from rankest.spectrum import Spectrum
+
+
+def centred_head_gram(weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *, block: int = 8192) -> torch.Tensor:
+    """G_W = W̃ᵀW̃ in fp64 for W̃ = [Wc bc], the column-centred head over the real vocabulary.
+
+    weight : (V, d), bias : (V,) or None → (d', d') float64 with d' = d + 1 when the centred
+    bias bc = b' − mean(b') is non-zero, else d. Wc = W' − 1·w̄ᵀ (W' = the first n_cols rows).
+    Built block by block so the fp64 copy is block×d, even for a 50k×4096 head.
+    """
+    w_mean = weight[:n_cols].to(torch.float64).mean(dim=0)
+    b = None
+    if bias is not None:
+        b = bias[:n_cols].to(torch.float64)
+        b = b - b.mean()
+        # A bias constant over V' is centred away: the ones column is then not needed.
+        b = b if bool((b != 0).any()) else None
+    d = weight.shape[1] + (b is not None)
+    g = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
+    for start in range(0, n_cols, block):
+        stop = min(start + block, n_cols)
+        wb = weight[start:stop].to(torch.float64) - w_mean
+        if b is not None:
+            wb = torch.cat([wb, b[start:stop, None]], dim=1)
+        g += wb.T @ wb
+    return g
+
+
+class Factor(Accumulator):
+    """Exact spectrum of a linear-head teacher's ``clr`` matrix from two small factors.
+
+    T = H·Wcᵀ + 1·bcᵀ = H̃·W̃ᵀ with H̃ = [H 1] (N×(d+1)) and W̃ = [Wc bc] (V'×(d+1)).
+    Streams G_H = H̃ᵀH̃ (fp64 carry); at the end σ(T) = svdvals(R_H·R_W), R = G^{1/2}
+    (TᵀT = W̃·G_H·W̃ᵀ has the non-zero eigenvalues of R_H·G_W·R_H). Cost O(N·d²) + O(V'·d²).
+    """
+
+    name = "factor"
+    needs = "features"
+    summed = "g_h"
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *,
+                 precision: str = "fp64", device="cpu") -> None:
+        super().__init__()
+        self.n_cols, self.precision = n_cols, precision
+        self.g_w = centred_head_gram(weight, bias, n_cols).to(device)
+        self.with_ones = self.g_w.shape[0] == weight.shape[1] + 1
+        self.g_h = torch.zeros_like(self.g_w)
+        self._r_w: Optional[torch.Tensor] = None
+
+    def update(self, chunk: Chunk) -> None:
+        if chunk.features is None:
+            raise ValueError("the factor route needs the teacher's features in every chunk")
+        h = chunk.features
+        if self.with_ones:
+            h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        ops.gram_update(self.g_h, h, self.precision)
+        self.n_rows += chunk.n
+
+    def model_energy(self) -> float:
+        """‖H̃W̃ᵀ‖_F² = trace(G_H·G_W), from the factors alone."""
+        g_h = torch.tril(self.g_h) + torch.tril(self.g_h, -1).T
+        return float((g_h * self.g_w).sum())
+
+    def finalize(self, energy: float = float("nan")) -> Spectrum:
+        if self._r_w is None:
+            self._r_w = psd_sqrt(self.g_w)
+        r_h = psd_sqrt(self.g_h)
+        sigma = svdvals(r_h @ self._r_w)
+        return Spectrum(sigma=sigma, energy=energy, n_rows=self.n_rows, n_cols=self.n_cols, space="clr",
+                        route="factor", exact=True, precision=row_precision(self.precision))

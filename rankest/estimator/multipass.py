@@ -1,0 +1,59 @@
+"""``--passes q ≥ 2``: the rows cached on disk once, then q passes of randomized subspace iteration.
+
+The first pass over the rows is the target's (a teacher's forward over the corpus); every
+later pass re-reads this process's row cache (``DIR/rows.h5``, ``rows.rank{r}.h5`` under
+torchrun), and :func:`rankest.linalg.randomized_svd` all-reduces each pass's products. The cache
+is part of a checkpointed run's state: it is fsynced before each checkpoint and reopened on
+``--resume`` after the rows the checkpoint counts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from rankest.accumulate.sketch import spectrum_from_svd
+from rankest.errors import UserError
+from rankest.estimator.config import EstimateConfig
+from rankest.estimator.routes import sketch_precision, sketch_rank
+from rankest.io.rowcache import RowCache, resolve_cache_dtype
+from rankest.linalg import product_dtype, randomized_svd
+
+
+def open_row_cache(cfg: EstimateConfig, world, position: Optional[dict], *, n_cols: int, shard_rows: int,
+                    row_dtype: torch.dtype, rows_of_rank):
+    """This process's row cache for --passes ≥ 2, sized for its ``shard_rows``: ``DIR/rows.h5``
+    (``rows.rank{r}.h5`` under torchrun; a temporary folder without --out), created, or reopened
+    after the rows of the batches the checkpoint counts (``rows_of_rank(rank, next_batch)``)."""
+    dtype = resolve_cache_dtype(cfg.row_cache_dtype, row_dtype)
+    where = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="rankest-rows-"))
+    name = "rows.h5" if not world.active else f"rows.rank{world.rank}.h5"
+    if position is None:
+        return RowCache(where / name, n_cols, shard_rows, dtype=dtype)
+    if int(position.get("world_size", 1)) != world.size:
+        raise UserError(f"--resume: the row cache of --passes is sharded over the {position.get('world_size', 1)} "
+                        f"process(es) that wrote it, and this run has {world.size}; resume with "
+                        f"{position.get('world_size', 1)}.")
+    return RowCache(where / name, n_cols, shard_rows, dtype=dtype,
+                    resume_rows=rows_of_rank(world.rank, int(position["next_batch"])))
+
+
+def multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int, row_dtype: torch.dtype,
+                        device: torch.device, energy: float, reduce=None):
+    """q passes of randomized subspace iteration over the cached rows → a sketch-route Spectrum
+    (σ̂ ≤ σ, with the error estimates of :func:`rankest.linalg.randomized_svd`)."""
+    precision = sketch_precision(cfg.gram_precision, row_dtype)
+    try:
+        result = randomized_svd(cache.stream(device=device, out_dtype=product_dtype(precision, device)),
+                                sketch_rank(cfg, n_cols), passes=passes, method="subspace", precision=precision,
+                                seed=cfg.seed, device=device, return_vectors=False, reduce=reduce)
+    finally:
+        if not cfg.keep_row_cache:
+            cache.remove()
+    spec = spectrum_from_svd(result, space=cfg.space, energy=energy)
+    spec.meta["row_cache"] = {"dtype": cache.dtype, "rows": result.info["n_rows"],
+                              "path": str(cache.path) if cfg.keep_row_cache else None}
+    return spec

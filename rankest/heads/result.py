@@ -1,0 +1,97 @@
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import h5py
+import numpy as np
+
+from rankest.errors import UserError
+from rankest.io.files import atomic_path, to_json
+from rankest.io.results import write_text_atomic
+from rankest.io.spectrum_file import SCHEMA_VERSION
+from rankest.report.heads import write_heads_report
+
+
+# ---- results -----------------------------------------------------------------------------------
+@dataclass
+class HeadsResult:
+    """Validation loss / accuracy of every rank-r head, the reference and the truncations.
+
+    Lists are aligned with ``ranks`` (ascending; ``labels`` says which is ``full``). Losses are
+    mean next-token cross-entropies in nats over the validation rows; perplexity = exp(loss).
+    """
+
+    ranks: list[int]
+    labels: list[str]
+    lr: list[float]
+    val_loss: list[float]
+    val_accuracy: list[float]
+    val_perplexity: list[float]
+    reference: dict[str, float]  # the teacher's own head on the validation rows
+    truncation_loss: list[float]
+    truncation_accuracy: list[float]
+    head_w_error_weight: list[float]
+    truncation_loss_feature: list[float]
+    truncation_accuracy_feature: list[float]
+    head_w_error_feature: list[float]
+    w_error_weight_curve: np.ndarray  # (d,) W-error of W at every rank 1..d
+    w_error_feature_curve: np.ndarray  # (d,) W-error of H·W_cᵀ at every rank 1..d
+    train_loss: np.ndarray  # (steps, heads) mean training loss of each step's batch, before the step
+    val_kl: Optional[list[float]] = None
+    lr_search: Optional[dict] = None
+    meta: dict = field(default_factory=dict)
+
+    KEYS = ("ranks", "labels", "lr", "val_loss", "val_accuracy", "val_perplexity", "val_kl", "reference",
+            "truncation_loss", "truncation_accuracy", "head_w_error_weight", "truncation_loss_feature",
+            "truncation_accuracy_feature", "head_w_error_feature", "lr_search")
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary (heads.json)."""
+        out = {k: getattr(self, k) for k in self.KEYS}
+        out["final_train_loss"] = self.train_loss[-1].tolist() if len(self.train_loss) else None
+        out.update({k: v for k, v in self.meta.items() if k not in ("config", "provenance")})
+        out["config"] = self.meta.get("config")
+        out["provenance"] = self.meta.get("provenance")
+        return out
+
+    def save(self, path) -> None:
+        """heads.h5: arrays as datasets, the summary as a JSON attribute."""
+        with atomic_path(Path(path)) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format"] = "rankest.heads"
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                for k in ("ranks", "lr", "val_loss", "val_accuracy", "val_perplexity", "truncation_loss",
+                          "truncation_accuracy", "head_w_error_weight", "truncation_loss_feature",
+                          "truncation_accuracy_feature", "head_w_error_feature", "w_error_weight_curve",
+                          "w_error_feature_curve", "train_loss"):
+                    f.create_dataset(k, data=np.asarray(getattr(self, k)))
+                if self.val_kl is not None:
+                    f.create_dataset("val_kl", data=np.asarray(self.val_kl))
+                f.attrs["summary"] = to_json(self.summary())
+
+    @classmethod
+    def load(cls, path) -> "HeadsResult":
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"no heads results file at {path}.")
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != "rankest.heads":
+                raise UserError(f"{path} is not a rankest heads file.")
+            s = json.loads(f.attrs["summary"])
+            arrays = {k: np.asarray(f[k][...]) for k in ("w_error_weight_curve", "w_error_feature_curve",
+                                                         "train_loss")}
+        kw = {k: s.get(k) for k in cls.KEYS}
+        meta = {k: v for k, v in s.items() if k not in cls.KEYS and k != "final_train_loss"}
+        return cls(**kw, **arrays, meta=meta)
+
+
+def write_heads_run(out: Path, result: HeadsResult) -> dict:
+    """heads.h5 + heads.json + the report (heads.md, and report.md when the folder has none)."""
+    out = Path(out)
+    result.save(out / "heads.h5")
+    summary = result.summary()
+    write_text_atomic(out / "heads.json", to_json(summary) + "\n")
+    write_heads_report(out, result)
+    return summary

@@ -1,0 +1,86 @@
+"""A spectrum's HDF5 layout (results.h5): the datasets ``sigma`` and ``w_error`` with Fletcher-32
+checksums, everything else as JSON attributes, a format mark and a schema version.
+
+This module knows the layout, not the :class:`~rankest.spectrum.Spectrum` class: it writes any
+object with the Spectrum's fields and reads back the keyword arguments of its constructor, so
+that ``Spectrum.save`` / ``Spectrum.load`` can use it without an import cycle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+
+from rankest.errors import UserError
+from rankest.io.files import atomic_path, jsonable, to_json
+
+#: Bumped whenever the layout of results.h5 changes; readers refuse newer files.
+SCHEMA_VERSION = 1
+FORMAT = "rankest.results"
+
+
+def write_spectrum_h5(spec: Any, path, *, group: str = "/", config: dict | None = None,
+                      prov: dict | None = None) -> None:
+    """Write ``spec`` (a Spectrum) to ``path`` atomically: datasets sigma, w_error; its record,
+    summary, and the run's config / provenance as JSON attributes."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            g = f.require_group(group)
+            # Fletcher-32 checksums: a corrupted byte makes the reader fail instead of a changed σ.
+            for name, data in (("sigma", spec.sigma), ("w_error", spec.w_error())):
+                data = np.asarray(data)
+                g.create_dataset(name, data=data, **({"fletcher32": True, "chunks": True} if data.size else {}))
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["format"] = FORMAT
+            g.attrs["spectrum"] = json.dumps(jsonable({
+                "energy": spec.energy, "n_rows": spec.n_rows, "n_cols": spec.n_cols, "space": spec.space,
+                "route": spec.route, "exact": spec.exact, "precision": spec.precision, "meta": spec.meta,
+                "convergence": {str(k): v for k, v in spec.convergence.items()}}))
+            g.attrs["summary"] = to_json(spec.summary())
+            if config is not None:
+                g.attrs["config"] = to_json(config)
+            if prov is not None:
+                g.attrs["provenance"] = to_json(prov)
+
+
+def read_spectrum_h5(path, *, build: Callable[..., Any], group: str = "/") -> Any:
+    """``build(**fields)`` of the spectrum stored in ``path`` (``build`` is the Spectrum class); refuse (UserError) a file that is missing, truncated, corrupt, not a
+    rankest results file, or of a newer schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no results file at {path}.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}") from e
+    try:
+        with f:
+            fmt = f.attrs.get("format")
+            if fmt != FORMAT:
+                what = "a rankest checkpoint, not results" if fmt == "rankest.checkpoint" else "not a rankest results file"
+                raise UserError(f"{path} is {what}; give the results.h5 of a finished run folder.")
+            version = int(f.attrs.get("schema_version", -1))
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{path} has schema version {version}, newer than this rankest reads "
+                                f"({SCHEMA_VERSION}); upgrade rankest.")
+            g = f[group]
+            info = json.loads(g.attrs["spectrum"])
+            sigma = np.asarray(g["sigma"][...], dtype=np.float64)
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        # A damaged dataset fails its checksum (OSError); a missing part is a KeyError.
+        raise UserError(f"{path} is a damaged rankest results file ({type(e).__name__}: {e}); "
+                        f"recompute it (estimate --overwrite).") from e
+    try:
+        conv = {int(k): v for k, v in info.pop("convergence", {}).items()}
+        energy = info.pop("energy")
+        return build(sigma=sigma, energy=float("nan") if energy is None else energy, convergence=conv, **info)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is a damaged rankest results file (its spectrum record is incomplete: "
+                        f"{type(e).__name__}: {e}); recompute it (estimate --overwrite).") from e
