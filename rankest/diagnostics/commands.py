@@ -36,7 +36,6 @@ EMNLP, §3 (anisotropy as mean cosine similarity); Roy & Vetterli (2007) (effect
 from __future__ import annotations
 
 import gc
-import math
 import pathlib
 from typing import Any, Callable
 
@@ -57,9 +56,12 @@ from rankest.io.files import jsonable, now_iso, write_text_atomic
 from rankest.io.results import provenance
 from rankest.io.sweep_results import KINDS, _append, _summary_json, read_results
 from rankest.report.diagnostics import write_diagnostics_report
+from rankest.runtime import distributed
+from rankest.runtime.run import EXECUTION_OPTIONS, Run
+from rankest.sources import teachers
 from rankest.sources.corpus import DEFAULT_CORPUS, check_seq_len, load_documents, pack_windows, plan_rows
 from rankest.sources.revisions import Checkpoint, _summarise, resolve_checkpoints
-from rankest.sources import teachers
+from rankest.sources.rows import windows_needed
 from rankest.sources.teachers import DEFAULT_TEACHER, quiet_loading
 
 __all__ = [
@@ -132,8 +134,7 @@ def run_anisotropy(**kwargs) -> dict[str, dict[str, Any]]:
     def compute(teacher) -> dict[str, Any]:
         check_seq_len(int(opts["seq_len"]), teacher.context_length)
         tokens = opts["tokens"]
-        per_window = int(opts["seq_len"]) if opts["positions"] == "all" else 1
-        max_windows = None if tokens is None else math.ceil(max(8 * int(tokens), 2**20) / per_window)
+        max_windows = windows_needed(tokens, int(opts["seq_len"]), opts["positions"])
         windows = pack_windows(docs, teacher.tokenizer, int(opts["seq_len"]), max_windows=max_windows,
                                progress=not opts["quiet"])
         plan = plan_rows(len(windows), int(opts["seq_len"]), positions=opts["positions"], tokens=tokens,
@@ -180,8 +181,9 @@ def _sweep(kind: str, opts: dict, compute, config: dict) -> dict[str, dict[str, 
 
 
 # ---- the sweep -------------------------------------------------------------------------------
-#: Config keys that must match for --resume to add to an existing file (device/dtype may change).
-_RESUME_IGNORES = ("revisions", "device", "dtype", "device_map")
+#: Config keys that may differ when --resume adds to an existing file: the list of checkpoints
+#: grows, and where the models run (device, dtype, device map) does not change what is measured.
+_RESUME_IGNORES = ("revisions", "dtype") + EXECUTION_OPTIONS
 
 
 def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callable[[Any], dict[str, Any]], *,
@@ -229,30 +231,37 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
             print(f"rankest: resuming {path}: {len(skipped)} checkpoint(s) already done ({_summarise(skipped)})")
     bar = tqdm(total=len(todo), desc=f"{kind.replace('_', '-')} checkpoints", unit="ckpt",
                disable=quiet or len(todo) < 2, dynamic_ncols=True)
-    for ckpt in todo:
-        if ckpt.loaded:
-            teacher = ckpt.target
-        else:
-            with quiet_loading(quiet):
-                teacher = teachers.load_teacher(ckpt.target, revision=ckpt.revision, device=device, dtype=dtype,
-                                       cache_dir=cache_dir, device_map=device_map)
-        try:
-            result = compute(teacher)
-            result["source"] = teacher.source
-            if path is not None:
-                prov["device_name"] = provenance(teacher.device).get("device_name")
-                prov["finished"] = now_iso()
-                _append(path, kind, ckpt.label, result, config=config, prov=prov)
-            results[ckpt.label] = result
-        finally:
-            if not ckpt.loaded:  # free the checkpoint before the next one is loaded
-                dev = teacher.device
-                del teacher
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-        bar.update(1)
-    bar.close()
+    # Each model checkpoint's result is appended to the result file as it finishes: the file is the
+    # sweep's checkpoint, and a signal stops the sweep between two of them.
+    run = Run(kind, distributed.World(), None if out is None else pathlib.Path(out), None, config)
+    try:
+        for i in run.units(0, len(todo), save=lambda done: None, held_by=path,
+                           stopped=lambda done: f"stopped after {done} of {len(todo)} checkpoint(s)"):
+            ckpt = todo[i]
+            if ckpt.loaded:
+                teacher = ckpt.target
+            else:
+                with quiet_loading(quiet):
+                    teacher = teachers.load_teacher(ckpt.target, revision=ckpt.revision, device=device, dtype=dtype,
+                                           cache_dir=cache_dir, device_map=device_map)
+            try:
+                result = compute(teacher)
+                result["source"] = teacher.source
+                if path is not None:
+                    prov["device_name"] = provenance(teacher.device).get("device_name")
+                    prov["finished"] = now_iso()
+                    _append(path, kind, ckpt.label, result, config=config, prov=prov)
+                results[ckpt.label] = result
+            finally:
+                if not ckpt.loaded:  # free the checkpoint before the next one is loaded
+                    dev = teacher.device
+                    del teacher
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+            bar.update(1)
+    finally:
+        bar.close()
     if path is not None:
         _, everything = read_results(path, kind)
         write_text_atomic(path.with_suffix(".json"), _summary_json(kind, config, prov, everything))

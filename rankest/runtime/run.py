@@ -275,12 +275,14 @@ class Run:
         self.saved = True
 
     def units(self, start: int, stop: int, *, stride: int = 1, save: Callable[[int], None],
-              stopped: Callable[[int], str]) -> Iterator[int]:
+              stopped: Callable[[int], str], held_by: Optional[Path] = None) -> Iterator[int]:
         """Yield the first unit u of each round [u, u + stride) of units [start, stop).
 
         After each round with units left: ``save(done)`` every ``every`` units and on a signal,
         then, on a signal, :class:`Interrupted` with ``stopped(done)`` ("stopped after …") and how
         to resume. ``save`` is collective (every process calls it), as is the signal check.
+        ``held_by`` names the file that holds the finished units when it is not the checkpoint
+        (a sweep's result file, appended unit by unit).
         """
         with StopOnSignal(enabled=self.enabled) as stop_signal:
             for u in range(start, stop, stride):
@@ -290,8 +292,9 @@ class Run:
                 if done < stop and (stopping or (self.every and done // self.every > u // self.every)):
                     save(done)
                 if stopping and done < stop:
-                    raise Interrupted(f"{stopped(done)}; the checkpoint {self.checkpoint_path} holds them: rerun the "
-                                      f"same command with --resume to continue", stop_signal.signum or 15)
+                    where = f"the checkpoint {self.checkpoint_path}" if held_by is None else str(held_by)
+                    raise Interrupted(f"{stopped(done)}; {where} holds them: rerun the same command with --resume "
+                                      f"to continue", stop_signal.signum or 15)
 
     def finish(self, write: Callable[[Path], Any]) -> Any:
         """Rank 0: ``write(folder)`` the results (atomically, file by file), then remove the

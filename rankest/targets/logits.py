@@ -8,7 +8,7 @@ Any model of any domain (an image classifier's logits, an API's returned log-pro
 same spectra, routes and reports as a language model: a row is turned into the target space by
 the same ``ops.transform_rows`` (the centred log-probs of logits and of log-probs are equal, and
 so are their softmaxes), without next-token targets (the NLL is not defined). The file is read
-in units of ``chunk_rows`` rows (16 MiB of fp32 at most), never whole
+in units of ``chunk_rows`` rows (2^20 values, 4 MiB of fp32; at least 64 rows), never whole
 (:class:`~rankest.sources.logits_file.LogitsFile`). ``--tokens N`` below the file's rows takes
 a seeded uniform sample, streamed in random order so that every prefix (the convergence
 snapshots) is a uniform subsample too; ``--tokens all`` takes every row in file order.
@@ -29,8 +29,9 @@ from rankest.errors import UserError
 from rankest.sources.logits_file import LogitsFile
 from rankest.targets.base import Target
 
-#: Elements of one unit of rows (rows × V): 16 MiB of fp32, whatever V.
-UNIT_ELEMENTS = 1 << 22
+#: Elements of one unit of rows (rows × V): 4 MiB of fp32, whatever V (the chunk, its target-space
+#: rows and their fp64 products then stay near 16 MiB in all).
+UNIT_ELEMENTS = 1 << 20
 
 
 def chunk_rows_for(n_cols: int) -> int:

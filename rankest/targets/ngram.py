@@ -456,8 +456,8 @@ class NgramTarget(Target):
     row_dtype = torch.float64
 
     def __init__(self, rows: NgramRows, *, facts: Optional[dict] = None, tokenizer: str = "",
-                 chunk_rows: int = CHUNK_ROWS) -> None:
-        self.rows, self.chunk_rows = rows, int(chunk_rows)
+                 chunk_rows: Optional[int] = None) -> None:
+        self.rows, self.chunk_rows = rows, int(chunk_rows or CHUNK_ROWS)
         self.name, self.source, self.tokenizer = f"ngram:{rows.counts.order}", "counts", tokenizer
         self.n_cols, self.n_rows = rows.width, int(rows.sel.size)
         self.n_units = -(-self.n_rows // self.chunk_rows)
