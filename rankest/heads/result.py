@@ -1,3 +1,7 @@
+"""`HeadsResult`: the losses of a heads sweep, and heads.h5 / heads.json beside its report."""
+
+from __future__ import annotations
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -6,11 +10,14 @@ from typing import Any, Optional
 import h5py
 import numpy as np
 
-from rankest.errors import UserError
 from rankest.io.files import atomic_path, to_json
+from rankest.io.h5 import checked_dataset, mark, open_checked
 from rankest.io.results import write_text_atomic
 from rankest.io.spectrum_file import SCHEMA_VERSION
 from rankest.report.heads import write_heads_report
+
+#: The format mark of heads.h5.
+FORMAT = "rankest.heads"
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -59,26 +66,21 @@ class HeadsResult:
         """heads.h5: arrays as datasets, the summary as a JSON attribute."""
         with atomic_path(Path(path)) as tmp:
             with h5py.File(tmp, "w") as f:
-                f.attrs["format"] = "rankest.heads"
-                f.attrs["schema_version"] = SCHEMA_VERSION
+                mark(f, FORMAT, SCHEMA_VERSION)
                 for k in ("ranks", "lr", "val_loss", "val_accuracy", "val_perplexity", "truncation_loss",
                           "truncation_accuracy", "head_w_error_weight", "truncation_loss_feature",
                           "truncation_accuracy_feature", "head_w_error_feature", "w_error_weight_curve",
                           "w_error_feature_curve", "train_loss"):
-                    f.create_dataset(k, data=np.asarray(getattr(self, k)))
+                    checked_dataset(f, k, getattr(self, k))
                 if self.val_kl is not None:
-                    f.create_dataset("val_kl", data=np.asarray(self.val_kl))
+                    checked_dataset(f, "val_kl", self.val_kl)
                 f.attrs["summary"] = to_json(self.summary())
 
     @classmethod
     def load(cls, path) -> "HeadsResult":
-
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"no heads results file at {path}.")
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != "rankest.heads":
-                raise UserError(f"{path} is not a rankest heads file.")
+        """Read heads.h5; a missing, foreign, newer or damaged file is refused with a sentence."""
+        with open_checked(path, fmt=FORMAT, version=SCHEMA_VERSION, what="rankest heads results file",
+                          fix="give the heads.h5 of a finished heads run, or run `rankest heads` again") as f:
             s = json.loads(f.attrs["summary"])
             arrays = {k: np.asarray(f[k][...]) for k in ("w_error_weight_curve", "w_error_feature_curve",
                                                          "train_loss")}

@@ -40,6 +40,7 @@ import torch
 from rankest._version import __version__
 from rankest.errors import UserError
 from rankest.io.files import atomic_path, to_json
+from rankest.io.h5 import checked_dataset
 
 CHECKPOINT_NAME = "checkpoint.h5"
 FORMAT = "rankest.checkpoint"
@@ -139,19 +140,12 @@ def _write_file(tmp: Path, *, config, derived, position, convergence, states, rn
         for name, state in states.items():
             g = f.create_group(f"state/{name}")
             for key, value in state.items():
-                _dataset(g, key, np.asarray(value))
+                checked_dataset(g, key, value)
         g = f.create_group("rng")
         for key, value in rng.items():
-            _dataset(g, key, np.asarray(value))
+            checked_dataset(g, key, value)
         # Written last: a file that has it was written to the end by this function.
         f.attrs["complete"] = True
-
-
-def _dataset(group, key: str, value: np.ndarray) -> None:
-    if value.ndim == 0 or value.size == 0:  # checksums need chunked storage, which scalars lack
-        group.create_dataset(key, data=value)
-    else:
-        group.create_dataset(key, data=value, fletcher32=True, chunks=True)
 
 
 # ---- reading ---------------------------------------------------------------------------------

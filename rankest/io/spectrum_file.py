@@ -17,6 +17,7 @@ import numpy as np
 
 from rankest.errors import UserError
 from rankest.io.files import atomic_path, jsonable, to_json
+from rankest.io.h5 import checked_dataset
 
 #: Bumped whenever the layout of results.h5 changes; readers refuse newer files.
 SCHEMA_VERSION = 1
@@ -33,8 +34,7 @@ def write_spectrum_h5(spec: Any, path, *, group: str = "/", config: dict | None 
             g = f.require_group(group)
             # Fletcher-32 checksums: a corrupted byte makes the reader fail instead of a changed σ.
             for name, data in (("sigma", spec.sigma), ("w_error", spec.w_error())):
-                data = np.asarray(data)
-                g.create_dataset(name, data=data, **({"fletcher32": True, "chunks": True} if data.size else {}))
+                checked_dataset(g, name, data)
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["format"] = FORMAT
             g.attrs["spectrum"] = json.dumps(jsonable({

@@ -6,8 +6,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from rankest.errors import UserError
 from rankest.io.files import atomic_path, jsonable, now_iso, to_json, write_text_atomic
+from rankest.io.h5 import checked_dataset, mark, open_checked
 from rankest.io.spectrum_file import SCHEMA_VERSION
 
 #: Result kinds and their file stems in a run folder (anisotropy.*, head_spectrum.*; docs/design.md, "Run folders").
@@ -33,31 +33,23 @@ def _write_group(f, index: int, label: str, result: dict[str, Any]) -> None:
     g = f.require_group(_GROUP).create_group(f"{index:05d}")
     arrays, scalars = _split(result)
     for key, value in arrays.items():
-        g.create_dataset(key, data=value)
+        checked_dataset(g, key, value)
     g.attrs["label"] = label
     g.attrs["scalars"] = json.dumps(scalars)
     g.attrs["finished"] = now_iso()
 
 
 def _write_header(f, kind: str, config: dict, prov: dict) -> None:
-    f.attrs["format"] = f"rankest.{kind}"
-    f.attrs["schema_version"] = SCHEMA_VERSION
+    mark(f, f"rankest.{kind}", SCHEMA_VERSION)
     f.attrs["config"] = to_json(config)
     f.attrs["provenance"] = to_json(prov)
 
 
 def read_results(path, kind: str) -> tuple[dict, dict[str, dict[str, Any]]]:
-    """(config, {label: result}) of a ``<kind>.h5`` file, in the order the checkpoints finished."""
-    path = pathlib.Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise UserError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}") from e
-    with f:
-        if f.attrs.get("format") != f"rankest.{kind}":
-            raise UserError(f"{path} is not a rankest {kind} results file")
-        if int(f.attrs.get("schema_version", -1)) > SCHEMA_VERSION:
-            raise UserError(f"{path} was written by a newer rankest; upgrade rankest")
+    """(config, {label: result}) of a ``<kind>.h5`` file, in the order the checkpoints finished;
+    a foreign, newer or damaged file is refused with a sentence."""
+    with open_checked(path, fmt=f"rankest.{kind}", version=SCHEMA_VERSION, what=f"rankest {kind} results file",
+                      fix="pass --overwrite to start the sweep again, or choose another --out") as f:
         config = json.loads(f.attrs.get("config", "{}"))
         out: dict[str, dict[str, Any]] = {}
         for key in sorted(f.get(_GROUP, {})):
