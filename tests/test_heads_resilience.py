@@ -33,8 +33,7 @@ from rankest.heads import pipeline as heads_mod
 from rankest.io.checkpoint import CHECKPOINT_NAME, Interrupted, read_checkpoint, write_checkpoint
 from rankest.errors import UserError
 from rankest.heads.pipeline import HeadsResult, run_heads
-from rankest.sources.teachers import load_teacher
-from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
+from rankest.testing import checkpoint_progress, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -48,8 +47,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("hr-corpus") / "docs.txt", seed=17, paragraphs=40)
+def corpus_file(make_word_corpus):
+    return make_word_corpus("hr-corpus", seed=17, paragraphs=40)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +57,8 @@ def neox_dir(make_tiny_neox):
 
 
 @pytest.fixture(scope="module")
-def teacher64(neox_dir):
-    return load_teacher(neox_dir, device="cpu", dtype="fp64")
+def teacher64(neox_dir, load_tiny_teacher):
+    return load_tiny_teacher(neox_dir, "fp64")
 
 
 def api(teacher, corpus, out=None, **kw):

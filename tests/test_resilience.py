@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from rankest import cli
 from rankest.io import checkpoint as ckpt_mod
-from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
+from rankest.testing import checkpoint_progress, subprocess_env
 from rankest.accumulate.base import Chunk, Factor, Gram, RowStats
 from rankest.io.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, Interrupted, read_checkpoint, write_checkpoint
 from rankest.runtime.distributed import sum_states
@@ -52,8 +52,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt", seed=7, paragraphs=40, words=WORDS)
+def corpus_file(make_word_corpus):
+    return make_word_corpus("corpus", seed=7, paragraphs=40, words=WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,8 @@ def neox_dir(make_tiny_neox):
 
 @pytest.fixture(scope="module")
 def teacher64(neox_dir):
+    """This module's own fp64 teacher, not the shared ``load_tiny_teacher`` one: its tests
+    monkeypatch its ``features`` / ``hidden_states``."""
     return load_teacher(neox_dir, device="cpu", dtype="fp64")
 
 
