@@ -196,6 +196,7 @@ def _cli(neox_dir, corpus_file, out, **kw):
     return argv
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 @pytest.mark.parametrize("variant", ["on-the-fly", "cache"])
 def test_two_gloo_processes_equal_one(variant, neox_dir, corpus_file, teacher64, tmp_path):
     """torchrun --nproc_per_node=2 of the real CLI (gloo, CPU), with checkpoints on: each process
@@ -217,6 +218,7 @@ def test_two_gloo_processes_equal_one(variant, neox_dir, corpus_file, teacher64,
     assert summary["n_train_rows"] == 512 and summary["steps"] == 10
 
 
+@pytest.mark.slow  # real `python -m rankest` processes, one killed with SIGKILL
 def test_kill9_of_a_real_process_then_resume(neox_dir, corpus_file, teacher64, tmp_path):
     """A real `heads` process checkpointing every step is killed with SIGKILL once its checkpoint
     has passed a seeded random step (plus a random delay, so the kill may land mid-write); the

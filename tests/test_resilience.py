@@ -109,6 +109,7 @@ def assert_same_spectrum(got, want, *, c=50.0):
 
 
 # ---- kill -9 -------------------------------------------------------------------------------------
+@pytest.mark.slow  # six real `python -m rankest` processes, five killed with SIGKILL
 def test_kill9_at_random_points_then_resume_equals_uninterrupted(neox_dir, corpus_file, reference, tmp_path):
     """Six real processes: five killed by SIGKILL at seeded random points of the stream (the
     checkpoint has passed a random row count, then a random delay, so some land mid-write),
@@ -511,6 +512,7 @@ def ref_diagnostics(teacher64, corpus_file):
     return np.asarray(spec.meta["anisotropy"])
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, ref_diagnostics, tmp_path):
     """torchrun --nproc_per_node=2 of the real CLI on the CPU (gloo), with checkpoints and the
     diagnostics on: the same rows (the plan does not depend on P), every state (the layers'
@@ -554,6 +556,7 @@ def test_diagnostics_signal_then_resume_equals_uninterrupted(teacher64, corpus_f
     np.testing.assert_allclose(spec.meta["anisotropy"], ref_diagnostics, rtol=1e-13)
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 def test_checkpoint_of_one_process_resumed_by_two(teacher64, neox_dir, corpus_file, reference, tmp_path,
                                                   monkeypatch):
     """The number of processes may change on --resume: one process stops (SIGTERM) after 23 of
@@ -602,6 +605,7 @@ def test_passes_signal_then_resume_equals_uninterrupted(teacher64, corpus_file, 
     assert not (out / "rows.h5").exists() and not (out / CHECKPOINT_NAME).exists()
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 def test_passes_two_gloo_processes_equal_one(neox_dir, corpus_file, tmp_path, ref_passes):
     """torchrun with 2 processes, each caching its shard (rows.rank{r}.h5) and summing every
     pass's Tᵀ(T·X) with all-reduce: the one-process result up to fp64 round-off."""
