@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench_gpu.py"
 
@@ -23,6 +25,7 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@pytest.mark.slow  # benchmarks/bench_gpu.py in a subprocess
 def test_bench_gpu_tiny_end_to_end(tmp_path):
     reports, out = tmp_path / "reports", tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "OUT"}

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from rankest.sources import corpus
 from rankest.sources import rows as rows_mod
 from rankest.sources.corpus import (
     CORPORA,

@@ -13,7 +13,6 @@ from rankest import cli
 from rankest.errors import UserError
 from rankest.estimator.pipeline import run_estimate
 from rankest.sources.teachers import load_teacher
-from rankest.testing import write_word_corpus
 
 pytest.importorskip("accelerate")
 
@@ -49,8 +48,8 @@ def test_dispatched_teacher_equals_the_plain_one(neox3, tmp_path):
     assert not torch.allclose(skipped.features(ids), h_split)
 
 
-def test_estimate_through_a_device_map_equals_one_device(neox3, tmp_path):
-    corpus = write_word_corpus(tmp_path / "docs.txt", seed=11, paragraphs=12)
+def test_estimate_through_a_device_map_equals_one_device(neox3, make_word_corpus):
+    corpus = make_word_corpus("device-map-corpus", seed=11, paragraphs=12)
     common = dict(corpus=str(corpus), tokens=300, seq_len=SEQ, space="clr", route="gram", device="auto",
                   dtype="fp32", quiet=True, convergence=False, return_summary=False)
     ref = run_estimate(teacher=str(neox3), **common)

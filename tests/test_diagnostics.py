@@ -178,8 +178,8 @@ def test_singular_entropy_flat_and_one_spike(power):
     assert 0 < singular_entropy_kl(s, power=power) < math.log(n)
 
 
-def test_model_without_accessible_head_is_a_clear_error(tiny_neox_dir):
-    teacher = load_teacher(tiny_neox_dir, device="cpu", dtype="fp32")
+def test_model_without_accessible_head_is_a_clear_error(fresh_tiny_teacher):
+    teacher = fresh_tiny_teacher  # its own: the test takes its head away
     teacher.model.get_output_embeddings = lambda: None
     with pytest.raises(UserError, match="no output embeddings"):
         teacher_head_spectrum(teacher)
@@ -307,10 +307,11 @@ def test_cli_anisotropy_and_too_few_tokens(ckpt_root, tmp_path, capsys):
 
 
 # ---- estimate --diagnostics --------------------------------------------------------------------
-def test_estimate_diagnostics_on_the_same_forward_passes(tiny_teacher, tmp_path, monkeypatch):
+def test_estimate_diagnostics_on_the_same_forward_passes(fresh_tiny_teacher, tmp_path, monkeypatch):
     from rankest.estimator.pipeline import run_estimate
     from rankest.testing import count_calls
 
+    tiny_teacher = fresh_tiny_teacher  # its own, not the shared one: count_calls monkeypatches it
     calls = count_calls(monkeypatch, tiny_teacher, ("features", "hidden_states"))
     out = tmp_path / "est"
     opts = dict(teacher=tiny_teacher, corpus="lee", tokens=200, seq_len=SEQ, batch_size=4, quiet=True,

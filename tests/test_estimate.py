@@ -10,41 +10,31 @@ import pytest
 import torch
 
 from rankest import cli
-from rankest.testing import write_word_corpus
 from rankest.sources.corpus import iter_batches, load_documents, pack_windows, plan_rows
 from rankest.estimator.pipeline import run_estimate
 from rankest.ops import reference
 from rankest.spectrum import Spectrum
-from rankest.sources.teachers import build_tiny_neox, load_teacher
+from rankest.sources.teachers import load_teacher
 
 SEQ = 32
 D = 32
-
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-         "they you were her she there been one all we their has would when if so no will more out up into do any "
-         "your what has man could other than then its time only some two may first new about these like very "
-         "river market school budget storm council bridge winter garden doctor rain fire train paper").split()
+#: The tiny GPT-NeoX of this file (`make_tiny_neox` kwargs; each teacher adds its seed).
+NEOX = dict(hidden_size=D, layers=2, heads=4, context_length=128)
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt", seed=2024, paragraphs=40, words=WORDS)
-
-
-def _neox(tmp_path_factory, name, **kw):
-    folder = tmp_path_factory.mktemp(name)
-    build_tiny_neox(hidden_size=D, layers=2, heads=4, context_length=128, save_dir=folder, **kw)
-    return str(folder)
+def corpus_file(make_word_corpus):
+    return make_word_corpus("corpus", seed=2024, paragraphs=40)  # rankest.testing.WORDS
 
 
 @pytest.fixture(scope="module")
-def neox_dir(tmp_path_factory):
-    return _neox(tmp_path_factory, "neox", seed=1)
+def neox_dir(make_tiny_neox):
+    return str(make_tiny_neox("neox", **NEOX, seed=1))
 
 
 @pytest.fixture(scope="module")
-def neox64(neox_dir):
-    return load_teacher(neox_dir, device="cpu", dtype="fp64")
+def neox64(neox_dir, load_tiny_teacher):
+    return load_tiny_teacher(neox_dir, "fp64")
 
 
 def explicit_matrix(teacher, corpus, space):
@@ -102,9 +92,9 @@ def test_factor_equals_exact_and_gram_on_clr(neox64, corpus_file):
     assert f.numerical_rank == D == g.numerical_rank
 
 
-def test_fresh_layernorm_gives_rank_d_minus_1(tmp_path_factory, corpus_file):
+def test_fresh_layernorm_gives_rank_d_minus_1(make_tiny_neox, corpus_file):
     # A freshly initialised LayerNorm (β = 0) puts features on a hyperplane: rank d − 1.
-    teacher = load_teacher(_neox(tmp_path_factory, "fresh", seed=2, randomize_norms=False), device="cpu",
+    teacher = load_teacher(make_tiny_neox("fresh", **NEOX, seed=2, randomize_norms=False), device="cpu",
                            dtype="fp64")
     spec = run_estimate(teacher=teacher, corpus=corpus_file, tokens=None, seq_len=SEQ, quiet=True)
     assert spec.route == "factor"
@@ -112,10 +102,10 @@ def test_fresh_layernorm_gives_rank_d_minus_1(tmp_path_factory, corpus_file):
 
 
 @pytest.mark.parametrize("gram_precision", ["fp64", "fast"])
-def test_fp32_chunks_within_1e_4(neox_dir, corpus_file, gram_precision):
+def test_fp32_chunks_within_1e_4(neox_dir, load_tiny_teacher, corpus_file, gram_precision):
     # An fp32 teacher's rows, accumulated from fp32 chunks, against the fp64 SVD of the same rows
     # (the fp32 forward itself moves σ_i by ~1e-7·σ_1, which is not the accumulation's error).
-    teacher32 = load_teacher(neox_dir, device="cpu", dtype="fp32")
+    teacher32 = load_tiny_teacher(neox_dir, "fp32")
     t = explicit_matrix(teacher32, corpus_file, "prob")
     exact = np.linalg.svd(t, compute_uv=False)
     spec = run_estimate(teacher=teacher32, corpus=corpus_file, tokens=None, seq_len=SEQ, space="prob", route="gram",
@@ -231,9 +221,9 @@ def test_cli_unwritable_output(neox_dir, corpus_file, tmp_path, capsys):
     assert code == 2 and "--out" in err
 
 
-def test_nan_logits_error_names_the_batch(tmp_path_factory, corpus_file, capsys):
-    folder = _neox(tmp_path_factory, "nan", seed=5)
-    teacher = load_teacher(folder, device="cpu", dtype="fp32")
+def test_nan_logits_error_names_the_batch(make_tiny_neox, corpus_file, capsys):
+    folder = make_tiny_neox("nan", **NEOX, seed=5)
+    teacher = load_teacher(folder, device="cpu", dtype="fp32")  # its own: the test poisons its head
     with torch.no_grad():
         teacher.head()[0][3, 0] = float("nan")  # one poisoned head row: every logit row gets a NaN
     with pytest.raises(Exception, match="NaN/Inf logits in batch 0"):

@@ -15,10 +15,9 @@ import pytest
 import torch
 
 from rankest import UserError, cli, fit_heads
-from rankest.testing import write_word_corpus
 from rankest.heads import (HeadSpec, HeadSweep, evaluate_head, feature_truncations, lr_factor, paper_lr, parse_ranks,
                            weight_truncations)
-from rankest.sources.teachers import build_tiny_neox, load_teacher
+from rankest.sources.teachers import load_teacher
 
 SEQ = 32
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
@@ -27,25 +26,23 @@ WORDS = ("the of and to in a is that for it as was with be by on not he this are
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("heads-corpus") / "docs.txt", seed=77, paragraphs=60, words=WORDS)
+def corpus_file(make_word_corpus):
+    return make_word_corpus("heads-corpus", seed=77, paragraphs=60, words=WORDS)
 
 
 @pytest.fixture(scope="module")
-def neox_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("heads-neox")
-    build_tiny_neox(hidden_size=32, layers=2, heads=4, context_length=128, seed=5, save_dir=folder)
-    return str(folder)
+def neox_dir(make_tiny_neox):
+    return str(make_tiny_neox("heads-neox", hidden_size=32, layers=2, heads=4, context_length=128, seed=5))
 
 
 @pytest.fixture(scope="module")
-def neox64(neox_dir):
-    return load_teacher(neox_dir, device="cpu", dtype="fp64")
+def neox64(neox_dir, load_tiny_teacher):
+    return load_tiny_teacher(neox_dir, "fp64")
 
 
 @pytest.fixture(scope="module")
-def neox32(neox_dir):
-    return load_teacher(neox_dir, device="cpu", dtype="fp32")
+def neox32(neox_dir, load_tiny_teacher):
+    return load_tiny_teacher(neox_dir, "fp32")
 
 
 def run(teacher, corpus, **kw):

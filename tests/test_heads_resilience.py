@@ -35,8 +35,7 @@ from rankest.io.checkpoint import CHECKPOINT_NAME, read_checkpoint, write_checkp
 from rankest.runtime.run import Interrupted
 from rankest.errors import UserError
 from rankest.heads import HeadsResult, run_heads
-from rankest.sources.teachers import load_teacher
-from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
+from rankest.testing import checkpoint_progress, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -50,8 +49,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("hr-corpus") / "docs.txt", seed=17, paragraphs=40)
+def corpus_file(make_word_corpus):
+    return make_word_corpus("hr-corpus", seed=17, paragraphs=40)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +59,8 @@ def neox_dir(make_tiny_neox):
 
 
 @pytest.fixture(scope="module")
-def teacher64(neox_dir):
-    return load_teacher(neox_dir, device="cpu", dtype="fp64")
+def teacher64(neox_dir, load_tiny_teacher):
+    return load_tiny_teacher(neox_dir, "fp64")
 
 
 def api(teacher, corpus, out=None, **kw):
@@ -199,6 +198,7 @@ def _cli(neox_dir, corpus_file, out, **kw):
     return argv
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 @pytest.mark.parametrize("variant", ["on-the-fly", "cache"])
 def test_two_gloo_processes_equal_one(variant, neox_dir, corpus_file, teacher64, tmp_path):
     """torchrun --nproc_per_node=2 of the real CLI (gloo, CPU), with checkpoints on: each process
@@ -220,6 +220,7 @@ def test_two_gloo_processes_equal_one(variant, neox_dir, corpus_file, teacher64,
     assert summary["n_train_rows"] == 512 and summary["steps"] == 10
 
 
+@pytest.mark.slow  # real `python -m rankest` processes, one killed with SIGKILL
 def test_kill9_of_a_real_process_then_resume(neox_dir, corpus_file, teacher64, tmp_path):
     """A real `heads` process checkpointing every step is killed with SIGKILL once its checkpoint
     has passed a seeded random step (plus a random delay, so the kill may land mid-write); the

@@ -28,11 +28,8 @@ from hypothesis import strategies as st
 
 from rankest import cli
 from rankest.io import checkpoint as ckpt_mod
-from rankest.testing import checkpoint_progress, subprocess_env, write_word_corpus
-from rankest.accumulate.base import Chunk
-from rankest.accumulate.factor import Factor
-from rankest.accumulate.gram import Gram
-from rankest.accumulate.rowstats import RowStats
+from rankest.testing import checkpoint_progress, subprocess_env
+from rankest.accumulate import Chunk, Factor, Gram, RowStats
 from rankest.io.checkpoint import CHECKPOINT_NAME, CheckpointWriteError, read_checkpoint, write_checkpoint
 from rankest.runtime.run import Interrupted
 from rankest.runtime.distributed import sum_states
@@ -56,8 +53,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt", seed=7, paragraphs=40, words=WORDS)
+def corpus_file(make_word_corpus):
+    return make_word_corpus("corpus", seed=7, paragraphs=40, words=WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +64,8 @@ def neox_dir(make_tiny_neox):
 
 @pytest.fixture(scope="module")
 def teacher64(neox_dir):
+    """This module's own fp64 teacher, not the shared ``load_tiny_teacher`` one: its tests
+    monkeypatch its ``features`` / ``hidden_states``."""
     return load_teacher(neox_dir, device="cpu", dtype="fp64")
 
 
@@ -111,6 +110,7 @@ def assert_same_spectrum(got, want, *, c=50.0):
 
 
 # ---- kill -9 -------------------------------------------------------------------------------------
+@pytest.mark.slow  # six real `python -m rankest` processes, five killed with SIGKILL
 def test_kill9_at_random_points_then_resume_equals_uninterrupted(neox_dir, corpus_file, reference, tmp_path):
     """Six real processes: five killed by SIGKILL at seeded random points of the stream (the
     checkpoint has passed a random row count, then a random delay, so some land mid-write),
@@ -513,6 +513,7 @@ def ref_diagnostics(teacher64, corpus_file):
     return np.asarray(spec.meta["anisotropy"])
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 def test_two_gloo_processes_equal_one(neox_dir, corpus_file, reference, ref_diagnostics, tmp_path):
     """torchrun --nproc_per_node=2 of the real CLI on the CPU (gloo), with checkpoints and the
     diagnostics on: the same rows (the plan does not depend on P), every state (the layers'
@@ -556,6 +557,7 @@ def test_diagnostics_signal_then_resume_equals_uninterrupted(teacher64, corpus_f
     np.testing.assert_allclose(spec.meta["anisotropy"], ref_diagnostics, rtol=1e-13)
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 def test_checkpoint_of_one_process_resumed_by_two(teacher64, neox_dir, corpus_file, reference, tmp_path,
                                                   monkeypatch):
     """The number of processes may change on --resume: one process stops (SIGTERM) after 23 of
@@ -604,6 +606,7 @@ def test_passes_signal_then_resume_equals_uninterrupted(teacher64, corpus_file, 
     assert not (out / "rows.h5").exists() and not (out / CHECKPOINT_NAME).exists()
 
 
+@pytest.mark.slow  # torchrun: 2 gloo processes
 def test_passes_two_gloo_processes_equal_one(neox_dir, corpus_file, tmp_path, ref_passes):
     """torchrun with 2 processes, each caching its shard (rows.rank{r}.h5) and summing every
     pass's Tᵀ(T·X) with all-reduce: the one-process result up to fp64 round-off."""

@@ -46,6 +46,7 @@ def test_bad_use_and_disk_check(tmp_path, monkeypatch):
     assert resolve_cache_dtype("auto", torch.bfloat16) == "bf16" and resolve_cache_dtype("auto", torch.float32) == "fp32"
 
 
+@pytest.mark.slow  # a child Python process
 def test_killed_writer_leaves_the_synced_rows_for_a_resume(tmp_path):
     """A child process writes 40 rows, syncs (what a checkpoint does), writes 25 rows more and dies
     without closing the file (os._exit: no flush, no HDF5 shutdown — as after kill -9). The file
