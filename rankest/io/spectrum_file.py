@@ -17,7 +17,7 @@ import numpy as np
 
 from rankest.errors import UserError
 from rankest.io.files import atomic_path, jsonable, to_json
-from rankest.io.h5 import checked_dataset
+from rankest.io.h5 import checked_dataset, mark, open_checked
 
 #: Bumped whenever the layout of results.h5 changes; readers refuse newer files.
 SCHEMA_VERSION = 1
@@ -35,8 +35,7 @@ def write_spectrum_h5(spec: Any, path, *, group: str = "/", config: dict | None 
             # Fletcher-32 checksums: a corrupted byte makes the reader fail instead of a changed σ.
             for name, data in (("sigma", spec.sigma), ("w_error", spec.w_error())):
                 checked_dataset(g, name, data)
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["format"] = FORMAT
+            mark(f, FORMAT, SCHEMA_VERSION)
             g.attrs["spectrum"] = json.dumps(jsonable({
                 "energy": spec.energy, "n_rows": spec.n_rows, "n_cols": spec.n_cols, "space": spec.space,
                 "route": spec.route, "exact": spec.exact, "precision": spec.precision, "meta": spec.meta,
@@ -49,34 +48,14 @@ def write_spectrum_h5(spec: Any, path, *, group: str = "/", config: dict | None 
 
 
 def read_spectrum_h5(path, *, build: Callable[..., Any], group: str = "/") -> Any:
-    """``build(**fields)`` of the spectrum stored in ``path`` (``build`` is the Spectrum class); refuse (UserError) a file that is missing, truncated, corrupt, not a
-    rankest results file, or of a newer schema."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no results file at {path}.")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise UserError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {e}") from e
-    try:
-        with f:
-            fmt = f.attrs.get("format")
-            if fmt != FORMAT:
-                what = "a rankest checkpoint, not results" if fmt == "rankest.checkpoint" else "not a rankest results file"
-                raise UserError(f"{path} is {what}; give the results.h5 of a finished run folder.")
-            version = int(f.attrs.get("schema_version", -1))
-            if version > SCHEMA_VERSION:
-                raise UserError(f"{path} has schema version {version}, newer than this rankest reads "
-                                f"({SCHEMA_VERSION}); upgrade rankest.")
-            g = f[group]
-            info = json.loads(g.attrs["spectrum"])
-            sigma = np.asarray(g["sigma"][...], dtype=np.float64)
-    except UserError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        # A damaged dataset fails its checksum (OSError); a missing part is a KeyError.
-        raise UserError(f"{path} is a damaged rankest results file ({type(e).__name__}: {e}); "
-                        f"recompute it (estimate --overwrite).") from e
+    """``build(**fields)`` of the spectrum stored in ``path`` (``build`` is the Spectrum class);
+    refuse (UserError) a file that is missing, truncated, corrupt, not a rankest results file,
+    or of a newer schema (:func:`rankest.io.h5.open_checked`)."""
+    fix = "give the results.h5 of a finished run folder, or recompute it (estimate --overwrite)"
+    with open_checked(path, fmt=FORMAT, version=SCHEMA_VERSION, what="rankest results file", fix=fix) as f:
+        g = f[group]
+        info = json.loads(g.attrs["spectrum"])
+        sigma = np.asarray(g["sigma"][...], dtype=np.float64)
     try:
         conv = {int(k): v for k, v in info.pop("convergence", {}).items()}
         energy = info.pop("energy")
