@@ -268,7 +268,8 @@ class Estimate:
         cfg, t, rows = self.cfg, self.target, self.stats.summary()
         stream = self.seconds.get("stream", 0.0)
         spec.meta.update({
-            "revision": cfg.revision, "corpus": corpus_name(cfg.corpus), "route_reason": self.reason,
+            "revision": cfg.revision, "corpus": corpus_name(cfg.corpus) if t.uses_corpus else None,
+            "route_reason": self.reason,
             "nll": rows["nll"], "perplexity": rows["perplexity"], "entropy": rows["entropy"], "seed": cfg.seed,
             "seconds_total": seconds_total, "seconds_stream": stream, "seconds_finalize": self.seconds.get("finalize"),
             "tokens_per_second": (t.n_rows - self.rows_at_start) / stream if stream > 0 else None,
@@ -333,7 +334,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
 
         def write(out) -> dict:
             prov = {**provenance(target.device), "started": started, "finished": now_iso()}
-            config = {**result_config(cfg), "teacher": target.name, "corpus": corpus_name(cfg.corpus)}
+            config = {**result_config(cfg), "teacher": target.name,
+                      "corpus": corpus_name(cfg.corpus) if target.uses_corpus else None}
             if isinstance(target, NgramTarget):
                 config["tokenizer"] = target.tokenizer
             summary = write_run(out, spec, config=config, prov=prov)

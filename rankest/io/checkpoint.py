@@ -8,13 +8,13 @@ A checkpoint holds everything a killed run needs to go on as if it had never sto
 * ``/rng/<key>`` — the global RNG states (torch, CUDA, numpy, Python). rankest's own random
   choices use private seeded generators (the row plan, the sketch's counter-based test
   matrices), so these are restored for whatever else in the process draws from them;
-* attributes: ``format`` = ``rankest.io.checkpoint``, ``version``, the run's ``config`` and
+* attributes: ``format`` = ``rankest.checkpoint``, ``version`` (the schema version of a checkpoint), the run's ``config`` and
   ``derived`` keys (what the data and teacher resolved to: V', dtype, a fingerprint of the
   sampled rows), ``position`` (the next batch of the row plan, rows done, route) and the
   ``convergence`` snapshots so far (JSON).
 
 Writing goes to a temporary file in the run folder, is flushed and fsynced, then renamed over
-the previous checkpoint (:func:`rankest.io.results.atomic_path`): a crash or a full disk leaves
+the previous checkpoint (:func:`rankest.io.files.atomic_path`): a crash or a full disk leaves
 the previous checkpoint or none, never half of one. A checkpoint is position-based, not
 process-based: it holds the sum over all processes' shards, so a run may resume with a
 different number of processes (see :mod:`rankest.runtime.distributed`).

@@ -1,6 +1,8 @@
-"""The HDF5 conventions of every file rankest writes: a ``format`` mark, a ``schema_version``,
-and Fletcher-32 checksums on every dataset that can carry one — and one reader that checks all
-three, so a damaged, foreign or newer file is refused with a sentence, never read as a result.
+"""The HDF5 conventions of rankest's result files: a ``format`` mark, a ``schema_version``, and
+Fletcher-32 checksums on every dataset that can carry one — and one reader that checks all three,
+so a damaged, foreign or newer file is refused with a sentence, never read as a result.
+(Checkpoints use the same checksums with a ``version`` of their own, :mod:`rankest.io.checkpoint`;
+the row cache of ``--passes`` is an intermediate file, vouched for by the checkpoint that counts it.)
 """
 
 from __future__ import annotations

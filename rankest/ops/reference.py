@@ -121,8 +121,8 @@ def gram_update(gram: torch.Tensor, chunk: torch.Tensor, precision: str) -> None
     ----------
     gram : (V, V) float64, modified in place
         Only the **lower triangle** (including the diagonal) is defined after the update;
-        the upper triangle is left untouched. Symmetrise once at the end
-        (:func:`rankest.ops.reference.symmetrize_lower`), not per chunk.
+        the upper triangle is left untouched. The consumers read the lower triangle only
+        (``UPLO="L"`` eigensolvers, :func:`rankest.linalg.eigh_lower`) or symmetrise once at the end, not per chunk.
     chunk : (n, V) float64 / float32 / bfloat16 / float16
         Rows of the target matrix; n may be 0.
     precision : {"fp64", "fast"}

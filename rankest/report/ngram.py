@@ -38,7 +38,7 @@ def render_ngram_section(spec, sweep: dict, out) -> str:
 
 
 # ---- comparison report (rankest.report.compare.compare_runs) -------------------------------------------
-#: Godey et al. (2024), Fig. 7, digitised (±0.02 nats; docs/design.md, "Reference numbers"): 5-gram MLE prob matrices.
+#: Godey et al. (2024), Fig. 7, digitised (±0.02; docs/design.md, "Reference numbers"): 5-gram MLE prob matrices.
 PAPER_FIG7 = {"w_error_at_1000": (0.50, 0.57), "w_error_at_2000": (0.39, 0.49),
               "d_at_0.1": {"Llama-2": (7000, 9000), "Pythia": (10000, 12000)}}
 

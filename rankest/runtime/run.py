@@ -3,7 +3,8 @@
     run = Run.open("estimate", out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
                    results_file="results.h5", config=run_config, world=world, every=cfg.checkpoint_every)
     run.check_derived(derived)                 # a checkpoint of other rows or another model: refused
-    for j in run.units(run.start, n_units, stride=world.size, save=save_state, describe=...):
+    start = 0 if run.position is None else run.position["next_batch"]
+    for j in run.units(start, n_units, stride=world.size, save=save_state, stopped=describe):
         ...                                    # one unit of work (a round of batches, a step)
     run.finish(write)                          # rank 0 writes the results, then drops the checkpoint
 

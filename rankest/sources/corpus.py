@@ -1,6 +1,6 @@
 """Corpora: documents → packed token windows → the sampled contexts (rows) of a run.
 
-Three steps, each a function:
+Two steps here, and the plan of rows in :mod:`rankest.sources.rows` (re-exported here):
 
 1. :func:`load_documents` — a short name of :data:`CORPORA`, an HF dataset
    ``NAME[:CONFIG[:SPLIT]]``, or local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files.

@@ -20,8 +20,8 @@ an n-gram model's chunks of contexts, row ranges of a file of logits). The estim
 
 Targets: :class:`~rankest.targets.neural.NeuralTarget` (a causal LM over a corpus),
 :class:`~rankest.targets.ngram.NgramTarget` (count-based n-gram models),
-:class:`~rankest.targets.logits.LogitsTarget` (an N×V file of logits or log-probs) and
-:class:`~rankest.targets.logits.RowsTarget` (chunks of rows made in memory).
+:class:`~rankest.targets.logits.LogitsTarget` (an N×V file of logits or log-probs, or chunks of
+rows made in memory: :func:`~rankest.targets.logits.rows_target`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ class Target:
     unit: str = "tok"
     #: Whether --passes ≥ 2 may re-read the rows through a row cache.
     supports_passes: bool = True
+    #: Whether the rows come from --corpus (results name it only then).
+    uses_corpus: bool = True
 
     def rows_before(self, j: int) -> int:
         """First global row of unit j; ``n_rows`` for j ≥ ``n_units``."""

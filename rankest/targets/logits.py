@@ -100,6 +100,7 @@ class LogitsTarget(Target):
     """
 
     unit = "row"
+    uses_corpus = False  # the rows are the file's
 
     def __init__(self, source, *, space: str, tokens: Optional[int] = None, seed: int = 0,
                  row_dtype: Optional[torch.dtype] = None, name: str = "rows") -> None:
