@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from rankest.accumulate.anisotropy import Anisotropy
 from rankest.diagnostics.anisotropy import teacher_anisotropy
+from rankest.diagnostics.config import AnisotropyConfig, HeadSpectrumConfig
 from rankest.diagnostics.head_spectrum import (
     TOP_RATIOS,
     head_spectrum_metrics,
@@ -55,6 +56,7 @@ from rankest.errors import UserError
 from rankest.io.files import jsonable, now_iso, write_text_atomic
 from rankest.io.results import provenance
 from rankest.io.sweep_results import KINDS, _append, _summary_json, read_results
+from rankest.options import keyword_options
 from rankest.report.diagnostics import write_diagnostics_report
 from rankest.runtime import distributed
 from rankest.runtime.run import EXECUTION_OPTIONS, Run
@@ -87,34 +89,14 @@ __all__ = [
 
 
 # ---- commands (Python API of `anisotropy` and `head-spectrum`) --------------------------------
-_COMMON = dict(teacher=None, revision=None, revisions=None, device="auto", dtype="auto", device_map=None, out=None,
-               overwrite=False, resume=False, quiet=False, cache_dir=None)
-
-
-def _options(kwargs: dict, extra: dict, command: str) -> dict:
-    allowed = {**_COMMON, **extra}
-    unknown = set(kwargs) - set(allowed)
-    if unknown:
-        raise TypeError(f"{command}: unknown options {sorted(unknown)}")
-    opts = {**allowed, **kwargs}
-    if opts["revision"] is not None and opts["revisions"]:
-        raise UserError("give either --revision or --revisions, not both")
-    if opts["revisions"] is None and opts["revision"] is not None:
-        opts["revisions"] = [opts["revision"]]
-    if isinstance(opts["revisions"], str):
-        opts["revisions"] = [r for r in (x.strip() for x in opts["revisions"].split(",")) if r]
-    return opts
-
-
+@keyword_options(AnisotropyConfig)
 def run_anisotropy(**kwargs) -> dict[str, dict[str, Any]]:
     """Per-layer anisotropy of a teacher, or of each of its checkpoints (``rankest.anisotropy``).
 
-    Keyword arguments: ``teacher`` (name, folder or loaded Teacher; default the embedded one),
-    ``revisions`` (list or comma-separated; Hub revisions or local folders) or ``revision``,
-    ``corpus``, ``tokens`` (rows, default 16384), ``seq_len``, ``positions``, ``sample``,
-    ``seed``, ``batch_size``, ``pca`` (default True), ``device``, ``dtype``, ``out`` (run
-    folder: anisotropy.h5/.json, report.md section, anisotropy.png), ``overwrite``, ``resume``,
-    ``quiet``.
+    Keyword arguments are the fields of :class:`AnisotropyConfig` (listed below): ``teacher``
+    (name, folder or loaded Teacher; default the embedded one), ``revisions`` (list or
+    comma-separated; Hub revisions or local folders) or ``revision``, the corpus and rows
+    options, ``out`` (run folder: anisotropy.h5/.json, report.md section, anisotropy.png).
 
     Returns
     -------
@@ -122,12 +104,7 @@ def run_anisotropy(**kwargs) -> dict[str, dict[str, Any]]:
     ``depth``, ``mean_norm``, ``pc1_variance_share``, ``width``, ``n_rows``),
     ``last_is_head_input`` and ``source``, in sweep order.
     """
-    opts = _options(kwargs, dict(corpus=None, tokens=16384, seq_len=256, positions="all", sample="windows",
-                                 seed=0, batch_size=8, pca=True), "anisotropy")
-    if opts["tokens"] is not None and int(opts["tokens"]) < 2:
-        raise UserError(f"anisotropy needs at least 2 representations (--tokens ≥ 2), got {opts['tokens']}")
-    if int(opts["seq_len"]) < 1 or int(opts["batch_size"]) < 1:
-        raise UserError("--seq-len and --batch-size must be positive integers")
+    opts = vars(AnisotropyConfig.from_kwargs(kwargs))
     corpus = opts["corpus"] or DEFAULT_CORPUS
     docs = load_documents(corpus)  # a typo in --corpus fails before any model is loaded
 
@@ -147,20 +124,18 @@ def run_anisotropy(**kwargs) -> dict[str, dict[str, Any]]:
     return _sweep("anisotropy", opts, compute, config)
 
 
+@keyword_options(HeadSpectrumConfig)
 def run_head_spectrum(**kwargs) -> dict[str, dict[str, Any]]:
     """Singular spectrum of the LM head of a teacher or of each checkpoint (``rankest.head_spectrum``).
 
-    Keyword arguments: ``teacher``, ``revisions`` / ``revision``, ``top`` (ratios kept, default
-    100), ``device``, ``dtype``, ``out`` (head_spectrum.h5/.json, report.md section, PNGs),
-    ``overwrite``, ``resume``, ``quiet``.
+    Keyword arguments are the fields of :class:`HeadSpectrumConfig` (listed below); ``out``:
+    head_spectrum.h5/.json, report.md section, PNGs.
 
     Returns
     -------
     {revision label: dict of :func:`head_spectrum_metrics` + ``source``}, in sweep order.
     """
-    opts = _options(kwargs, dict(top=TOP_RATIOS), "head-spectrum")
-    if int(opts["top"]) < 1:
-        raise UserError(f"top must be a positive integer, got {opts['top']}")
+    opts = vars(HeadSpectrumConfig.from_kwargs(kwargs))
     return _sweep("head_spectrum", opts, lambda t: teacher_head_spectrum(t, top=int(opts["top"])),
                   {"top": int(opts["top"])})
 

@@ -8,6 +8,14 @@ from typing import Any, Optional, Union
 from rankest.errors import UserError
 from rankest.io.rowcache import CACHE_DTYPES
 from rankest.ops.reference import GRAM_PRECISIONS, SPACES
+from rankest.options import (
+    checkpoint_every_option,
+    option,
+    parse_passes,
+    positive_int,
+    resume_option,
+    shared_option,
+)
 from rankest.runtime.memory import parse_size
 from rankest.runtime.run import check_checkpoint_options
 from rankest.sources.corpus import DEFAULT_CORPUS
@@ -16,47 +24,67 @@ from rankest.targets import ngram
 
 ROUTES = ("auto", "factor", "gram", "sketch")
 
+#: Titles of estimate's own --help sections.
+ESTIMATION = "estimation"
+NGRAM = "n-gram targets (--teacher ngram:N)"
+
 
 @dataclass
 class EstimateConfig:
-    """Every option of `estimate` (the CLI flags, under the same names)."""
+    """Every option of `estimate`: the CLI flags (``--seq-len`` is ``seq_len``) and the keyword
+    arguments of :func:`rankest.estimate`, declared once (:mod:`rankest.options`)."""
 
-    teacher: Any = None  # short name, local folder, or a loaded rankest.sources.teachers.Teacher
-    revision: Optional[str] = None
-    corpus: Union[str, list, None] = None
-    tokens: Optional[int] = 16384
-    seq_len: int = 256
-    space: str = "clr"
-    route: str = "auto"
-    rank_max: Optional[int] = None
-    passes: Union[int, str] = "auto"
-    row_cache_dtype: str = "auto"
-    keep_row_cache: bool = False
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: Optional[str] = None  # spread the teacher over the visible GPUs (teachers.load_teacher)
-    max_memory: Optional[str] = None
-    seed: int = 0
-    positions: str = "all"
-    sample: str = "windows"
-    gram_precision: str = "fp64"
-    out: Optional[str] = None
-    overwrite: bool = False
-    quiet: bool = False
-    convergence: bool = True
-    checkpoint_every: Optional[int] = None
-    resume: bool = False
-    diagnostics: bool = False  # anisotropy + head spectrum on the same batches (rankest.diagnostics)
+    teacher: Any = shared_option("teacher")  # Python: also a loaded rankest.sources.teachers.Teacher
+    revision: Optional[str] = shared_option("revision")
+    corpus: Union[str, list, None] = shared_option("corpus")
+    tokens: Optional[int] = shared_option("tokens")
+    seq_len: int = shared_option("seq_len")
+    space: str = option("clr", choices=SPACES, group=ESTIMATION,
+                        help="target space: centred log-probs (default), probabilities, log-probs")
+    route: str = option("auto", choices=ROUTES, group=ESTIMATION,
+                        help="accumulation route (default auto: factor when exact, gram when it fits, else sketch)")
+    rank_max: Optional[int] = option(None, type=positive_int, group=ESTIMATION,
+                                     help="sketch size k / largest rank reported")
+    passes: Union[int, str] = option("auto", type=parse_passes, group=ESTIMATION,
+                                     help="sketch route: passes over the rows (auto = 1 for a neural teacher; q >= 2 "
+                                          "caches the rows on disk once and runs q passes of randomized subspace "
+                                          "iteration over them)")
+    row_cache_dtype: str = option("auto", choices=("auto", *CACHE_DTYPES), group=ESTIMATION,
+                                  help="dtype of the row cache of --passes >= 2 (auto: the rows' own dtype)")
+    keep_row_cache: bool = option(False, group=ESTIMATION, help="keep rows.h5 of --passes >= 2 in the run folder")
+    batch_size: int = shared_option("batch_size")
+    device: str = shared_option("device")
+    dtype: str = shared_option("dtype")
+    device_map: Optional[str] = shared_option("device_map")  # spread the teacher over the visible GPUs
+    max_memory: Optional[str] = shared_option("max_memory")
+    seed: int = shared_option("seed")
+    positions: str = shared_option("positions")
+    sample: str = shared_option("sample")
+    gram_precision: str = option("fp64", choices=GRAM_PRECISIONS, group=ESTIMATION,
+                                 help="Gram products in fp64 (default) or fp32 with an fp64 carry")
+    out: Optional[str] = shared_option("out")
+    overwrite: bool = shared_option("overwrite")
+    quiet: bool = shared_option("quiet")
+    convergence: bool = option(True, group=ESTIMATION, help="skip the metrics at N/8, N/4, N/2")
+    checkpoint_every: Optional[int] = checkpoint_every_option(unit="CHUNKS", what="chunks")
+    resume: bool = resume_option(run="run")
+    diagnostics: bool = option(False, group=ESTIMATION,  # rankest.diagnostics, on the same batches
+                               help="also measure every layer's anisotropy and the head spectrum on the same "
+                                    "batches (anisotropy.*, head_spectrum.* in --out)")
     # n-gram targets (--teacher ngram:N), see rankest.targets.ngram
-    tokenizer: Optional[str] = None
-    smoothing: str = "mle"
-    min_count: int = 1
-    contexts: Union[int, str, None] = "all"
-    weighting: str = "equal"
-    corpus_fractions: Union[str, list, None] = None
-    # rows made in memory (rankest.estimate(rows=...)): a 2-D tensor or a sequence of (n_i, V) chunks
-    rows: Any = None
+    tokenizer: Optional[str] = option(None, group=NGRAM,
+                                      help="pythia | gpt2 (after `rankest setup-tokenizers`) | smollm2 | a "
+                                           "tokenizer folder, tokenizer.json or .gguf")
+    smoothing: str = option("mle", group=NGRAM,
+                            help="mle (the paper's, default) | add-k:K | kn (interpolated Kneser–Ney)")
+    min_count: int = option(1, type=positive_int, group=NGRAM, help="use contexts seen at least M times (default 1)")
+    contexts: Union[int, str, None] = option("all", group=NGRAM, help="all (default) or C contexts sampled with --seed")
+    weighting: str = option("equal", choices=ngram.WEIGHTINGS, group=NGRAM,
+                            help="rows weighted equally (the paper's) or by context count")
+    corpus_fractions: Union[str, list, None] = option(None, group=NGRAM, help="also run on these prefixes of the "
+                                                                              "corpus, e.g. 0.125,0.25,0.5,1")
+    rows: Any = option(None, cli=False, help="rows made in memory instead of a teacher's: a 2-D tensor or a "
+                                             "sequence of (n_i, V) chunks")
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "EstimateConfig":

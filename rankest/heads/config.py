@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from rankest.errors import UserError
+from rankest.options import checkpoint_every_option, option, positive_int, resume_option, shared_option
 from rankest.runtime.run import check_checkpoint_options
 
 INITS = ("normal", "scaled", "svd")
@@ -18,40 +19,59 @@ MIN_VAL_ROWS = 100
 #: Multipliers of the rank's default LR tried by ``lr_search``.
 LR_SEARCH_FACTORS = (0.5, 1.0, 2.0)
 
+#: Title of the --help section of heads' own options.
+HEADS = "heads"
+
 
 # ---- configuration ---------------------------------------------------------------------------
 @dataclass
 class HeadsConfig:
-    """Every option of ``heads`` (the CLI flags under the same names)."""
+    """Every option of ``heads``: the CLI flags (``--val-tokens`` is ``val_tokens``) and the keyword
+    arguments of :func:`rankest.fit_heads`, declared once (:mod:`rankest.options`)."""
 
-    teacher: Any = None
-    revision: Optional[str] = None
-    corpus: Union[str, list, None] = None
-    tokens: Optional[int] = 16384  # training rows (None: every row of the training split)
-    val_tokens: int = 4096  # validation rows
-    seq_len: int = 256
-    positions: str = "all"
-    sample: str = "windows"
-    ranks: Union[str, Sequence] = "32,64,128,256,512,1024,2048,full"
-    init: str = "normal"
-    objective: str = "ce"
-    lr: Optional[float] = None
-    lr_search: bool = False
-    steps: Optional[int] = None  # default: one pass over the training rows; more passes recompute the
-    # features on the fly (once per pass for all heads) unless cache_features is given
-    batch_size: int = 8  # windows per optimiser step (the paper: 256 sequences)
-    gram_rows: Optional[int] = None  # rows of the feature metric (default max(4096, 4d))
-    weight_decay: float = 0.01
-    cache_features: Optional[str] = None
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: Optional[str] = None  # spread the teacher over the visible GPUs (teachers.load_teacher)
-    seed: int = 0
-    out: Optional[str] = None
-    overwrite: bool = False
-    quiet: bool = False
-    checkpoint_every: Optional[int] = None  # optimiser steps between checkpoints (DIR/checkpoint.h5)
-    resume: bool = False
+    teacher: Any = shared_option("teacher")  # Python: also a loaded rankest.sources.teachers.Teacher
+    revision: Optional[str] = shared_option("revision")
+    corpus: Union[str, list, None] = shared_option("corpus")  # Python: also a (W, seq_len + 1) tensor of windows
+    tokens: Optional[int] = shared_option("tokens")  # training rows (None: every row of the training split)
+    seq_len: int = shared_option("seq_len")
+    positions: str = shared_option("positions")
+    sample: str = shared_option("sample")
+    ranks: Union[str, Sequence] = option("32,64,128,256,512,1024,2048,full", group=HEADS,
+                                         help="ranks r of the heads, comma-separated, 'full' = min(d, V'); larger "
+                                              "ranks become full (default 32,64,128,256,512,1024,2048,full)")
+    init: str = option("normal", choices=INITS, group=HEADS,
+                       help="normal: N(0,1) coefficients (the paper's, default); scaled: variance-preserving; "
+                            "svd: best rank-r approximation of the teacher's head in the feature metric")
+    objective: str = option("ce", choices=OBJECTIVES, group=HEADS,
+                            help="ce: next-token cross-entropy (the paper's, default); kl: distil the teacher's "
+                                 "distribution")
+    lr: Optional[float] = option(None, type=float, group=HEADS,
+                                 help="peak learning rate of every head (default: the paper's by rank)")
+    lr_search: bool = option(False, group=HEADS, help="try 0.5×, 1×, 2× the paper's LR per rank on a held-out "
+                                                      "slice of the training rows")
+    # steps: more than one pass over the training rows recomputes the features on the fly (once
+    # per pass for all heads) unless cache_features is given
+    steps: Optional[int] = option(None, type=positive_int, group=HEADS,
+                                  help="optimiser steps (default: one pass over the training rows)")
+    val_tokens: int = option(4096, type=positive_int, group=HEADS,
+                             help="held-out validation rows, whole windows never trained on (default 4096)")
+    batch_size: int = shared_option("batch_size")  # windows per optimiser step (the paper: 256 sequences)
+    gram_rows: Optional[int] = option(None, cli=False, help="rows of the feature metric (default max(4096, 4d))")
+    weight_decay: float = option(0.01, cli=False,
+                                 help="AdamW weight decay of the heads' factors (biases are not decayed)")
+    cache_features: Optional[str] = option(None, metavar="FILE.h5", group=HEADS,
+                                           help="compute the teacher's features once into this HDF5 file, or reuse "
+                                                "it if it exists (refused when written for another teacher, "
+                                                "tokenizer or rows)")
+    device: str = shared_option("device")
+    dtype: str = shared_option("dtype")
+    device_map: Optional[str] = shared_option("device_map")  # spread the teacher over the visible GPUs
+    seed: int = shared_option("seed")
+    out: Optional[str] = shared_option("out")
+    overwrite: bool = shared_option("overwrite")
+    quiet: bool = shared_option("quiet")
+    checkpoint_every: Optional[int] = checkpoint_every_option(unit="STEPS", what="optimiser steps")
+    resume: bool = resume_option(run="sweep")
 
     def validate(self) -> None:
         check_checkpoint_options(self, unit="steps")
