@@ -302,7 +302,7 @@ def corpus_sweep(cfg: EstimateConfig, target: Target) -> dict:
     for f, sub in target.prefixes(cfg, fractions):
         quiet = EstimateConfig(**{**vars(cfg), "convergence": False, "quiet": True, "out": None, "resume": False,
                                   "checkpoint_every": None})
-        sweep[f] = (Estimate(quiet, sub, Run("estimate", distributed.World(), None, None, {})).compute(), sub.facts)
+        sweep[f] = (Estimate(quiet, sub, Run.in_memory("estimate")).compute(), sub.facts)
     return sweep
 
 
@@ -372,7 +372,7 @@ def ngram_spectrum(rows, *, route: str = "auto", budget: Optional[int] = None, r
     cfg = EstimateConfig(teacher=f"ngram:{rows.counts.order}", space=rows.space, route=route, rank_max=rank_max,
                          seed=seed, convergence=convergence, quiet=not progress,
                          max_memory=None if budget is None else str(int(budget)))
-    est = Estimate(cfg, NgramTarget(rows), Run("estimate", distributed.World(), None, None, {}))
+    est = Estimate(cfg, NgramTarget(rows), Run.in_memory("estimate"))
     spec = est.compute()
     return spec, est.reason, {"seconds_stream": est.seconds["stream"], "seconds_finalize": est.seconds["finalize"]}
 

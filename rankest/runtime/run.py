@@ -223,6 +223,12 @@ class Run:
         return cls(command, world, Path(out) if out else None, every, config, position, box.get("ckpt"),
                    saved=position is not None)
 
+    @classmethod
+    def in_memory(cls, command: str) -> "Run":
+        """A run of one process without a folder: no checkpoints, no signal handling (an estimate
+        made inside another one, or of rows prepared in Python)."""
+        return cls(command, distributed.World(), None, None, {})
+
     @property
     def enabled(self) -> bool:
         """A run folder exists: signals are caught and checkpoints written."""
