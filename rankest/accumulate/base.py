@@ -134,3 +134,39 @@ class Accumulator:
 def row_precision(gram_precision: str) -> str:
     """The Spectrum's ``precision`` of a route's products: fp64, or fp32 for ``fast``."""
     return "fp64" if gram_precision == "fp64" else "fp32"
+
+
+#: Precisions a route's input (rows, or a linear head's features) can have, by state code.
+INPUT_PRECISIONS = ("fp64", "fp32", "bf16", "fp16")
+_DTYPE_PRECISION = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+#: Unit round-off of each precision (the threshold rank's eps).
+UNIT_ROUNDOFF = {"fp64": 2.0 ** -52, "fp32": 2.0 ** -23, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
+
+
+class InputPrecision:
+    """The coarsest precision of the inputs (rows or features) an accumulator has seen.
+
+    The threshold rank's eps follows the precision the rows actually had (fp32 rows of a CPU
+    teacher carry fp32 round-off whatever the products' precision), so every exact route keeps
+    it, in its checkpointed state too (``code``: an index of :data:`INPUT_PRECISIONS`, −1 none).
+    """
+
+    def __init__(self) -> None:
+        self.name: Optional[str] = None
+
+    def saw(self, t: Optional[torch.Tensor]) -> None:
+        if t is None:
+            return
+        self.join(_DTYPE_PRECISION.get(t.dtype, "fp64"))
+
+    def join(self, name: Optional[str]) -> None:
+        if name is not None and (self.name is None or UNIT_ROUNDOFF[name] > UNIT_ROUNDOFF[self.name]):
+            self.name = name
+
+    @property
+    def code(self) -> np.ndarray:
+        return np.asarray(-1 if self.name is None else INPUT_PRECISIONS.index(self.name), dtype=np.int64)
+
+    def load(self, code) -> None:
+        c = int(np.asarray(code))
+        self.name = INPUT_PRECISIONS[c] if 0 <= c < len(INPUT_PRECISIONS) else None

@@ -3,7 +3,8 @@ from typing import Optional
 import torch
 
 from rankest import ops
-from rankest.accumulate.base import Accumulator, Chunk, row_precision
+from rankest.accumulate.base import Accumulator, Chunk, InputPrecision, row_precision
+from rankest.accumulate.gram import gram_noise_floor
 from rankest.linalg import psd_sqrt, svdvals
 from rankest.spectrum import Spectrum
 
@@ -44,6 +45,7 @@ class Factor(Accumulator):
     name = "factor"
     needs = "features"
     summed = "g_h"
+    fixed_state_keys = ("row_precision",)
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *,
                  precision: str = "fp64", device="cpu") -> None:
@@ -53,6 +55,7 @@ class Factor(Accumulator):
         self.with_ones = self.g_w.shape[0] == weight.shape[1] + 1
         self.g_h = torch.zeros_like(self.g_w)
         self._r_w: Optional[torch.Tensor] = None
+        self.inputs = InputPrecision()
 
     def update(self, chunk: Chunk) -> None:
         if chunk.features is None:
@@ -60,8 +63,21 @@ class Factor(Accumulator):
         h = chunk.features
         if self.with_ones:
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        self.inputs.saw(chunk.features)
         ops.gram_update(self.g_h, h, self.precision)
         self.n_rows += chunk.n
+
+    def merge(self, other: "Factor") -> None:
+        super().merge(other)
+        self.inputs.join(other.inputs.name)
+
+    def state(self) -> dict:
+        return {**super().state(), "row_precision": self.inputs.code}
+
+    def load_state(self, state) -> None:
+        super().load_state(state)
+        if "row_precision" in state:
+            self.inputs.load(state["row_precision"])
 
     def model_energy(self) -> float:
         """‖H̃W̃ᵀ‖_F² = trace(G_H·G_W), from the factors alone."""
@@ -71,7 +87,31 @@ class Factor(Accumulator):
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         if self._r_w is None:
             self._r_w = psd_sqrt(self.g_w)
+            self._lam_w = _top_eigenvalue(self.g_w)
         r_h = psd_sqrt(self.g_h)
         sigma = svdvals(r_h @ self._r_w)
+        precision = row_precision(self.precision)
+        # TᵀT has the eigenvalues of G_W^½·G_H·G_W^½: an error δ in G_H (resolved to d'·u·λ_1(G_H))
+        # moves them by at most λ_1(G_W)·δ (Weyl), so that is the floor of σ², whatever σ_1(T) is.
+        floor = gram_noise_floor(_top_eigenvalue(self.g_h) * self._lam_w, self.g_h.shape[0], precision)
         return Spectrum(sigma=sigma, energy=energy, n_rows=self.n_rows, n_cols=self.n_cols, space="clr",
-                        route="factor", exact=True, precision=row_precision(self.precision))
+                        route="factor", exact=True, precision=precision, row_precision=self.inputs.name,
+                        noise_floor=floor)
+
+
+def _top_eigenvalue(g: torch.Tensor, iters: int = 50) -> float:
+    """λ_1 of the PSD matrix whose lower triangle ``g`` holds, by power iteration (a few per cent
+    is enough for a noise floor; a full eigensolve would double the finalize's cost)."""
+    full = torch.tril(g) + torch.tril(g, -1).T
+    diag = float(torch.diagonal(full).max()) if full.numel() else 0.0
+    if diag <= 0:
+        return 0.0
+    x = torch.ones(full.shape[0], dtype=full.dtype, device=full.device)
+    est = 0.0
+    for _ in range(iters):
+        y = full @ x
+        nrm = float(torch.linalg.vector_norm(y))
+        if nrm == 0.0:
+            break
+        est, x = nrm / float(torch.linalg.vector_norm(x)), y / nrm
+    return max(est, diag)

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from rankest import ops
-from rankest.accumulate.base import Accumulator, Chunk, row_precision
+from rankest.accumulate.base import UNIT_ROUNDOFF, Accumulator, Chunk, InputPrecision, row_precision
 from rankest.linalg import eigvalsh_lower
 from rankest.spectrum import Spectrum
 
@@ -28,6 +28,7 @@ class Gram(Accumulator):
 
     name = "gram"
     summed = "gram"
+    fixed_state_keys = ("row_precision",)
 
     def __init__(self, n_cols: int, *, space: str, precision: str = "fp64", device="cpu",
                  convergence_max_cols: int = 4096) -> None:
@@ -36,16 +37,46 @@ class Gram(Accumulator):
         self.gram = torch.zeros(n_cols, n_cols, dtype=torch.float64, device=device)
         # eigvalsh of the Gram at each convergence milestone only while it is affordable.
         self.cheap_finalize = n_cols <= convergence_max_cols
+        self.inputs = InputPrecision()
 
     def update(self, chunk: Chunk) -> None:
         if chunk.rows is None:
             raise ValueError("the gram route needs target rows in every chunk")
+        self.inputs.saw(chunk.rows)
         ops.gram_update(self.gram, chunk.rows, self.precision)
         self.n_rows += chunk.n
+
+    def merge(self, other: "Gram") -> None:
+        super().merge(other)
+        self.inputs.join(other.inputs.name)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "row_precision": self.inputs.code}
+
+    def load_state(self, state) -> None:
+        super().load_state(state)
+        if "row_precision" in state:
+            self.inputs.load(state["row_precision"])
+
+    def finalize_cost(self) -> str:
+        return f"an eigvalsh of the {self.n_cols:,}×{self.n_cols:,} Gram"
 
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         # UPLO='L' reads only the lower triangle that gram_update maintains: no symmetrised copy.
         lam = eigvalsh_lower(self.gram)
         sigma = np.sqrt(np.clip(lam, 0.0, None))
+        precision = row_precision(self.precision)
         return Spectrum(sigma=sigma, energy=energy, n_rows=self.n_rows, n_cols=self.n_cols, space=self.space,
-                        route="gram", exact=True, precision=row_precision(self.precision))
+                        route="gram", exact=True, precision=precision, row_precision=self.inputs.name,
+                        noise_floor=gram_noise_floor(float(lam.max()) if lam.size else 0.0, self.n_cols, precision))
+
+
+def gram_noise_floor(lam_max: float, n: int, precision: str) -> float:
+    """σ at or below which a spectrum computed from an n×n Gram is round-off.
+
+    The eigenvalues of a Gram whose products had unit round-off u are resolved to about
+    n·u·λ_max (the matrix_rank rule applied to the Gram itself), so the singular values below
+    sqrt(n·u·λ_max) — e.g. the ≈ sqrt(u)·σ_1 square roots of a rank-deficient Gram's round-off
+    eigenvalues — are not values of T.
+    """
+    return float(np.sqrt(max(lam_max, 0.0) * n * UNIT_ROUNDOFF[precision]))

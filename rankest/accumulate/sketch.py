@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rankest.accumulate.base import Accumulator, Chunk
+from rankest.accumulate.base import Accumulator, Chunk, InputPrecision
 from rankest.errors import UserError
 from rankest.linalg import (
     DEFAULT_PROBES,
@@ -59,6 +59,11 @@ from rankest.spectrum import Spectrum
 #: Version of the state layout written by :meth:`Sketch.state` (2: the counter-hash test matrix;
 #: a version-1 state was built with another Ω and cannot be continued).
 STATE_VERSION = 2
+
+#: Convergence snapshots finalise the sketch at N/8, N/4 and N/2; they are taken while one
+#: finalize (a V'×l GEMM and SVD: ~V'·l² flops) costs no more than the Gram route's eigvalsh of
+#: a 4096² matrix. Above it they are skipped, and results say so.
+SNAPSHOT_MAX_FLOPS = 4096 ** 3
 
 
 class Sketch(Accumulator):
@@ -89,7 +94,7 @@ class Sketch(Accumulator):
     """
 
     name = "sketch"
-    fixed_state_keys = ("seed", "shape", "precision", "version")
+    fixed_state_keys = ("seed", "shape", "precision", "version", "row_precision")
 
     def __init__(self, n_cols: int, k: int, *, space: str, l: Optional[int] = None, seed: int = 0,
                  precision: str = "fp64", device="cpu", n_probes: int = DEFAULT_PROBES,
@@ -118,7 +123,13 @@ class Sketch(Accumulator):
         self._x: Optional[torch.Tensor] = None
         # finalize costs ~V'·l² (a GEMM) + l³: affordable at every convergence milestone while it
         # stays below the Gram route's eigvalsh of a 4096² matrix.
-        self.cheap_finalize = n_cols * l * l <= 4096 ** 3
+        self.cheap_finalize = n_cols * l * l <= SNAPSHOT_MAX_FLOPS
+        self.inputs = InputPrecision()
+
+    def finalize_cost(self) -> str:
+        """What one finalize costs, in words (why convergence snapshots were skipped)."""
+        return (f"a Nyström finalize of V'·l² = {self.n_cols:,}·{self.l:,}² ≈ {self.n_cols * self.l ** 2:.1e} flops "
+                f"(snapshots are taken up to {SNAPSHOT_MAX_FLOPS:.1e})")
 
     # ---- test matrix ---------------------------------------------------------------------------
     def test_block(self) -> torch.Tensor:
@@ -144,6 +155,7 @@ class Sketch(Accumulator):
         if rows.dim() != 2 or rows.shape[1] != self.n_cols:
             raise ValueError(f"chunk rows must have shape (n, {self.n_cols}), got {tuple(rows.shape)}")
         if rows.shape[0]:
+            self.inputs.saw(rows)
             rows = rows.to(self.device)
             z = gram_apply(rows, self.test_block(), precision=self.precision, out=self.y)
             _check_finite(z, rows, self.n_chunks, self.n_rows)
@@ -168,6 +180,7 @@ class Sketch(Accumulator):
         self._check_merge(other)
         self._check_same(other._identity(), "the other shard")
         self.y += other.y.to(self.device)
+        self.inputs.join(other.inputs.name)
         self.row_energy += other.row_energy.to(self.device)
         self.n_rows += other.n_rows
         self.n_chunks += other.n_chunks
@@ -183,6 +196,7 @@ class Sketch(Accumulator):
             "shape": np.asarray([self.n_cols, self.l, self.n_probes], dtype=np.int64),
             "precision": np.asarray(PRECISIONS.index(self.precision), dtype=np.int64),
             "version": np.asarray(STATE_VERSION, dtype=np.int64),
+            "row_precision": self.inputs.code,
         }
 
     def load_state(self, state) -> None:
@@ -207,6 +221,8 @@ class Sketch(Accumulator):
         self.row_energy.fill_(float(np.asarray(state.get("row_energy", 0.0))))
         self.n_rows = int(np.asarray(state["n_rows"]))
         self.n_chunks = int(np.asarray(state.get("n_chunks", 0)))
+        if "row_precision" in state:
+            self.inputs.load(state["row_precision"])
 
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         """Shifted Nyström of the sketch → Spectrum(route="sketch", exact=False) with error estimates.
@@ -231,8 +247,12 @@ class Sketch(Accumulator):
         sketch_error.update(energy_source=e_source, row_energy=float(self.row_energy), shift=core["shift"])
         meta = _sketch_meta(sketch_error, trusted, passes=1, method="nystrom", l=self.l, k=self.k, seed=self.seed,
                             precision=self.precision, n_probes=self.n_probes)
+        # The products' round-off moves up to `roundoff_energy` (l·ν) of captured energy: a value
+        # whose square is below it is not resolved.
+        floor = math.sqrt(max(float(sketch_error.get("roundoff_energy", 0.0)), 0.0))
         return Spectrum(sigma=sigma, energy=e, n_rows=self.n_rows, n_cols=self.n_cols, space=self.space,
-                        route="sketch", exact=False, precision=SPECTRUM_PRECISION[self.precision], meta=meta)
+                        route="sketch", exact=False, precision=SPECTRUM_PRECISION[self.precision], meta=meta,
+                        row_precision=self.inputs.name, noise_floor=floor)
 
 
 def _sketch_meta(sketch_error: dict, trusted: int, *, passes: int, method: str, l: int, k: int, seed: int,

@@ -38,7 +38,8 @@ def write_spectrum_h5(spec: Any, path, *, group: str = "/", config: dict | None 
             mark(f, FORMAT, SCHEMA_VERSION)
             g.attrs["spectrum"] = json.dumps(jsonable({
                 "energy": spec.energy, "n_rows": spec.n_rows, "n_cols": spec.n_cols, "space": spec.space,
-                "route": spec.route, "exact": spec.exact, "precision": spec.precision, "meta": spec.meta,
+                "route": spec.route, "exact": spec.exact, "precision": spec.precision,
+                "row_precision": spec.row_precision, "noise_floor": spec.noise_floor, "meta": spec.meta,
                 "convergence": {str(k): v for k, v in spec.convergence.items()}}))
             g.attrs["summary"] = to_json(spec.summary())
             if config is not None:
