@@ -30,7 +30,7 @@ from rankest.heads.pipeline import run_heads
 from rankest.io.results import read_spectrum_h5
 from rankest.options import add_arguments, config_from_args, to_kwargs
 from rankest.report.compare import compare_runs
-from rankest.report.estimate import write_report
+from rankest.report.estimate import summary_lines, write_report
 from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
 from rankest.sources.tokenizers import setup_tokenizers
 
@@ -116,12 +116,9 @@ def cmd_estimate(args) -> int:
     spec = run_estimate(**to_kwargs(config_from_args(EstimateConfig, args)))
     if spec is None:  # a process of a torchrun job other than rank 0: rank 0 reports
         return 0
-    m = spec.metrics()
-    r = m["rank_at"]
     print(f"{spec.meta.get('teacher')} · {spec.space} · route {spec.route}: N = {spec.n_rows:,}, V' = {spec.n_cols:,}")
-    print(f"  rank_at(0.5) = {r['0.5']}, rank_at(0.1) = {r['0.1']}, rank_at(0.01) = {r['0.01']}")
-    print(f"  numerical rank = {m['numerical_rank']}, effective rank = {m['effective_rank']:.1f}, "
-          f"stable rank = {m['stable_rank']:.2f}, off-model energy = {m['off_model_energy']:.2e}")
+    for line in summary_lines(spec):
+        print(f"  {line}")
     print(f"  teacher NLL = {spec.meta.get('nll'):.4f} nats (perplexity {spec.meta.get('perplexity'):.2f})")
     if "contexts" in spec.meta:  # n-gram target
         print(f"  contexts C = {spec.meta['contexts']:,}, singleton share = {spec.meta['singleton_context_share']:.3f}, "

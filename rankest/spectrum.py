@@ -112,7 +112,7 @@ class Spectrum:
         the route; None: as ``precision``. The threshold rank's eps is the coarser of the two.
     noise_floor : float
         σ at or below which the route's own arithmetic cannot tell a value from round-off (a
-        Gram's ≈ sqrt(n·u·λ_max), :func:`rankest.accumulate.gram.gram_noise_floor`); 0: none.
+        Gram's ≈ sqrt(n·u·λ_max), :func:`rankest.accumulate.base.gram_noise_floor`); 0: none.
     meta : dict
         Teacher, corpus, route reason, statistics (``nll``, ``perplexity``) and provenance.
     convergence : dict

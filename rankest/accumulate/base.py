@@ -122,6 +122,10 @@ class Accumulator:
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         raise NotImplementedError
 
+    def finalize_cost(self) -> str:
+        """What one finalize costs, in words: why convergence snapshots are skipped when not cheap."""
+        return "a finalize"
+
     def nbytes(self) -> int:
         """Bytes held by the accumulator's state."""
         return sum(int(np.asarray(v).nbytes) for v in self.state().values())
@@ -170,3 +174,14 @@ class InputPrecision:
     def load(self, code) -> None:
         c = int(np.asarray(code))
         self.name = INPUT_PRECISIONS[c] if 0 <= c < len(INPUT_PRECISIONS) else None
+
+
+def gram_noise_floor(lam_max: float, n: int, precision: str) -> float:
+    """σ at or below which a spectrum computed from an n×n Gram is round-off.
+
+    The eigenvalues of a Gram whose products had unit round-off u are resolved to about
+    n·u·λ_max (the matrix_rank rule applied to the Gram itself), so the singular values below
+    sqrt(n·u·λ_max) — e.g. the ≈ sqrt(u)·σ_1 square roots of a rank-deficient Gram's round-off
+    eigenvalues — are not values of T.
+    """
+    return float(np.sqrt(max(lam_max, 0.0) * n * UNIT_ROUNDOFF[precision]))

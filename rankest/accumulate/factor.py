@@ -3,8 +3,7 @@ from typing import Optional
 import torch
 
 from rankest import ops
-from rankest.accumulate.base import Accumulator, Chunk, InputPrecision, row_precision
-from rankest.accumulate.gram import gram_noise_floor
+from rankest.accumulate.base import Accumulator, Chunk, InputPrecision, gram_noise_floor, row_precision
 from rankest.linalg import psd_sqrt, svdvals
 from rankest.spectrum import Spectrum
 

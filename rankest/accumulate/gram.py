@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from rankest import ops
-from rankest.accumulate.base import UNIT_ROUNDOFF, Accumulator, Chunk, InputPrecision, row_precision
+from rankest.accumulate.base import Accumulator, Chunk, InputPrecision, gram_noise_floor, row_precision
 from rankest.linalg import eigvalsh_lower
 from rankest.spectrum import Spectrum
 
@@ -59,7 +59,8 @@ class Gram(Accumulator):
             self.inputs.load(state["row_precision"])
 
     def finalize_cost(self) -> str:
-        return f"an eigvalsh of the {self.n_cols:,}×{self.n_cols:,} Gram"
+        return (f"an eigvalsh of the {self.n_cols:,}×{self.n_cols:,} Gram (snapshots are taken up to 4096 columns; "
+                "--route sketch has them for a small --rank-max)")
 
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         # UPLO='L' reads only the lower triangle that gram_update maintains: no symmetrised copy.
@@ -70,13 +71,3 @@ class Gram(Accumulator):
                         route="gram", exact=True, precision=precision, row_precision=self.inputs.name,
                         noise_floor=gram_noise_floor(float(lam.max()) if lam.size else 0.0, self.n_cols, precision))
 
-
-def gram_noise_floor(lam_max: float, n: int, precision: str) -> float:
-    """σ at or below which a spectrum computed from an n×n Gram is round-off.
-
-    The eigenvalues of a Gram whose products had unit round-off u are resolved to about
-    n·u·λ_max (the matrix_rank rule applied to the Gram itself), so the singular values below
-    sqrt(n·u·λ_max) — e.g. the ≈ sqrt(u)·σ_1 square roots of a rank-deficient Gram's round-off
-    eigenvalues — are not values of T.
-    """
-    return float(np.sqrt(max(lam_max, 0.0) * n * UNIT_ROUNDOFF[precision]))

@@ -129,7 +129,7 @@ class Sketch(Accumulator):
     def finalize_cost(self) -> str:
         """What one finalize costs, in words (why convergence snapshots were skipped)."""
         return (f"a Nyström finalize of V'·l² = {self.n_cols:,}·{self.l:,}² ≈ {self.n_cols * self.l ** 2:.1e} flops "
-                f"(snapshots are taken up to {SNAPSHOT_MAX_FLOPS:.1e})")
+                f"(snapshots are taken up to {SNAPSHOT_MAX_FLOPS:.1e}: a smaller --rank-max brings them back)")
 
     # ---- test matrix ---------------------------------------------------------------------------
     def test_block(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rankest import ops
-from rankest.accumulate.base import Accumulator, Chunk
+from rankest.accumulate.base import Accumulator, Chunk, gram_noise_floor
 from rankest.linalg import eigvalsh_lower
 from rankest.spectrum import Spectrum
 
@@ -112,5 +112,10 @@ class SparseGram(Accumulator):
         """Exact spectrum: eigvalsh of the corrected Gram; the V − width values not stored are 0."""
         lam = eigvalsh_lower(self.gram()) if self.width else np.zeros(0)
         sigma = np.sqrt(np.clip(lam, 0.0, None))[::-1]
+        floor = gram_noise_floor(float(lam.max()) if lam.size else 0.0, self.width, "fp64")
         return Spectrum(sigma=sigma[:min(self.n_rows, sigma.size)], energy=energy, n_rows=self.n_rows,
-                        n_cols=self.n_cols, space=self.space, route="gram", exact=True, precision="fp64")
+                        n_cols=self.n_cols, space=self.space, route="gram", exact=True, precision="fp64",
+                        row_precision="fp64", noise_floor=floor)
+
+    def finalize_cost(self) -> str:
+        return f"an eigvalsh of the {self.width:,}×{self.width:,} compressed Gram (snapshots up to {CONVERGENCE_MAX_COLS})"

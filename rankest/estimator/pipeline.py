@@ -131,7 +131,18 @@ class Estimate:
         else:
             self.acc = target.accumulator(route, precision=precision, space=cfg.space) or self.generic(precision)
         self.summed_accs = [self.stats] + ([] if self.cache is not None else [self.acc]) + target.extra_accumulators()
-        self.marks = milestones(target.n_rows) if cfg.convergence and self.acc.cheap_finalize else []
+        self.marks, self.snapshots_skipped = self.plan_snapshots()
+
+    def plan_snapshots(self) -> tuple[list[int], Optional[str]]:
+        """The convergence milestones, or none and the reason results will state."""
+        if not self.cfg.convergence:
+            return [], "--no-convergence"
+        if self.cache is not None:
+            return [], (f"--passes {self.passes} finalises once, after its passes over the cached rows (a snapshot "
+                        "would need passes of its own)")
+        if not self.acc.cheap_finalize:
+            return [], f"each snapshot would cost {self.acc.finalize_cost()}, as much as the final step"
+        return milestones(self.target.n_rows), None
 
     def generic(self, precision: str) -> Accumulator:
         cfg, target = self.cfg, self.target
@@ -278,6 +289,8 @@ class Estimate:
         spec.meta.update(t.meta())
         if self.route == "factor" and self.cache is None:
             spec.meta["model_energy"] = self.acc.model_energy()
+        if self.snapshots_skipped:
+            spec.meta["convergence_skipped"] = self.snapshots_skipped
 
     def compute(self) -> Optional[Spectrum]:
         """plan checked → route → accumulators → restore → stream → finalize → meta."""

@@ -10,7 +10,7 @@ from rankest.io.files import write_text_atomic
 from rankest.io.results import read_spectrum_h5
 from rankest.report.ngram import draw_paper_fig7, ngram_compare_lines, ngram_label
 from rankest.report.plots import plot_w_error
-from rankest.report.text import fmt
+from rankest.report.text import fmt_metric
 from rankest.spectrum import REPORTED_EPS
 
 
@@ -28,9 +28,9 @@ def compare_runs(folders: Sequence[Path], out: Path) -> Path:
     lines = ["# rankest comparison", "", "![W-error curves](compare_w_error.png)", "",
              "| run | N | V' | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) | numerical rank |", "|---|---|---|---|---|---|---|"]
     for (label, spec), folder in zip(specs, folders):
-        r = {str(e): spec.rank_at(e) for e in REPORTED_EPS}
-        lines.append(f"| {label} (`{folder}`) | {spec.n_rows:,} | {spec.n_cols:,} | {fmt(r['0.5'])} | {fmt(r['0.1'])} | "
-                     f"{fmt(r['0.01'])} | {spec.numerical_rank} |")
+        r = {str(e): fmt_metric(spec.metric("rank_at", e)) for e in REPORTED_EPS}
+        lines.append(f"| {label} (`{folder}`) | {spec.n_rows:,} | {spec.n_cols:,} | {r['0.5']} | {r['0.1']} | "
+                     f"{r['0.01']} | {fmt_metric(spec.metric('numerical_rank'))} |")
     lines += ngram_compare_lines(specs, folders)
     path = out / "compare.md"
     write_text_atomic(path, "\n".join(lines) + "\n")

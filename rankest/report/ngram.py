@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rankest.report.plots import plot_w_error
+from rankest.report.text import fmt_metric
 
 
 def render_ngram_section(spec, sweep: dict, out) -> str:
@@ -32,7 +33,7 @@ def render_ngram_section(spec, sweep: dict, out) -> str:
         for f, (s, fa) in sorted(sweep.items()):
             r = s.metrics()["rank_at"]
             lines.append(f"| {f:g} | {fa['n_tokens']:,} | {fa['contexts']:,} | {fa['singleton_context_share']:.3f} | "
-                         f"{r['0.5']} | {r['0.1']} | {r['0.01']} |")
+                         f"{fmt_metric(r['0.5'])} | {fmt_metric(r['0.1'])} | {fmt_metric(r['0.01'])} |")
         lines.append("")
     return "\n".join(lines)
 

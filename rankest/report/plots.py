@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from rankest.io.files import atomic_path
-from rankest.spectrum import REPORTED_EPS, Spectrum
+from rankest.spectrum import REPORTED_EPS, Spectrum, metric_value
 
 
 def _plt():
@@ -36,7 +36,8 @@ def plot_spectrum(spec: Spectrum, path: Path, title: str) -> None:
     s = spec.sigma[spec.sigma > 0]
     if s.size:
         ax.semilogy(np.arange(1, s.size + 1), s / s[0], lw=1.2)
-    ax.axvline(spec.numerical_rank, color="C3", ls="--", lw=0.8, label=f"numerical rank {spec.numerical_rank}")
+    if spec.numerical_rank is not None:  # a truncated spectrum without a certified cliff has none
+        ax.axvline(spec.numerical_rank, color="C3", ls="--", lw=0.8, label=f"numerical rank {spec.numerical_rank}")
     ax.set_xlabel("index i")
     ax.set_ylabel("σ_i / σ_1")
     ax.set_title(title)
@@ -72,19 +73,26 @@ def plot_w_error(specs: Sequence[tuple[str, Spectrum]], path: Path, title: str, 
     _save(fig, path)
 
 
+def _known(v) -> float:
+    """A convergence value to draw: NaN for a bound (a truncated spectrum's tail decides it)."""
+    v = metric_value(v)
+    return np.nan if v is None else v
+
+
 def plot_convergence(spec: Spectrum, path: Path, title: str) -> None:
     plt = _plt()
     ns = sorted(spec.convergence)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for eps in REPORTED_EPS:
         vals = [spec.convergence[n]["rank_at"].get(str(eps)) for n in ns]
-        axes[0].plot(ns, [np.nan if v is None else v for v in vals], marker="o", label=f"rank_at({eps})")
-    axes[0].plot(ns, [spec.convergence[n]["numerical_rank"] for n in ns], marker="s", ls="--", label="numerical rank")
+        axes[0].plot(ns, [_known(v) for v in vals], marker="o", label=f"rank_at({eps})")
+    axes[0].plot(ns, [_known(spec.convergence[n]["numerical_rank"]) for n in ns], marker="s", ls="--",
+                 label="numerical rank")
     axes[0].set_xscale("log")
     axes[0].set_xlabel("rows N")
     axes[0].set_ylabel("rank")
     axes[0].legend(fontsize=8)
-    axes[1].plot(ns, [spec.convergence[n]["effective_rank"] for n in ns], marker="o", label="effective rank")
+    axes[1].plot(ns, [_known(spec.convergence[n]["effective_rank"]) for n in ns], marker="o", label="effective rank")
     axes[1].plot(ns, [spec.convergence[n]["stable_rank"] for n in ns], marker="s", label="stable rank")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("rows N")
