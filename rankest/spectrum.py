@@ -202,6 +202,12 @@ class Spectrum:
         """R = E − Σσ², the energy of the values not kept (0 for an exact route)."""
         return float(self.tail_energy()[-1]) if not self.exact else 0.0
 
+    def unseen_roundoff(self) -> float:
+        """Round-off of R: (k + 1)·eps·E from the fp64 subtraction, plus the energy a sketch's
+        products may have moved (``sketch_error.roundoff_energy``)."""
+        moved = float(self.meta.get("sketch_error", {}).get("roundoff_energy") or 0.0)
+        return (self.sigma.size + 1) * EPS_BY_PRECISION["fp64"] * max(self.energy, 0.0) + moved
+
     # ---- metrics ---------------------------------------------------------------------------
     def w_error(self, d: Optional[int] = None):
         """W-error(d) = sqrt(Σ_{i>d} σ_i² / Σ_i σ_i²) (Godey et al. 2024, §5).
@@ -336,8 +342,10 @@ class Spectrum:
         count = int(np.sum(s[:cap] > tau))
         if not self.truncated or count < s.size:
             return count  # the unseen values are ≤ σ_k ≤ τ
-        # All k kept values are above τ: the unseen energy R holds at most R/τ² more.
-        extra = self.n_unseen if tau == 0 else min(self.n_unseen, int(self.unseen_energy / (tau * tau)))
+        # All k kept values are above τ: the unseen energy R holds at most R/τ² more (R less its own
+        # round-off: E − Σσ² in fp64, and the products' round-off a sketch records).
+        resolved = max(self.unseen_energy - self.unseen_roundoff(), 0.0)
+        extra = self.n_unseen if tau == 0 else min(self.n_unseen, int(resolved / (tau * tau)))
         upper = min(self.n_rows, self.n_cols, count + extra)
         return count if upper == count else Bound(count, upper, f"all {s.size:,} kept values are above the threshold")
 
