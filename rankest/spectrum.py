@@ -36,6 +36,9 @@ CLIFF_FLOOR = 1e-6
 #: σ_(r+1) replaced by the largest value the error estimates allow (two orders of magnitude).
 CERTIFIED_GAP = 100.0
 
+#: The reason of a rank_at the kept values do not reach (reports print its bound as "> L − 1").
+NOT_REACHED = "not reached by the"
+
 #: Convergence verdict: converged when rank_at(0.1) moved by less than this fraction between the
 #: last two snapshots (N/2 → N, the last doubling of N).
 CONVERGED_CHANGE = 0.01
@@ -276,7 +279,7 @@ class Spectrum:
         cap = min(self.n_rows, self.n_cols)
         upper = cap if not (r > 0 and e > 0) else min(cap, k + int(math.ceil(m * max(1.0 - eps * eps * e / r, 0.0))))
         upper = max(upper, min(lower, cap))
-        return Bound(min(lower, upper), upper, f"beyond the {k:,} kept values")
+        return Bound(min(lower, upper), upper, f"{NOT_REACHED} {k:,} kept values")
 
     def _numerical_rank(self):
         s = self.sigma
@@ -312,8 +315,7 @@ class Spectrum:
         i = int(cand[best]) + 1
         if certain[best] >= CERTIFIED_GAP:
             return i
-        return Bound(reason=f"no gap of {CERTIFIED_GAP:g}× among the top {k:,} values "
-                            f"(largest σ_i/σ_(i+1) = {float(ratio[best]):.3g}, at i = {i:,})")
+        return Bound(reason=f"no gap of {CERTIFIED_GAP:g}× among the top {k:,} values")
 
     def threshold(self) -> float:
         """τ of the threshold rank: max(σ_1·max(N, V')·u, noise floor), u the coarser unit round-off

@@ -58,8 +58,10 @@ def rank_expectation(spec: Spectrum) -> Optional[str]:
     what = ("a linear head's clr matrix H·Wcᵀ has rank ≤ d" if space == "clr"
             else "log-probs add the per-row logsumexp to H·Wᵀ: rank ≤ d + 1")
     name = "d" if space == "clr" else "d + 1"
+    if nr == expect and space == "clr":
+        return f"The numerical rank {nr:,} equals the teacher's hidden size d = {d:,}: the expected answer ({what})."
     if nr == expect:
-        return f"The numerical rank {nr:,} equals {name} = {expect:,} (the teacher's hidden size d = {d:,}): the expected answer ({what})."
+        return f"The numerical rank {nr:,} equals d + 1 (the teacher's hidden size d = {d:,}): the expected answer ({what})."
     if nr == expect + 1:
         return (f"The numerical rank {nr:,} is {name} + 1 (d = {d:,}): the head's bias adds one direction "
                 f"([H 1]·[W b]ᵀ), the expected answer for a head with a bias.")

@@ -41,7 +41,8 @@ def plot_spectrum(spec: Spectrum, path: Path, title: str) -> None:
     ax.set_xlabel("index i")
     ax.set_ylabel("σ_i / σ_1")
     ax.set_title(title)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.grid(alpha=0.3)
     _save(fig, path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rankest.spectrum import metric_bound
+from rankest.spectrum import NOT_REACHED, metric_bound
 
 
 def fmt(x, digits=4) -> str:
@@ -33,7 +33,7 @@ def fmt_metric(x, digits=4, *, why: bool = False) -> str:
         return b.reason or "—"
     if lo is not None and hi is not None and lo == hi:
         text = fmt(lo, digits)
-    elif isinstance(lo, int) and b.reason.startswith("beyond the"):
+    elif isinstance(lo, int) and b.reason.startswith(NOT_REACHED):
         text = f"> {lo - 1:,}" + (f" (≤ {hi:,})" if hi is not None else "")
     elif lo is not None and hi is not None:
         text = f"{fmt(lo, digits)} … {fmt(hi, digits)}"
