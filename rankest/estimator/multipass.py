@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from rankest.accumulate.base import INPUT_PRECISIONS, InputPrecision
 from rankest.accumulate.sketch import spectrum_from_svd
 from rankest.errors import UserError
 from rankest.estimator.config import EstimateConfig
@@ -54,6 +55,10 @@ def multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int, 
         if not cfg.keep_row_cache:
             cache.remove()
     spec = spectrum_from_svd(result, space=cfg.space, energy=energy)
+    rows = InputPrecision()  # the rows as the passes read them: the teacher's dtype, then the cache's
+    rows.saw(torch.empty(0, dtype=row_dtype))
+    rows.join(cache.dtype if cache.dtype in INPUT_PRECISIONS else None)
+    spec.row_precision = rows.name
     spec.meta["row_cache"] = {"dtype": cache.dtype, "rows": result.info["n_rows"],
                               "path": str(cache.path) if cfg.keep_row_cache else None}
     return spec

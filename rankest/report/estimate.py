@@ -203,6 +203,9 @@ def render_markdown(spec: Spectrum, *, config: dict, prov: dict, plots: dict[str
               "* **rank_at(ε)**: the rank needed for W-error ≤ ε.",
               "* **numerical rank**: where the spectrum falls off a cliff; for `clr` rows of a linear-head teacher "
               "it recovers the hidden size (Finlayson et al. 2024; Carlini et al. 2024).",
+              "* **threshold rank**: the values above the round-off of the precision the rows had (numpy's "
+              "matrix_rank rule, τ = σ_1·max(N, V')·eps, or the route's own round-off): with fp32 rows it ignores "
+              "values below ≈ max(N, V')·1.2e-7·σ_1, so it can sit below the numerical rank.",
               "* **off-model energy**: the share of the rows' energy the spectrum leaves unexplained — ≈ 0 for exact "
               "routes, the bf16 noise of the real logits for `factor`, the tail beyond k for a sketch.",
               "* **a … b**, **> k**: a bound — the values a sketch did not keep decide the metric.", "",
