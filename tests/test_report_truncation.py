@@ -113,3 +113,26 @@ def test_convergence_verdict_rule():
     v = convergence_verdict(conv)
     assert v["converged"] is None and "beyond the kept values" in v["text"]
     assert convergence_verdict({400: {"rank_at": {"0.1": 3}}})["converged"] is None
+
+
+def _cliff(r, n_rows=100, space="clr", exact=True, k=None):
+    import numpy as np
+
+    from rankest.spectrum import Spectrum
+    s = np.concatenate([np.linspace(3, 1, r), 1e-12 * np.ones(5)])
+    if k is not None:
+        s = np.linspace(3, 1, k)
+    return Spectrum(sigma=s, energy=float(np.sum(s ** 2)) * (1 if exact else 2), n_rows=n_rows, n_cols=200,
+                    space=space, route="gram" if exact else "sketch", exact=exact, meta={"hidden_size": 8})
+
+
+def test_rank_expectation_sentences():
+    from rankest.report.estimate import rank_expectation
+    assert "equals the teacher's hidden size d = 8: the expected answer" in rank_expectation(_cliff(8))
+    assert "bias" in rank_expectation(_cliff(9))
+    assert "only N = 6 rows" in rank_expectation(_cliff(6, n_rows=6))
+    assert "fewer directions" in rank_expectation(_cliff(5))
+    assert "not a linear function" in rank_expectation(_cliff(12))
+    assert "the expected answer" in rank_expectation(_cliff(9, space="logprob"))
+    assert "no rank to recover" in rank_expectation(_cliff(8, space="prob"))
+    assert "not determined" in rank_expectation(_cliff(8, exact=False, k=16))

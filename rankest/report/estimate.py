@@ -60,8 +60,9 @@ def rank_expectation(spec: Spectrum) -> Optional[str]:
     name = "d" if space == "clr" else "d + 1"
     if nr == expect and space == "clr":
         return f"The numerical rank {nr:,} equals the teacher's hidden size d = {d:,}: the expected answer ({what})."
-    if nr == expect:
-        return f"The numerical rank {nr:,} equals d + 1 (the teacher's hidden size d = {d:,}): the expected answer ({what})."
+    if space != "clr" and nr in (d, d + 1):
+        return (f"The numerical rank {nr:,} is {'d' if nr == d else 'd + 1'} (the teacher's hidden size d = {d:,}): "
+                f"the expected answer ({what}; d when the logsumexp lies in the span of the features).")
     if nr == expect + 1:
         return (f"The numerical rank {nr:,} is {name} + 1 (d = {d:,}): the head's bias adds one direction "
                 f"([H 1]·[W b]ᵀ), the expected answer for a head with a bias.")
