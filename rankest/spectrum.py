@@ -32,8 +32,8 @@ REPORTED_EPS = (0.5, 0.1, 0.01)
 #: Singular values below this fraction of σ_1 are never taken as a rank cliff (Carlini et al.).
 CLIFF_FLOOR = 1e-6
 
-#: A truncated spectrum's numerical rank is a number only for a cliff at least this steep, with
-#: σ_(r+1) replaced by the largest value the error estimates allow (two orders of magnitude).
+#: A truncated spectrum's numerical rank is a number only for a cliff at least this steep against
+#: all the energy beyond it: σ_r ≥ CERTIFIED_GAP·sqrt(Σ_{i>r} σ_i²) (two orders of magnitude).
 CERTIFIED_GAP = 100.0
 
 #: The reason of a rank_at the kept values do not reach (reports print its bound as "> L − 1").
@@ -295,25 +295,19 @@ class Spectrum:
         return int(cand[int(np.argmax(ratio))] + 1)
 
     def _certified_cliff(self):
-        """Numerical rank of a truncated spectrum: r when the largest ratio among the kept values
-        (the last one against the unseen energy: σ_(k+1) ≤ sqrt(R)) stays ≥ CERTIFIED_GAP with
-        σ_(r+1) replaced by its upper bound (the sketch's ``sigma_upper``, and sqrt of the energy
-        beyond r); else a Bound with the reason."""
+        """Numerical rank of a truncated spectrum: r, the largest ratio among the kept values (the
+        last one against the unseen energy: σ_(k+1) ≤ sqrt(R)), only when the cliff is certified —
+        σ_r ≥ CERTIFIED_GAP·sqrt(energy beyond r), so that nothing beyond r, kept or not, can
+        undo it (a `prob` matrix's σ_1/σ_2 is followed by a long tail and is not a cliff)."""
         s, k = self.sigma, self.sigma.size
-        tail = self.tail_energy()  # tail[i] ≥ Σ_{j>i} σ_j² ≥ σ_(i+1)²
+        tail = self.tail_energy()  # tail[i] ≥ Σ_{j>i} σ_j² (a sketch's tails are upper bounds)
         nxt = np.concatenate([s[1:], [math.sqrt(tail[k])]])
-        up = np.asarray(self.meta.get("sketch_error", {}).get("sigma_upper") or [], dtype=float)
-        succ_upper = np.sqrt(tail[1:k + 1])  # σ_(i+1) ≤ sqrt(tail[i]), i = 1 … k
-        if up.size >= k:
-            succ_upper[:k - 1] = np.minimum(succ_upper[:k - 1], up[1:k])
-        succ_upper = np.maximum(succ_upper, nxt)
         cand = np.nonzero(s >= CLIFF_FLOOR * s[0])[0]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(nxt[cand] == 0, np.inf, s[cand] / nxt[cand])
-            certain = np.where(succ_upper[cand] == 0, np.inf, s[cand] / succ_upper[cand])
         best = int(np.argmax(ratio))
         i = int(cand[best]) + 1
-        if certain[best] >= CERTIFIED_GAP:
+        if s[i - 1] >= CERTIFIED_GAP * math.sqrt(tail[i]):
             return i
         return Bound(reason=f"no gap of {CERTIFIED_GAP:g}× among the top {k:,} values")
 

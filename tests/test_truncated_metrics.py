@@ -172,6 +172,26 @@ def test_a_weak_gap_is_not_certified():
     spec = _truncated(np.concatenate([s, 0.4 * np.ones(30)]), 20, 100, 100)
     assert spec.numerical_rank is None and CERTIFIED_GAP > 2
     assert isinstance(spec.metric("numerical_rank"), Bound)
+    # A prob-like σ_1/σ_2 of 1000 followed by a long tail of energy is not a cliff either.
+    s = np.concatenate([[1000.0], np.ones(5000)])
+    spec = _truncated(s, 20, 6000, 6000)
+    assert spec.numerical_rank is None
+
+
+def test_threshold_rank_never_exceeds_the_matrix():
+    rng = np.random.default_rng(12)
+    for _ in range(300):
+        n, v = int(rng.integers(1, 300)), int(rng.integers(2, 300))
+        size = int(rng.integers(1, v + 1))
+        s = np.sort(rng.random(size) ** rng.uniform(1, 30))[::-1]
+        exact = bool(rng.integers(2))
+        spec = Spectrum(sigma=s, energy=float(np.sum(s ** 2)) * (1 if exact else rng.uniform(1, 3)), n_rows=n,
+                        n_cols=v, space="clr", route="gram" if exact else "sketch", exact=exact,
+                        precision=str(rng.choice(["fp64", "fp32"])), row_precision=str(rng.choice(["fp64", "fp32"])))
+        t = spec.metric("threshold_rank")
+        top = t.upper if isinstance(t, Bound) else t
+        assert top <= min(n, v, size if exact else v)
+        assert isinstance(t, Bound) or t <= min(n, v, size)
 
 
 # ---- threshold rank of the exact routes -------------------------------------------------------------------------
