@@ -21,7 +21,7 @@ def corpus(make_word_corpus):
 
 
 def _run(teacher, corpus, out, **kw):
-    args = dict(teacher=teacher, corpus=corpus, tokens=512, seq_len=SEQ, quiet=True, out=str(out))
+    args = dict(teacher=teacher, corpus=corpus, tokens=256, seq_len=SEQ, quiet=True, out=str(out))
     args.update(kw)
     spec = run_estimate(**args)
     return spec, json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
@@ -33,9 +33,9 @@ def test_prob_default_run_has_snapshots(tiny_teacher, corpus, tmp_path):
     if "convergence_skipped" in summary:
         assert summary["convergence_skipped"] in report
     else:
-        assert sorted(int(n) for n in summary["convergence"]) == [64, 128, 256, 512]
+        assert sorted(int(n) for n in summary["convergence"]) == [32, 64, 128, 256]
         assert summary["convergence_verdict"]["text"] in report
-        assert "| 512 |" in report
+        assert "| 256 |" in report
     assert summary["convergence_verdict"]["converged"] in (True, False, None)
 
 
@@ -45,7 +45,7 @@ def test_skipped_snapshots_are_stated(tiny_teacher, corpus, tmp_path, monkeypatc
     spec, summary, report = _run(tiny_teacher, corpus, tmp_path / "sk", space="prob", route="sketch", rank_max=16)
     assert spec.route == "sketch"
     assert "flops" in summary["convergence_skipped"] and "--rank-max" in summary["convergence_skipped"]
-    assert list(summary["convergence"]) == ["512"]
+    assert list(summary["convergence"]) == ["256"]
     assert summary["convergence_verdict"]["converged"] is None
     assert "snapshots were skipped" in report and summary["convergence_skipped"] in report
 
@@ -76,13 +76,14 @@ def test_sketch_report_shows_bounds_tables_and_sentences(tiny_teacher, corpus, t
 
 
 def test_cli_summary_prints_bounds_not_none(tiny_neox_dir, corpus, tmp_path, capsys):
-    code = cli.main(["estimate", "--teacher", str(tiny_neox_dir), "--corpus", corpus, "--tokens", "512",
+    code = cli.main(["estimate", "--teacher", str(tiny_neox_dir), "--corpus", corpus, "--tokens", "256",
                      "--seq-len", str(SEQ), "--space", "prob", "--route", "sketch", "--rank-max", "16", "--quiet",
                      "--no-convergence"])
     out = capsys.readouterr().out
     assert code == 0
     assert "None" not in out and "rank_at(0.01) = " in out
     assert "effective rank = " in out and " … " in out
+    assert "convergence snapshots skipped: --no-convergence" in out
 
 
 def test_clr_report_says_the_numerical_rank_is_the_hidden_size(tiny_teacher, corpus, tmp_path):

@@ -89,6 +89,9 @@ def summary_lines(spec: Spectrum) -> list[str]:
     if spec.truncated:
         lines.append(f"(a sketch of the top {spec.sigma.size:,} of {min(spec.n_rows, spec.n_cols):,} values: "
                      "ranges are bounds that the unseen tail decides)")
+    skipped = spec.meta.get("convergence_skipped")
+    lines.append(f"convergence snapshots skipped: {skipped}" if skipped
+                 else f"convergence: {convergence_verdict(spec.convergence)['text']}")
     if spec.meta.get("nll") is not None:
         lines.append(f"teacher NLL = {fmt(spec.meta['nll'])} nats (perplexity {fmt(spec.meta.get('perplexity'))})")
     return lines
