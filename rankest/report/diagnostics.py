@@ -228,7 +228,7 @@ def write_diagnostics_report(out, *, anisotropy: Optional[dict] = None, head_spe
     path = out / "report.md"
     name = short_name(teacher)
     if anisotropy:
-        rows = ", ".join(f"{int(np.asarray(r['n_rows'])):,}" for r in anisotropy.values())
+        rows = ", ".join(dict.fromkeys(f"{int(np.asarray(r['n_rows'])):,}" for r in anisotropy.values()))
         what = "one model" if len(anisotropy) == 1 else f"{len(anisotropy)} checkpoints"
         plot_anisotropy(anisotropy, out / "anisotropy.png",
                         f"Anisotropy by layer — {name}, {what}\nN = {rows} rows per checkpoint")

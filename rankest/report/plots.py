@@ -122,7 +122,7 @@ def plot_w_error(specs: Sequence[tuple[str, Spectrum]], path: Path, title: str, 
             text += f": rank_at({eps}) = {d}" if d is not None else f": not reached within d ≤ {specs[0][1].sigma.size}"
         ax.axhline(eps, color="0.35", lw=0.8, ls=style, label=text)
     if not single and specs:
-        ax.plot([], [], "o", color="0.3", ms=5, label="● rank_at(ε) of each curve")
+        ax.plot([], [], "o", color="0.3", ms=5, label="rank_at(ε) of each curve")
     ax.set_xscale("log")
     ax.set_xlabel("d (rank kept, log scale)")
     ax.set_ylabel("W-error(d) (relative Frobenius error)")
@@ -130,7 +130,10 @@ def plot_w_error(specs: Sequence[tuple[str, Spectrum]], path: Path, title: str, 
     ax.set_title(title, fontsize=10)
     if decorate is not None:
         decorate(ax)
-    ax.legend(fontsize=7, loc="upper right")
+    if len(ax.get_legend_handles_labels()[1]) > 7:  # many entries: beside the axes, off the curves and marks
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     _save(fig, path)
 
