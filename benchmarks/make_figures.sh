@@ -16,7 +16,8 @@
 #   anisotropy-sweep/     anisotropy of the two checkpoints: one line per checkpoint
 #   heads/                heads --init svd: heads_loss_vs_rank.png, heads_loss_vs_w_error.png
 #   compare/              report estimate sketch ngram --out compare: compare_w_error.png
-#   default/              (FULL=1) estimate on the embedded teacher: the run of the README's first command
+#   default/              (FULL=1) estimate --diagnostics on the embedded teacher (the README's first command)
+#   index.md              the machine, the commands run and every PNG, to open in a Markdown viewer
 # and every folder is re-rendered once more by `rankest report FOLDER` (the report command on each kind).
 # Knobs: PY (python), RANKEST_ROOT (the checkout; default this script's parent).
 set -euo pipefail
@@ -27,7 +28,11 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 PY=${PY:-python}
 OUT=${1:-/tmp/rankest-figures}
 mkdir -p "$OUT"
-R() { echo "+ rankest $*" >&2; "$PY" -m rankest "$@"; }
+LOG="$OUT/commands.txt"
+: > "$LOG"
+STAMP="$OUT/.started"
+touch "$STAMP"
+R() { echo "+ rankest $*" | tee -a "$LOG" >&2; "$PY" -m rankest "$@"; }
 
 "$PY" - "$OUT" <<'PYEOF'
 import sys
@@ -51,10 +56,21 @@ R anisotropy --teacher "$OUT/ckpts" --revisions step1,step2 --tokens 1024 --quie
 R heads --teacher "$T" --tokens 2048 --ranks 4,8,16,full --init svd --steps 50 --quiet --overwrite --out "$OUT/heads"
 R report "$OUT/estimate" "$OUT/sketch" "$OUT/ngram" --out "$OUT/compare"
 if [[ -n "${FULL:-}" ]]; then
-  R estimate --quiet --overwrite --out "$OUT/default"
+  R estimate --diagnostics --quiet --overwrite --out "$OUT/default"
 fi
 for d in estimate sketch ngram anisotropy anisotropy-sweep head-spectrum head-spectrum-sweep heads ${FULL:+default}; do
   R report "$OUT/$d"
 done
-echo "PNGs:" >&2
-find "$OUT" -name '*.png' -newer "$OUT/tiny/config.json" | sort
+{
+  echo "# rankest figures ($(date -u +%F' '%H:%M' UTC'), $(uname -n): $(getconf _NPROCESSORS_ONLN) CPU cores, $("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+  echo
+  echo "Made by \`bash benchmarks/make_figures.sh $OUT\`${FULL:+ with FULL=1}. Commands:"
+  echo
+  echo '```'
+  cat "$LOG"
+  echo '```'
+  for png in $(cd "$OUT" && find . -name '*.png' -newer "$STAMP" | sort); do
+    printf '\n## %s\n\n![%s](%s)\n' "${png#./}" "${png#./}" "${png#./}"
+  done
+} > "$OUT/index.md"
+echo "wrote $OUT/index.md" >&2

@@ -231,7 +231,8 @@ def write_diagnostics_report(out, *, anisotropy: Optional[dict] = None, head_spe
         rows = ", ".join(dict.fromkeys(f"{int(np.asarray(r['n_rows'])):,}" for r in anisotropy.values()))
         what = "one model" if len(anisotropy) == 1 else f"{len(anisotropy)} checkpoints"
         plot_anisotropy(anisotropy, out / "anisotropy.png",
-                        f"Anisotropy by layer — {name}, {what}\nN = {rows} rows per checkpoint")
+                        f"Anisotropy by layer — {name}, {what}\nN = {rows} rows"
+                        + (" per checkpoint" if len(anisotropy) > 1 else ""))
         path = write_section(out, "anisotropy", anisotropy_markdown(anisotropy, "anisotropy.png"))
     if head_spectrum:
         path = write_section(out, "head_spectrum", head_spectrum_markdown(head_spectrum, _head_plots(

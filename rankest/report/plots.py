@@ -164,7 +164,7 @@ def plot_convergence(spec: Spectrum, path: Path, title: str) -> None:
     plt = _plt()
     ns = sorted(spec.convergence)
     conv = [spec.convergence[n] for n in ns]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     ax = axes[0]
     for eps in REPORTED_EPS:
         vals = [c["rank_at"].get(str(eps)) for c in conv]
@@ -172,7 +172,7 @@ def plot_convergence(spec: Spectrum, path: Path, title: str) -> None:
     ax.plot(ns, [c["numerical_rank"] for c in conv], marker="s", ls="--", label="numerical rank")
     ax.set_ylabel("rank d")
     ax.set_title("ranks of the W-error curve", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.24))  # below: off the curves
     for ax, key, colour, marker, ylabel, name in (
             (axes[1], "effective_rank", "C4", "o", "effective rank (Roy & Vetterli)", "effective rank exp H(σ/Σσ)"),
             (axes[2], "stable_rank", "C5", "s", "stable rank ‖T‖_F² / σ_1²", "stable rank")):
