@@ -235,6 +235,11 @@ def test_report_renders_each_kind_of_folder(run_folders, kind, files, section, c
 def test_report_refuses_what_it_cannot_render(run_folders, tmp_path, capsys):
     with pytest.raises(UserError, match="holds no rankest results"):
         render_folder(tmp_path)
+    (tmp_path / "checkpoint.h5").write_bytes(b"")
+    with pytest.raises(UserError, match="unfinished run; .* --resume"):
+        render_folder(tmp_path)
+    with pytest.raises(UserError, match="is not a folder"):
+        render_folder(tmp_path / "missing")
     assert main(["report", str(run_folders / "estimate"), str(run_folders / "heads"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "has no results.h5" in err and f"rankest report {run_folders / 'heads'}" in err and err.count("\n") == 1

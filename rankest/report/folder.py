@@ -24,6 +24,7 @@ import h5py
 
 from rankest.errors import UserError
 from rankest.heads.result import HeadsResult
+from rankest.io.checkpoint import CHECKPOINT_NAME
 from rankest.io.files import write_text_atomic
 from rankest.io.results import read_spectrum_h5
 from rankest.io.sweep_results import KINDS, read_results
@@ -55,6 +56,9 @@ def render_folder(folder) -> Path:
         raise UserError(f"{folder} is not a folder; give a run folder written by "
                         f"{', '.join(sorted(set(RESULT_FILES.values())))} (their --out)")
     found = found_results(folder)
+    if not found and (folder / CHECKPOINT_NAME).is_file():
+        raise UserError(f"{folder} holds only the {CHECKPOINT_NAME} of an unfinished run; finish it by rerunning its "
+                        "command with --resume, then `rankest report` renders it")
     if not found:
         raise UserError(f"{folder} holds no rankest results ({', '.join(RESULT_FILES)}); give the --out folder of "
                         "an estimate, anisotropy, head-spectrum or heads run")
