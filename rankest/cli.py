@@ -11,13 +11,11 @@ argparse options and back by :mod:`rankest.options`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-import h5py
 
 from rankest._version import __version__
 from rankest.diagnostics.commands import run_anisotropy, run_head_spectrum
@@ -27,10 +25,10 @@ from rankest.estimator.config import EstimateConfig
 from rankest.estimator.pipeline import run_estimate
 from rankest.heads.config import HeadsConfig
 from rankest.heads.pipeline import run_heads
-from rankest.io.results import read_spectrum_h5
 from rankest.options import add_arguments, config_from_args, to_kwargs
 from rankest.report.compare import compare_runs
-from rankest.report.estimate import summary_lines, write_report
+from rankest.report.estimate import summary_lines
+from rankest.report.folder import check_comparable, render_folder
 from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
 from rankest.sources.tokenizers import setup_tokenizers
 
@@ -100,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(h, HeadsConfig, unused=("max_memory",))
     h.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    rp = sub.add_parser("report", help="re-render a run folder's report, or compare several run folders")
-    rp.add_argument("folders", nargs="+", help="run folders written by `estimate`")
+    rp = sub.add_parser("report", help="re-render a run folder's report (estimate, heads, anisotropy, head-spectrum), "
+                                       "or compare several estimate run folders")
+    rp.add_argument("folders", nargs="+", help="one run folder (any command's --out), or several `estimate` folders "
+                                               "to compare")
     rp.add_argument("--out", help="folder for the comparison (default: the first folder)")
     rp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -141,13 +141,9 @@ def cmd_report(args) -> int:
 
     folders = [Path(f) for f in args.folders]
     if len(folders) == 1 and not args.out:
-
-        spec = read_spectrum_h5(folders[0] / "results.h5")
-        with h5py.File(folders[0] / "results.h5", "r") as f:
-            config = json.loads(f.attrs.get("config", f["/"].attrs.get("config", "{}")))
-            prov = json.loads(f["/"].attrs.get("provenance", "{}"))
-        path = write_report(folders[0], spec, config=config, prov=prov)
+        path = render_folder(folders[0])
     else:
+        check_comparable(folders)
         path = compare_runs(folders, Path(args.out) if args.out else folders[0])
     print(f"wrote {path}")
     return 0

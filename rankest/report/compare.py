@@ -9,7 +9,7 @@ from typing import Sequence
 from rankest.io.files import write_text_atomic
 from rankest.io.results import read_spectrum_h5
 from rankest.report.ngram import draw_paper_fig7, ngram_compare_lines, ngram_label
-from rankest.report.plots import plot_w_error
+from rankest.report.plots import plot_w_error, short_name
 from rankest.report.text import fmt_metric
 from rankest.spectrum import REPORTED_EPS
 
@@ -20,11 +20,15 @@ def compare_runs(folders: Sequence[Path], out: Path) -> Path:
     for folder in folders:
         spec = read_spectrum_h5(Path(folder) / "results.h5")
         ng = ngram_label(spec.meta)
-        specs.append((f"{spec.meta.get('teacher', Path(folder).name)}{ng} {spec.space}/{spec.route}", spec))
+        specs.append((f"{short_name(spec.meta.get('teacher', Path(folder).name))}{ng} {spec.space}/{spec.route}", spec))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fig7 = any(str(s.meta.get("teacher", "")).startswith("ngram:") and s.space == "prob" for _, s in specs)
-    plot_w_error(specs, out / "compare_w_error.png", "W-error curves", decorate=draw_paper_fig7 if fig7 else None)
+    corpora = sorted({short_name(s.meta.get("corpus")) for _, s in specs})
+    plot_w_error(specs, out / "compare_w_error.png",
+                 f"W-error curves of {len(specs)} runs\ncorpus: {', '.join(corpora)}; N = "
+                 + ", ".join(f"{s.n_rows:,}" for _, s in specs) + " rows",
+                 decorate=draw_paper_fig7 if fig7 else None)
     lines = ["# rankest comparison", "", "![W-error curves](compare_w_error.png)", "",
              "| run | N | V' | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) | numerical rank |", "|---|---|---|---|---|---|---|"]
     for (label, spec), folder in zip(specs, folders):

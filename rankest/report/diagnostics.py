@@ -5,7 +5,9 @@
 * ``head_sigma_heatmap.png`` — σ_i/σ_0 of the head's top singular values, one row per
   checkpoint (Fig. 4);
 * ``head_singular_entropy.png`` — KL(σ̂ ‖ uniform) across checkpoints (Fig. 5), with the
-  σ²-normalised variant and the ceiling log k.
+  σ²-normalised variant and the ceiling log k;
+* ``head_spectrum.png`` — for a single model, in place of those two (a one-row heat map and a
+  one-point line say nothing): σ_i/σ_0 itself and the W-error of the head's own truncation.
 
 The section is written between markers in ``DIR/report.md``, so it is replaced on a rerun and
 an `estimate` report in the same folder keeps its own content.
@@ -20,14 +22,15 @@ from typing import Any, Optional
 import numpy as np
 
 from rankest.io.files import write_text_atomic
-from rankest.report.plots import _plt, _save
+from rankest.report.plots import _plt, _save, short_name
 from rankest.report.text import fmt
 
-__all__ = ["plot_anisotropy", "plot_head_heatmap", "plot_singular_entropy", "anisotropy_markdown",
+__all__ = ["plot_anisotropy", "plot_head_heatmap", "plot_singular_entropy", "plot_head_spectrum", "anisotropy_markdown",
            "head_spectrum_markdown", "write_section", "write_diagnostics_report"]
 
 
 def _short(label: str, width: int = 28) -> str:
+    label = short_name(label)
     return label if len(label) <= width else "…" + label[-(width - 1):]
 
 
@@ -41,14 +44,20 @@ def plot_anisotropy(results: dict[str, dict[str, Any]], path: Path, title: str) 
         share = np.asarray(r.get("pc1_variance_share", np.full(depth.shape, np.nan)), dtype=float)
         if np.isfinite(share).any():
             axes[1].plot(depth, share, marker="o", ms=3, color=f"C{i % 10}", label=_short(label))
+    if not any(line for line in axes[1].get_lines()):
+        axes[1].text(0.5, 0.5, "not computed (run without the PCA)", ha="center", va="center",
+                     transform=axes[1].transAxes, color="0.4")
     axes[0].set_ylabel("anisotropy (mean pairwise cosine)")
-    axes[1].set_ylabel("variance share of the 1st principal direction")
+    axes[1].set_ylabel("variance share of PC1")
     for ax in axes:
         ax.set_xlabel("layer depth (0 = embeddings, 1 = last)")
         ax.set_xlim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title)
+    axes[0].set_title("mean pairwise cosine (Fig. 2)", fontsize=9)
+    axes[1].set_title("share of variance in the 1st principal direction", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     _save(fig, path)
 
 
@@ -71,7 +80,7 @@ def plot_head_heatmap(results: dict[str, dict[str, Any]], path: Path, title: str
     ax.set_xlabel("singular value index i")
     ax.set_ylabel("checkpoint / model")
     fig.colorbar(im, ax=ax, label="σ_i / σ_0")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     _save(fig, path)
 
 
@@ -86,13 +95,58 @@ def plot_singular_entropy(results: dict[str, dict[str, Any]], path: Path, title:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(labels) + 3), 3.8))
     ax.plot(x, kl, marker="o", label="KL(σ/Σσ ‖ uniform) — paper's Fig. 5")
     ax.plot(x, kl_sq, marker="s", ls="--", label="KL(σ²/Σσ² ‖ uniform)")
-    ax.plot(x, ceiling, color="0.5", ls="none", marker="_", ms=14, label="log k (one spike)")
+    top = 1.2 * max(kl + kl_sq + [1e-12])
+    if max(ceiling) <= top:  # the ceiling only where it does not flatten the curves
+        ax.plot(x, ceiling, color="0.5", ls="none", marker="_", ms=14, label="log k (one spike)")
+    else:
+        ax.plot([], [], " ", label=f"ceiling log k = {fmt(float(min(ceiling)), 3)}"
+                + (f"…{fmt(float(max(ceiling)), 3)}" if max(ceiling) > min(ceiling) else "") + " (one spike), off the axis")
+        ax.set_ylim(0, top)
     ax.set_xticks(x, [_short(s, 24) for s in labels], rotation=30, ha="right", fontsize=7)
+    ax.set_xlabel("checkpoint")
     ax.set_ylabel("singular entropy KL (nats)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0)  # 0 = a flat spectrum
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_head_spectrum(label: str, r: dict[str, Any], path: Path, title: str) -> None:
+    """One model's head: σ_i/σ_0 against i (log scale, singular entropy in the legend) beside the
+    W-error of its own rank-d truncation (weight space, rank_at marked)."""
+    plt = _plt()
+    s = np.asarray(r["head_sigma"], dtype=float)
+    w = np.asarray(r["head_w_error"], dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    ax.semilogy(np.arange(s.size), s / s[0] if s.size and s[0] > 0 else s, lw=1.3,
+                label=f"σ_i / σ_0 of {_short(label)}")
+    ax.plot([], [], " ", label=f"singular entropy KL(σ/Σσ‖u) = {fmt(float(r['head_singular_entropy_kl']))} nats "
+                              f"(max log k = {fmt(float(r['head_singular_entropy_max']))})")
+    ax.plot([], [], " ", label=f"effective rank {fmt(float(r['head_effective_rank']))} of k = {s.size}")
+    ax.set_xlabel("singular value index i")
+    ax.set_ylabel("σ_i / σ_0 (log scale)")
+    ax.set_title("singular spectrum of the head (Fig. 4)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    d = np.arange(1, w.size + 1)
+    ax.plot(d, w, lw=1.3, color="C1", label="W-error of the rank-d truncation")
+    for eps, style in zip((0.5, 0.1), ("--", "-.")):
+        hit = np.nonzero(w <= eps)[0]
+        text = f"W-error = {eps}" + (f": d = {hit[0] + 1}" if hit.size else "")
+        ax.axhline(eps, color="0.35", lw=0.8, ls=style, label=text)
+        if hit.size:
+            ax.plot([hit[0] + 1], [w[hit[0]]], "o", color="C1", ms=5)
+    ax.set_xlabel("d (rank kept)")
+    ax.set_ylabel("W-error(d) of the head matrix")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("the head's own truncation (weight space)", fontsize=9)
+    ax.legend(fontsize=7)
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     _save(fig, path)
 
 
@@ -172,14 +226,30 @@ def write_diagnostics_report(out, *, anisotropy: Optional[dict] = None, head_spe
     """Write the PNGs and the report.md section(s) of whichever results are given."""
     out = Path(out)
     path = out / "report.md"
+    name = short_name(teacher)
     if anisotropy:
-        plot_anisotropy(anisotropy, out / "anisotropy.png", f"{teacher}: anisotropy by layer")
+        rows = ", ".join(dict.fromkeys(f"{int(np.asarray(r['n_rows'])):,}" for r in anisotropy.values()))
+        what = "one model" if len(anisotropy) == 1 else f"{len(anisotropy)} checkpoints"
+        plot_anisotropy(anisotropy, out / "anisotropy.png",
+                        f"Anisotropy by layer — {name}, {what}\nN = {rows} rows"
+                        + (" per checkpoint" if len(anisotropy) > 1 else ""))
         path = write_section(out, "anisotropy", anisotropy_markdown(anisotropy, "anisotropy.png"))
     if head_spectrum:
-        plot_head_heatmap(head_spectrum, out / "head_sigma_heatmap.png", f"{teacher}: head σ_i/σ_0")
-        plot_singular_entropy(head_spectrum, out / "head_singular_entropy.png", f"{teacher}: head singular entropy")
-        path = write_section(out, "head_spectrum", head_spectrum_markdown(
-            head_spectrum, {"head σ_i/σ_0 across checkpoints": "head_sigma_heatmap.png",
-                            "singular entropy across checkpoints": "head_singular_entropy.png"}))
+        path = write_section(out, "head_spectrum", head_spectrum_markdown(head_spectrum, _head_plots(
+            out, head_spectrum, name)))
     return path
 
+
+def _head_plots(out: Path, results: dict[str, dict[str, Any]], name: str) -> dict[str, str]:
+    """The head-spectrum PNGs of one model (its spectrum) or of a sweep (heat map, entropy)."""
+    if len(results) == 1:
+        label, r = next(iter(results.items()))
+        plot_head_spectrum(label, r, out / "head_spectrum.png",
+                           f"Output head spectrum — {name}: {r['head_n_rows']:,} × {r['head_n_cols']} head")
+        return {"head σ_i/σ_0 and W-error of its truncation": "head_spectrum.png"}
+    n = f"{len(results)} checkpoints"
+    plot_head_heatmap(results, out / "head_sigma_heatmap.png", f"Head σ_i/σ_0 (Fig. 4) — {name}, {n}")
+    plot_singular_entropy(results, out / "head_singular_entropy.png",
+                          f"Head singular entropy (Fig. 5) — {name}, {n}")
+    return {"head σ_i/σ_0 across checkpoints": "head_sigma_heatmap.png",
+            "singular entropy across checkpoints": "head_singular_entropy.png"}

@@ -11,7 +11,7 @@ from typing import Optional
 
 from rankest.io.files import write_text_atomic
 from rankest.report.ngram import render_ngram_section
-from rankest.report.plots import plot_convergence, plot_spectrum, plot_w_error
+from rankest.report.plots import estimate_plots
 from rankest.report.text import fmt, fmt_metric
 from rankest.spectrum import CONVERGED_CHANGE, REPORTED_EPS, Spectrum, convergence_verdict
 
@@ -227,13 +227,7 @@ def write_report(out: Path, spec: Spectrum, *, config: dict, prov: dict, sweep: 
     """Write the PNGs and report.md into the run folder ``out`` (an n-gram target's facts and
     corpus-size ``sweep`` {fraction: (Spectrum, facts)} as a section of their own)."""
     out = Path(out)
-    title = f"{spec.meta.get('teacher', '')} · {spec.space} · {spec.route}"
-    plots = {"singular spectrum": "spectrum.png", "W-error curve": "w_error.png"}
-    plot_spectrum(spec, out / "spectrum.png", title)
-    plot_w_error([(f"{spec.space} ({spec.route})", spec)], out / "w_error.png", title)
-    if spec.convergence:
-        plot_convergence(spec, out / "convergence.png", title)
-        plots["convergence"] = "convergence.png"
+    plots = estimate_plots(spec, out)
     path = out / "report.md"
     sections = render_ngram_section(spec, sweep or {}, out) if "contexts" in spec.meta else ""  # an n-gram target
     write_text_atomic(path, render_markdown(spec, config=config, prov=prov, plots=plots, sections=sections))

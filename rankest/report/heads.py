@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rankest.io.files import write_text_atomic
-from rankest.report.plots import _plt, _save
+from rankest.report.plots import _plt, _save, run_title
 from rankest.report.text import fmt
 
 #: Paper Fig. 6: final validation loss by rank r of heads trained on frozen models.
@@ -50,9 +50,9 @@ def plot_loss_vs_rank(res, path: Path, title: str) -> None:
         pr = sorted(PAPER_FIG6[key])
         ax.plot(pr, [PAPER_FIG6[key][x] for x in pr], marker="s", color="C3", alpha=0.6,
                 label=f"paper Fig. 6 ({key}, Pile)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rank r")
+    _rank_axis(ax, res)
     ax.set_ylabel("validation loss (nats)")
+    ax.set_title("loss: lower is better", fontsize=9)
     _cap_ylim(ax, res)
     ax.legend(fontsize=7)
     ax = axes[1]
@@ -60,14 +60,32 @@ def plot_loss_vs_rank(res, path: Path, title: str) -> None:
     ax.plot(r, res.truncation_accuracy_feature, marker="^", ls="--", label="truncated, feature metric")
     ax.plot(r, res.truncation_accuracy, marker="v", ls=":", label="truncated, weight space")
     ax.axhline(res.reference["accuracy"], color="0.3", lw=0.8, label="teacher's own head")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rank r")
+    _rank_axis(ax, res)
     ax.set_ylabel("validation top-1 accuracy")
+    ax.set_title("accuracy: higher is better", fontsize=9)
     ax.legend(fontsize=7)
     for a in axes:
         a.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     _save(fig, path)
+
+
+def _rank_axis(ax, res) -> None:
+    """A log₂ axis of the heads' ranks, ticked at each rank and labelled as the run named it
+    ("full (576)"), without minor labels. Paper ranks outside the run's range extend the axis."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    ticks, names = [], []
+    for lab, r in sorted(zip(res.labels, res.ranks), key=lambda t: -t[1]):  # from "full" down
+        if not ticks or math.log2(ticks[-1] / r) >= 0.6:  # 512 beside "full (576)" would overlap
+            ticks.append(r)
+            names.append(lab if lab == str(r) else f"{lab} ({r})")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks[::-1]))
+    ax.xaxis.set_major_formatter(FixedFormatter(names[::-1]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("rank r of the head (log scale)")
 
 
 def _cap_ylim(ax, res) -> None:
@@ -98,7 +116,7 @@ def plot_loss_vs_w_error(res, path: Path, title: str) -> None:
     ax.set_xlim(-0.02, 1.0)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     _save(fig, path)
 
 
@@ -169,7 +187,9 @@ def render_heads_markdown(res, plots: dict[str, str]) -> str:
 def write_heads_report(out: Path, res) -> Path:
     """heads_loss_vs_rank.png, heads_loss_vs_w_error.png and heads.md (also report.md when absent)."""
     out = Path(out)
-    title = f"{res.meta.get('teacher', '')} · heads · {res.meta.get('objective', '')}"
+    m = res.meta
+    title = run_title("Rank-r heads", m, f"{m.get('objective')} objective, {m.get('init')} init, {m.get('steps')} steps, "
+                      f"{m.get('n_train_rows', 0):,} training / {m.get('n_val_rows', 0):,} validation rows")
     plots = {"loss and accuracy versus rank": "heads_loss_vs_rank.png",
              "loss versus W-error of the truncated head": "heads_loss_vs_w_error.png"}
     plot_loss_vs_rank(res, out / plots["loss and accuracy versus rank"], title)

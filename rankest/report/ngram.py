@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from rankest.report.plots import plot_w_error
+from pathlib import Path
+
+from rankest.report.plots import plot_w_error, run_title, short_name
 from rankest.report.text import fmt_metric
 
 
@@ -26,13 +28,19 @@ def render_ngram_section(spec, sweep: dict, out) -> str:
              "Unobserved tokens are identical columns, merged exactly into one (see rankest/targets/ngram.py).", ""]
     if sweep:
         plot_w_error([(f"{f:g} of the corpus ({fa['n_tokens']:,} tokens)", s) for f, (s, fa) in sorted(sweep.items())],
-                     out / "corpus_fractions.png", f"ngram:{m['order']} · corpus-size sweep")
-        lines += ["## Corpus-size sweep", "", "![corpus-size sweep](corpus_fractions.png)", "",
-                  "| fraction | tokens | contexts | singleton share | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) |",
+                     out / "corpus_fractions.png",
+                     run_title("Corpus-size sweep", m, f"{m['order']}-gram, {m['smoothing']} smoothing, {spec.space} space, "
+                                                      f"tokenizer {short_name(m['tokenizer'])}"))
+    fractions = m.get("corpus_fractions")  # results.json's summary: a re-render from results.h5 keeps the table
+    if fractions:
+        lines += ["## Corpus-size sweep", ""]
+        if (Path(out) / "corpus_fractions.png").is_file():
+            lines += ["![corpus-size sweep](corpus_fractions.png)", ""]
+        lines += ["| fraction | tokens | contexts | singleton share | rank_at(0.5) | rank_at(0.1) | rank_at(0.01) |",
                   "|---|---|---|---|---|---|---|"]
-        for f, (s, fa) in sorted(sweep.items()):
-            r = s.metrics()["rank_at"]
-            lines.append(f"| {f:g} | {fa['n_tokens']:,} | {fa['contexts']:,} | {fa['singleton_context_share']:.3f} | "
+        for f, fa in sorted(fractions.items(), key=lambda t: float(t[0])):
+            r = fa["rank_at"]
+            lines.append(f"| {float(f):g} | {fa['n_tokens']:,} | {fa['contexts']:,} | {fa['singleton_context_share']:.3f} | "
                          f"{fmt_metric(r['0.5'])} | {fmt_metric(r['0.1'])} | {fmt_metric(r['0.01'])} |")
         lines.append("")
     return "\n".join(lines)
@@ -60,7 +68,7 @@ def ngram_label(meta: dict) -> str:
     """' TOKENIZER SMOOTHING [weighted by count] [C=used/observed]' for an n-gram run, '' otherwise."""
     if "contexts" not in meta:
         return ""
-    out = f" {meta.get('tokenizer')} {meta.get('smoothing')}"
+    out = f" {short_name(meta.get('tokenizer'))} {meta.get('smoothing')}"
     if meta.get("weighting") == "count":
         out += " count-weighted"
     if meta.get("contexts") != meta.get("contexts_total"):
