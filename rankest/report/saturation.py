@@ -86,7 +86,9 @@ def plot_deviation(record: dict, path: Path) -> None:
         d = np.array([record["models"][n][f"deviation_{key}"] for n in names]) * 100
         iv = np.array([record["models"][n][f"deviation_{key}_interval"] for n in names]) * 100
         ax.bar(x + off, d, width=0.4, color=c, label=f"{key} checkpoint")
-        ax.errorbar(x + off, d, yerr=[d - iv[:, 0], iv[:, 1] - d], fmt="none", ecolor="k", lw=0.8)
+        # A percentile interval need not contain the point estimate: clip the bars at it.
+        ax.errorbar(x + off, d, yerr=[np.maximum(d - iv[:, 0], 0), np.maximum(iv[:, 1] - d, 0)], fmt="none",
+                    ecolor="k", lw=0.8)
     paper = record.get("paper")
     if paper:
         ax.axhline(paper["deviation_final"] * 100, color="C3", ls=":", label="paper, final (≈ 8%)")

@@ -60,7 +60,14 @@ def _at(curve: Curve, step: int) -> tuple[float, Optional[float]]:
 
 def analyse(curves: dict[str, Curve], *, lower_is_better: bool, fit_on: list[str], fit_at: str, param_count: str,
             confidence: float, n_boot: int, seed: int, onset_sigma: float, onset_points: int) -> dict[str, Any]:
-    """Onsets, the fit and every model's deviation; returns the record of saturation.json."""
+    """Onsets, the fit and every model's deviation (models ordered by size).
+
+    Returns
+    -------
+    (record, fit): the record of saturation.json (without config and provenance) and the
+    :class:`PowerLawFit`.
+    """
+    curves = dict(sorted(curves.items(), key=lambda kv: (kv[1].params[param_count], kv[0])))  # by size
     onsets: dict[str, Onset] = {}
     for name, c in curves.items():
         onsets[name] = detect_onset(c.steps, c.values, None if c.stderr is None else list(c.stderr),
