@@ -12,6 +12,9 @@
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +31,10 @@ from rankest.saturation.stream import StreamedEval, frequency_shares, param_coun
 from rankest.sources.corpus import load_documents, pack_windows, plan_rows
 from rankest.sources.rows import windows_needed
 from rankest.sources.teachers import build_tiny_neox, load_teacher
+from rankest.testing import subprocess_env
 
 SEQ = 16
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the law ---------------------------------------------------------------------------------
@@ -264,6 +269,28 @@ def test_streamed_evaluation_equals_brute_force_and_resumes(suite, tmp_path, mon
         a, b = full["models"][f"m{d}"], resumed["models"][f"m{d}"]
         for key in ("nll", "acc", "last_layer_anisotropy", "head_singular_entropy_kl"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-12, err_msg=key)
+
+
+@pytest.mark.slow  # torchrun: 2 gloo processes
+def test_two_gloo_processes_equal_one(suite, tmp_path):
+    """torchrun --nproc_per_node=2 of the real CLI (gloo, CPU), checkpointing every 2 batches: the
+    batches of each round are split between the processes and the sums added on rank 0."""
+    teachers = ",".join(str(suite / f"m{d}") for d in (8, 16, 24))
+    opts = dict(teachers=teachers, revisions="step10,step100", corpus="lee", tokens=150, seq_len=SEQ, batch_size=2,
+                device="cpu", dtype="fp32", diagnostics=True, quiet=True, bootstrap=60, fit_on="m8,m16,m24")
+    want = run_saturation(**opts)
+    argv = []
+    for key, value in {**opts, "out": str(tmp_path / "run"), "checkpoint_every": 2}.items():
+        argv += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rankest",
+           "saturation", *argv]
+    proc = subprocess.run(cmd, env=subprocess_env(ROOT), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("nll: L(N)") == 1, "only rank 0 reports"
+    got = json.loads((tmp_path / "run" / "saturation.json").read_text())["models"]
+    for name, m in want["models"].items():
+        for key in ("nll", "acc", "n_rows", "last_layer_anisotropy", "freq_share_top1pct"):
+            np.testing.assert_allclose(got[name][key], m[key], rtol=1e-10, err_msg=f"{name} {key}")
 
 
 def test_frequency_shares_of_an_explicit_head():
