@@ -1,7 +1,8 @@
 """The saturation report: ``saturation.md`` and its figures (Godey et al. 2024, Fig. 1–5 in one place).
 
 * ``saturation_curves.png`` — the metric against the training step (log axis) per model, the
-  best checkpoint starred and the saturation onset dashed;
+  best checkpoint starred and the saturation onset dashed; beside it the late stretch relative
+  to each model's best;
 * ``saturation_law.png`` — final (●) and best (▲) values against N (log axis), the fitted law
   and its bootstrap band; the models the law was fitted on filled, the others hollow;
 * ``saturation_deviation.png`` — each model's relative distance from the law at its final and
@@ -10,6 +11,8 @@
 * ``saturation_diagnostics.png`` — when measured (``--diagnostics``): the metric, the head's
   singular entropy and the last layer's anisotropy against the step, on one step axis, so
   saturation, spectral collapse and anisotropy are seen together;
+* ``saturation_head_spectra.png`` — when measured: σ_i/σ_0 of the head per model, one line per
+  checkpoint coloured by step (Fig. 4);
 * ``saturation_frequency.png`` — when measured: the share of each top singular direction's mass
   on the 1% / 10% most frequent tokens, at each model's last checkpoint, against the share of a
   direction spread evenly.
@@ -35,21 +38,36 @@ def _pos(steps) -> np.ndarray:
 
 
 def plot_curves(record: dict, path: Path) -> None:
+    """Left: the whole of training (log y when the values span more than a decade). Right: the
+    last stretch (steps ≥ 1/20 of the last) relative to each model's best, where saturation shows."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    values = np.concatenate([np.asarray(m["values"], dtype=float) for m in record["models"].values()])
+    last = max(max(m["steps"]) for m in record["models"].values())
     for i, (name, m) in enumerate(record["models"].items()):
         c = f"C{i % 10}"
-        x = _pos(m["steps"])
-        ax.plot(x, m["values"], marker="o", ms=2.5, lw=1.1, color=c, label=name + (" (saturates)" if m["saturated"] else ""))
-        ax.plot(_pos([m["best_step"]]), [m["best"]], marker="*", ms=10, color=c, ls="none")
-        if m["onset_step"] is not None:
-            ax.axvline(_pos([m["onset_step"]])[0], color=c, ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("training step (log; step 0 drawn at 1)")
-    ax.set_ylabel(record["metric"])
-    ax.set_title("metric across checkpoints (★ best, -- saturation onset)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        x, y = _pos(m["steps"]), np.asarray(m["values"], dtype=float)
+        late = x >= last / 20
+        rel = 100 * (y / m["best"] - 1) if m["best"] else np.full_like(y, np.nan)
+        for ax, keep, yy, star in ((axes[0], np.ones_like(late), y, m["best"]), (axes[1], late, rel, 0.0)):
+            ax.plot(x[keep], yy[keep], marker="o", ms=2.5, lw=1.1, color=c,
+                    label=name + (" (saturates)" if m["saturated"] else ""))
+            if keep[list(m["steps"]).index(m["best_step"])]:
+                ax.plot(_pos([m["best_step"]]), [star], marker="*", ms=10, color=c, ls="none")
+            if m["onset_step"] is not None:
+                ax.axvline(_pos([m["onset_step"]])[0], color=c, ls="--", lw=0.8)
+    if values.min() > 0 and values.max() / values.min() > 10:
+        axes[0].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("training step (log; step 0 drawn at 1)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(record["metric"])
+    axes[1].set_ylabel("relative to the model's best (%)")
+    axes[0].set_title("metric across checkpoints (★ best, -- saturation onset)", fontsize=9)
+    axes[1].set_title(f"late training (steps ≥ {last / 20:,.0f})", fontsize=9)
+    axes[1].set_xlim(last / 20 / 1.2, last * 1.2)
+    axes[0].legend(fontsize=7)
     _save(fig, path)
 
 
@@ -127,6 +145,28 @@ def plot_diagnostics(record: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_head_spectra(record: dict, path: Path) -> None:
+    """σ_i/σ_0 of the head's top singular values, one panel per model, one line per checkpoint
+    (coloured by step): the flat spectrum collapsing into a spike (the paper's Fig. 4)."""
+    plt = _plt()
+    names = [n for n, m in record["models"].items() if "head_sigma_ratio" in m]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3.4), sharey=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, name in zip(axes[0], names):
+        m = record["models"][name]
+        for j, (step, ratio) in enumerate(zip(m["steps"], m["head_sigma_ratio"])):
+            r = np.asarray(ratio, dtype=float)
+            r = r[r > 0]
+            ax.semilogy(np.arange(1, r.size + 1), r, color=cmap(j / max(len(m["steps"]) - 1, 1)), lw=1,
+                        label=f"step {step}" if j in (0, len(m["steps"]) - 1) else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("singular value index i")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("σ_i / σ_0 of the head")
+    _save(fig, path)
+
+
 def plot_frequency(record: dict, path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -197,9 +237,10 @@ def write_saturation_report(folder: Path, record: dict[str, Any], fit) -> Path:
     plot_law(record, fit, folder / figures[1])
     plot_deviation(record, folder / figures[2])
     if any("head_singular_entropy_kl" in m for m in record["models"].values()):
-        figures += ["saturation_diagnostics.png", "saturation_frequency.png"]
+        figures += ["saturation_diagnostics.png", "saturation_head_spectra.png", "saturation_frequency.png"]
         plot_diagnostics(record, folder / figures[3])
-        plot_frequency(record, folder / figures[4])
+        plot_head_spectra(record, folder / figures[4])
+        plot_frequency(record, folder / figures[5])
     path = folder / "saturation.md"
     write_text_atomic(path, saturation_markdown(record, figures))
     return path

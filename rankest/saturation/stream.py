@@ -194,7 +194,6 @@ class StreamedEval:
             if self.aniso_state is not None and self.world.main:
                 self.aniso.load_state(self.aniso_state)
             self.aniso_state = None
-        batches = list(iter_batches(windows, plan, int(o["batch_size"])))
         bar = tqdm(total=n_batches - start, desc=f"eval {self.checkpoints[k][0]}@{self.checkpoints[k][1]}",
                    unit="batch", disable=o["quiet"] or not self.world.main, dynamic_ncols=True)
         P = self.world.size
@@ -202,8 +201,9 @@ class StreamedEval:
                                 stopped=lambda done: f"stopped at batch {done} of {n_batches} of checkpoint "
                                                      f"{k + 1} of {len(self.checkpoints)}"):
             b = u + self.world.rank
-            if b < n_batches:
-                self._batch(k, teacher, batches[b])
+            if b < n_batches:  # batch b of the plan, made on demand (never the whole list)
+                bs = int(o["batch_size"])
+                self._batch(k, teacher, next(iter_batches(windows, plan, bs, start=b * bs)))
             bar.update(min(P, n_batches - u))
         bar.close()
         if o["diagnostics"]:
