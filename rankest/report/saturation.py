@@ -111,6 +111,10 @@ def plot_deviation(record: dict, path: Path) -> None:
     if paper:
         ax.axhline(paper["deviation_final"] * 100, color="C3", ls=":", label="paper, final (≈ 8%)")
         ax.axhline(paper["deviation_best"] * 100, color="C0", ls=":", label="paper, best (≈ 4%)")
+    for key, c in (("final", "C3"), ("best", "C0")):
+        mean = record.get(f"mean_deviation_{key}_outside_fit")
+        if mean is not None:
+            ax.axhline(mean * 100, color=c, ls="--", lw=0.9, label=f"ours, {key}: mean outside the fit ({mean:+.1%})")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("worse than the law by (%)")
