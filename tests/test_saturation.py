@@ -183,6 +183,18 @@ def test_param_counts_follow_numel_and_the_pythia_card():
     assert param_counts("my-model", given={"my-model": 5e8})["total"] == 500_000_000
 
 
+def test_params_from_a_config_file(tmp_path):
+    from rankest.saturation.config import _parse_params
+
+    model, _ = build_tiny_neox(hidden_size=16, layers=3, heads=2, context_length=32, save_dir=tmp_path / "m")
+    given = _parse_params(f"mine={tmp_path / 'm' / 'config.json'},other=2.5e6")
+    assert param_counts("mine", given=given) == param_counts_of_model(model)
+    assert param_counts("other", given=given) == {"total": 2_500_000, "non_embedding": 2_500_000}
+    (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(UserError, match="GPT-NeoX configs only"):
+        _parse_params(f"x={tmp_path / 'llama.json'}")
+
+
 # ---- the streamed evaluation ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from rankest.errors import UserError
 from rankest.options import checkpoint_every_option, option, positive_int, resume_option, shared_option
+from rankest.saturation.params import config_counts
 
 INPUTS = "inputs"
 ANALYSIS = "analysis"
@@ -26,19 +27,24 @@ def _split(value) -> list[str]:
     return [v.strip() for v in value if str(v).strip()]
 
 
-def _parse_params(value) -> dict[str, float]:
-    """``NAME=COUNT,…`` (COUNT like 160e6) → {name: count}."""
+def _parse_params(value) -> dict[str, Any]:
+    """``NAME=COUNT,…`` (COUNT like 160e6) or ``NAME=config.json`` (a GPT-NeoX config, counted) →
+    {name: count or {"total", "non_embedding"}}."""
     if isinstance(value, dict):
-        return {str(k): float(v) for k, v in value.items()}
-    out = {}
+        return dict(value)
+    out: dict[str, Any] = {}
     for item in _split(value):
-        name, sep, count = item.partition("=")
+        name, sep, count = (x.strip() for x in item.partition("="))
+        if sep and count.endswith(".json"):
+            out[name] = config_counts(count)
+            continue
         try:
-            out[name.strip()] = float(count)
+            out[name] = float(count)
         except ValueError:
             sep = ""
-        if not sep or out.get(name.strip(), 0) <= 0:
-            raise UserError(f"--params {item!r}: give NAME=COUNT with a positive count, e.g. pythia-160m=162e6")
+        if not sep or out.get(name, 0) <= 0:
+            raise UserError(f"--params {item!r}: give NAME=COUNT with a positive count (e.g. pythia-160m=162e6) or "
+                            "NAME=config.json")
     return out
 
 
@@ -92,7 +98,7 @@ class SaturationConfig:
                               help="parameter count N of the law: total or non_embedding (both are reported)")
     params: Union[str, dict, None] = option(None, metavar="NAME=COUNT,…", group=ANALYSIS,
                                             help="parameter counts of models that are neither Pythia nor evaluated "
-                                                 "here")
+                                                 "here: NAME=COUNT, or NAME=config.json of a GPT-NeoX model")
     confidence: float = option(0.9, type=float, group=ANALYSIS, help="level of the bootstrap intervals (default 0.9)")
     bootstrap: int = option(1000, type=positive_int, group=ANALYSIS, help="bootstrap resamples (default 1000)")
     onset_sigma: float = option(2.0, type=float, group=ANALYSIS,

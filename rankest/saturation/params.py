@@ -17,12 +17,14 @@ files of Pythia models need no download.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from rankest.errors import UserError
 from rankest.sources.teachers import TEACHERS
 
-__all__ = ["neox_param_counts", "PYTHIA_LAYERS", "pythia_config", "param_counts"]
+__all__ = ["neox_param_counts", "PYTHIA_LAYERS", "pythia_config", "param_counts", "config_counts"]
 
 #: Blocks of each Pythia size (hidden sizes and padded vocabularies are in the teacher table).
 PYTHIA_LAYERS = {"14m": 6, "31m": 6, "70m": 6, "160m": 12, "410m": 24, "1b": 16, "1.4b": 24, "2.8b": 32,
@@ -66,12 +68,28 @@ def pythia_config(name: str) -> Optional[dict[str, Any]]:
             "tie_word_embeddings": False}
 
 
+def config_counts(path) -> dict[str, int]:
+    """:func:`neox_param_counts` of a GPT-NeoX ``config.json`` file (``--params NAME=config.json``)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the model config {path} ({e}); give --params NAME=COUNT instead") from None
+    if cfg.get("model_type") != "gpt_neox":
+        raise UserError(f"{path} is a {cfg.get('model_type')!r} config; rankest counts GPT-NeoX configs only, give "
+                        "--params NAME=COUNT for other architectures")
+    return neox_param_counts(cfg)
+
+
 def param_counts(model: str, *, config: Optional[Mapping[str, Any]] = None,
-                 given: Optional[Mapping[str, float]] = None) -> dict[str, int]:
-    """Parameter counts of ``model``: ``given`` (``--params NAME=COUNT``, both counts set to it)
-    first, then its own ``config`` (a GPT-NeoX config.json), then the Pythia table."""
+                 given: Optional[Mapping[str, Any]] = None) -> dict[str, int]:
+    """Parameter counts of ``model``: ``given`` (``--params NAME=COUNT``: both counts set to it, or
+    NAME=config.json: counted from that file) first, then its own ``config`` (a GPT-NeoX
+    config.json's fields), then the Pythia table."""
     if given and model in given:
-        n = int(given[model])
+        value = given[model]
+        if isinstance(value, Mapping):
+            return {"total": int(value["total"]), "non_embedding": int(value["non_embedding"])}
+        n = int(value)
         return {"total": n, "non_embedding": n}
     cfg = config if config is not None else pythia_config(model)
     if cfg is None:

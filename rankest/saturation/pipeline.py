@@ -67,7 +67,7 @@ def _stream_curves(results: list[dict], metric: str, given: dict) -> dict[str, C
         steps = np.array([r["step"] for r in rs], dtype=np.int64)
         if len(set(steps.tolist())) != len(steps):
             raise UserError(f"two revisions of {model} name the same step; name each checkpoint stepN once")
-        params = ({"total": int(given[model]), "non_embedding": int(given[model])} if model in given
+        params = (param_counts(model, given=given) if model in given
                   else {"total": rs[-1]["params_total"], "non_embedding": rs[-1]["params_non_embedding"]})
         diag = {k: [np.asarray(r[k]).tolist() for r in rs] for k in _DIAG_KEYS if k in rs[0]}
         diag.update({k: [r[k] for r in rs] for k in ("n_rows", "nll", "ppl", "acc", "entropy")})
