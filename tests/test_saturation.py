@@ -156,6 +156,8 @@ def test_both_layouts_and_the_naming_rule(tmp_path):
     assert new.results["lambada_openai"]["acc,none"] == (0.55, None)  # "N/A" stderr
     assert read_eval_file(tmp_path / "cur/pythia-1b/step3000.json").model == "pythia-1b"
     assert read_eval_file(tmp_path / "cur/x.json").step == 4000
+    _current(tmp_path / "cur/EleutherAI__pythia-410m/step7000.json", 9.0, 0.5)
+    assert read_eval_file(tmp_path / "cur/EleutherAI__pythia-410m/step7000.json").model == "pythia-410m"
     with pytest.raises(UserError, match="--map"):
         read_eval_file(tmp_path / "cur/odd.json")
     mapped = read_eval_file(tmp_path / "cur/odd.json", {"odd.json": "pythia-1b@step5000"})

@@ -20,7 +20,8 @@ Two layouts are read:
 3. the file's path: ``<model>_stepN.json`` / ``<model>-stepN.json``, or ``<model>/stepN.json``
    (the folder names the model); a step is ``step`` followed by digits.
 
-Model names lose an organisation prefix (``EleutherAI/``) and Pythia's ``v1.1-`` / ``v0-``
+Model names lose an organisation prefix (``EleutherAI/``, or ``EleutherAI__`` in the folder
+names the current harness writes) and Pythia's ``v1.1-`` / ``v0-``
 infix (``pythia-v1.1-160m`` → ``pythia-160m``). Two files for the same model and step, or a
 file whose name or step cannot be found, are refused with a sentence.
 """
@@ -63,7 +64,7 @@ class EvalFile:
 
 def normalise_model(name: str) -> str:
     """``EleutherAI/pythia-v1.1-160m`` → ``pythia-160m`` (organisation and version infix dropped)."""
-    name = str(name).strip().rstrip("/").split("/")[-1]
+    name = str(name).strip().rstrip("/").split("/")[-1].split("__")[-1]  # the harness's ORG__NAME folders
     return re.sub(r"^pythia-v\d+(\.\d+)?-", "pythia-", name)
 
 
