@@ -4,8 +4,8 @@ Exit status: 0 on success; 2 on bad input (one sentence on stderr saying what an
 1 on an internal failure (traceback only under ``--debug``).
 
 The options of the commands that run a model are the fields of their config dataclasses
-(``EstimateConfig``, ``HeadsConfig``, ``AnisotropyConfig``, ``HeadSpectrumConfig``, ``SaturationConfig``), turned into
-argparse options and back by :mod:`rankest.options`.
+(``EstimateConfig``, ``HeadsConfig``, ``AnisotropyConfig``, ``HeadSpectrumConfig``,
+``SaturationConfig``), turned into argparse options and back by :mod:`rankest.options`.
 """
 
 from __future__ import annotations
