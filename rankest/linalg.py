@@ -82,6 +82,16 @@ DEFAULT_CONFIDENCE = 0.99
 #: The W-error tolerance that defines ``trusted_d``.
 TRUST_TOL = 1e-2
 
+#: ``passes="auto"``: the target of the error estimate of σ_1…σ_k (relative), the most passes,
+#: and the memory a Krylov basis may take (its blocks and their images, fp64). See randomized_svd.
+DEFAULT_TOL = 1e-3
+MAX_PASSES = 12
+DEFAULT_MAX_MEMORY = 4 << 30
+
+#: The default method: block Krylov needs fewer passes than subspace iteration for the same
+#: accuracy on every spectrum measured (benchmarks/reports/svd_cpu.md, "Passes to the tolerance").
+DEFAULT_METHOD = "krylov"
+
 #: Rows per product of an in-memory matrix: at most _CHUNK_BYTES of (converted) rows and at most
 #: _CHUNK_ROWS rows, so that a product sums at most 16k terms in its own precision before the
 #: fp64 carry. Big GEMMs matter on the CPU: 64 MB chunks (1048 rows at V' = 8000) ran 10–25%
@@ -772,7 +782,7 @@ def _check_int(name: str, value, *, minimum: int, hint: str = "") -> int:
     return int(value)
 
 
-def _resolve(k, oversample, passes, method, precision, n_probes, seed, src: _Source):
+def _resolve(k, oversample, passes, method, precision, n_probes, seed, tol, max_passes, src: _Source):
     """Check the options and resolve every 'auto' (each with the reason)."""
     k = _check_int("k", k, minimum=1, hint=" (the number of singular values: choose 1 <= k < V')")
     if oversample is None:
@@ -781,11 +791,14 @@ def _resolve(k, oversample, passes, method, precision, n_probes, seed, src: _Sou
         # are too few for the slow decays of target matrices.
         oversample = k
     oversample = _check_int("oversample", oversample, minimum=0)
-    if passes == "auto":
-        # A re-readable input: 3 passes (the issue's choice for a cheap target; σ_1…σ_{k/2} to
-        # ~1e-3 on i^-1 and exponential spectra, see tests). A one-shot iterable: 1.
-        passes = 1 if src.once is not None else 3
+    auto = passes == "auto"
+    if auto:
+        # A re-readable input: passes until the error estimate meets tol, at most max_passes
+        # (see randomized_svd). A one-shot iterable: the single pass it allows.
+        passes = 1 if src.once is not None else _check_int("max_passes", max_passes, minimum=2)
     passes = _check_int("passes", passes, minimum=1)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise InputError(f"tol must be a positive number (a relative error on σ_1…σ_k), got {tol!r}")
     if src.once is not None and passes > 1:
         raise InputError("a one-shot iterable of chunks can be read once (passes=1); pass a zero-argument "
                          "callable returning the chunks to run several passes")
@@ -805,15 +818,16 @@ def _resolve(k, oversample, passes, method, precision, n_probes, seed, src: _Sou
                          "rounds to bf16; use method='krylov' (or 'subspace') with 'fast', or precision='fp32'")
     n_probes = _check_int("n_probes", n_probes, minimum=0)
     seed = _check_int("seed", seed, minimum=-(1 << 63))
-    return k, oversample, passes, method, precision, n_probes, seed
+    return k, oversample, passes, auto, method, precision, n_probes, seed, float(tol)
 
 
 def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Iterable], Iterable], k: int, *,
                    oversample: Optional[int] = None, passes: Union[int, str] = "auto",
-                   method: str = "subspace", precision: Optional[str] = None, seed: int = 0, device=None,
+                   method: str = DEFAULT_METHOD, precision: Optional[str] = None, seed: int = 0, device=None,
                    return_vectors: bool = True, n_probes: int = DEFAULT_PROBES,
                    chunk_rows: Optional[int] = None,
-                   reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> SVDResult:
+                   reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, tol: float = DEFAULT_TOL,
+                   max_passes: int = MAX_PASSES, max_memory: int = DEFAULT_MAX_MEMORY) -> SVDResult:
     """Top-k singular values (and vectors) of T, in memory or streamed, with error estimates.
 
     Parameters
@@ -884,13 +898,14 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     src = _Source(A_or_stream, chunk_rows=chunk_rows, device=device)
     if reduce is not None and src.in_memory:
         raise InputError("reduce applies to streamed shards; pass an in-memory matrix without it")
-    k, oversample, passes, method, precision, n_probes, seed = _resolve(
-        k, oversample, passes, method, precision, n_probes, seed, src)
+    k, oversample, passes, auto, method, precision, n_probes, seed, tol = _resolve(
+        k, oversample, passes, method, precision, n_probes, seed, tol, max_passes, src)
     if src.in_memory and k >= min(src.n_rows, src.n_cols):
         warnings.warn(f"k = {k} >= min(N, V') = {min(src.n_rows, src.n_cols)}: computing the exact SVD (fp64) "
                       "instead of a randomized one", UserWarning, stacklevel=2)
         return _exact_in_memory(src, k, return_vectors=return_vectors, seed=seed)
     plan = {"precision": precision, "exact": False}
+    early_probes = passes == 1 or method == "krylov-rr" or auto
 
     def first_blocks(v: int) -> list[torch.Tensor]:
         if k >= v:
@@ -899,8 +914,9 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
             return [torch.eye(v, dtype=torch.float64, device=src.device)]
         l_ = min(k + oversample, v)
         out = [round_test(gaussian_test_matrix(v, l_, seed=seed, stream=STREAM_OMEGA, device=src.device), precision)]
-        if (passes == 1 or method == "krylov-rr") and n_probes:
-            # krylov-rr's last pass computes no A·X: its probes' images come from this pass.
+        if early_probes and n_probes:
+            # krylov-rr's last pass computes no A·X, and "auto" estimates the error after every
+            # pass: their probes' images come from this pass.
             out.append(probe_matrix(v, n_probes, seed=seed, precision=precision, device=src.device))
         return out
 
@@ -920,68 +936,186 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         lam, vecs, err, core = nystrom_finalize(ys[0], ys[1] if n_probes else None, n_cols=v, k=k, seed=seed,
                                                 energy=energy, precision=precision,
                                                 n_vectors=k if return_vectors else 0)
-        info = {"passes": 1, "method": "nystrom", **base, "shift": core["shift"], **err}
+        err.update(sigma_error(lam, err["sigma_upper"], min(k, l), precision=precision, tol=tol))
+        info = {"passes": 1, "passes_auto": auto, "method": "nystrom", **base, "shift": core["shift"], **err}
         return _package(src, lam[:k], vecs, core, z, info, return_vectors=return_vectors)
 
     probes = probe_matrix(v, n_probes, seed=seed, precision=precision, device=src.device) if n_probes else None
-    probe_y = ys[1] if (method == "krylov-rr" and n_probes) else None
+    probe_y = ys[1] if (early_probes and n_probes) else None
     krylov = method in ("krylov", "krylov-rr")
     y = ys[0]
-    basis: list[torch.Tensor] = []  # subspace: [Q]; Krylov: the orthonormal blocks Q_1, Q_2, …
-    used: list[torch.Tensor] = []  # the same blocks as the products saw them (round_test)
-    images: list[torch.Tensor] = []  # A·Q of each block
-    z_last = None  # subspace in memory: T·Q of the current block (for U)
-    last_gram = None  # krylov-rr: (T·Q_last)ᵀ(T·Q_last), from the last pass
-    # Krylov in memory: every block's T·Q goes into one (N, (q−1)·l) buffer (U = Z·M at the end).
-    zbuf = (torch.empty(n_rows, (passes - 1) * ys[0].shape[1], dtype=product_dtype(precision, src.device),
-                        device=src.device) if keep and krylov else None)
-    zoff = 0
-
-    def z_view(width: int) -> Optional[torch.Tensor]:
-        return None if zbuf is None else zbuf[:, zoff:zoff + width]
-
+    it = _Iterate(method=method, precision=precision, k=k, energy=energy, probes=probes, keep=keep)
+    z_first = z if keep and passes == 1 else None
+    done = 1
     for j in range(1, passes):
         last = j == passes - 1
-        prev = torch.cat(basis, dim=1) if (krylov and basis) else None
+        prev = torch.cat(it.basis, dim=1) if (krylov and it.basis) else None
         room = v - (0 if prev is None else prev.shape[1])
         if room <= 0:
             break  # the Krylov space spans R^V' already: the Nyström below is exact
+        if auto and krylov and it.basis and _krylov_bytes(v, (len(it.basis) + 1) * l) > max_memory:
+            it.memory_stop = True
+            break
         q = _orth(y[:, :room], prev)  # re-orthonormalise every pass (QR): no growth or loss of rank
         qr_ = round_test(q, precision)
-        if method == "krylov-rr" and last:  # Rayleigh–Ritz: T·Q only
-            ys, _, _, z = _run_pass(src, [qr_], plan, pass_index=j, keep_z=keep, reduce=reduce, image_gram=True,
-                                    z_out=z_view(qr_.shape[1]))
-            last_gram = ys[0]
-            basis.append(q), used.append(qr_)
-            zoff += qr_.shape[1] if keep else 0
+        if method == "krylov-rr" and last and not auto:  # Rayleigh–Ritz: T·Q only
+            ys, _, _, z = _run_pass(src, [qr_], plan, pass_index=j, keep_z=keep, reduce=reduce, image_gram=True)
+            it.add(q, qr_, None, z, last_gram=ys[0])
+            done += 1
             break
-        with_probes = probes is not None and method != "krylov-rr" and (
+        with_probes = probe_y is None and probes is not None and (
             last or room <= y.shape[1] and method == "krylov")
         ys, _, _, z = _run_pass(src, [qr_] + ([probes] if with_probes else []), plan, pass_index=j, keep_z=keep,
-                                reduce=reduce, z_out=z_view(qr_.shape[1]) if krylov else None)
+                                reduce=reduce)
+        done += 1
         y = ys[0]
         if with_probes:
             probe_y = ys[1]
-        if krylov:
-            basis.append(q), used.append(qr_), images.append(y)
-            zoff += qr_.shape[1] if keep else 0
+        it.add(q, qr_, y, z)
+        if auto and done >= it.next_check and it.check(probe_y, tol=tol, passes=done):
+            break
+    if it.result is None or not auto or it.checked != done:
+        it.finish(probe_y, tol=tol)
+    lam, vecs, core, err = it.result
+    if auto:
+        _warn_unconverged(err, tol=tol, passes=done, memory_stop=it.memory_stop)
+    info = {"passes": done, "passes_auto": auto, "method": method, **base, "shift": core["shift"], **err}
+    z_all = it.z_blocks() if keep else z_first
+    return _package(src, lam[:it.kk], vecs, core, z_all, info, return_vectors=return_vectors)
+
+
+def _krylov_bytes(n_cols: int, width: int) -> int:
+    """Memory of a Krylov basis of ``width`` columns: the blocks and their images, fp64."""
+    return 2 * 8 * n_cols * width
+
+
+def _warn_unconverged(err: dict, *, tol: float, passes: int, memory_stop: bool) -> None:
+    if err["sigma_rel_error"] <= tol:
+        return
+    why = "the Krylov basis would exceed max_memory" if memory_stop else "max_passes was reached"
+    warnings.warn(f"randomized_svd: the error estimate of σ_1…σ_k reached {err['sigma_rel_error']:.2e} after "
+                  f"{passes} passes, above tol = {tol:g} ({why}); raise max_passes (or max_memory), or accept "
+                  "the estimate reported in info['sigma_rel_error']", UserWarning, stacklevel=3)
+
+
+class _Iterate:
+    """The blocks of the passes after the first, and the approximation they give (:meth:`finish`).
+
+    subspace: the current block only; Krylov: every block (Q_1, Q_2, …), its image A·Q_j and, in
+    memory, its T·Q_j (for U). krylov-rr with a fixed number of passes: the last block has no
+    image, only ``last_gram`` = (T·Q)ᵀ(T·Q).
+    """
+
+    def __init__(self, *, method: str, precision: str, k: int, energy: float, probes, keep: bool) -> None:
+        self.method, self.precision, self.k, self.energy, self.probes, self.keep = (
+            method, precision, k, energy, probes, keep)
+        self.basis: list[torch.Tensor] = []
+        self.used: list[torch.Tensor] = []  # the same blocks as the products saw them (round_test)
+        self.images: list[torch.Tensor] = []
+        self.zs: list[torch.Tensor] = []
+        self.last_gram = None
+        self.result = None
+        self.kk = k
+        self.memory_stop = False
+        self.next_check, self.checked, self.history = 2, 0, []  # passes="auto": when to estimate next
+
+    def check(self, probe_y, *, tol: float, passes: int) -> bool:
+        """``passes="auto"``: finish, and say whether the estimate meets ``tol``. Otherwise plan the
+        next check from the geometric rate of the last two estimates, one pass before the passes it
+        predicts (Krylov converges faster than geometrically, so the prediction is late, never
+        early): a Krylov finish costs V'·(j·l)² — half of a run at N = 2.7·V' when done every pass."""
+        prev = self.result[3] if self.result is not None else None
+        err = self.finish(probe_y, tol=tol)
+        self.checked = passes
+        e = err["sigma_rel_error"]
+        if _converged(err, prev, tol):
+            return True
+        self.history.append((passes, e))
+        self.next_check = passes + 1
+        if len(self.history) >= 2:
+            (p0, e0), (p1, e1) = self.history[-2:]
+            if 0 < e1 < e0 and math.isfinite(e0):
+                rate = (e1 / e0) ** (1.0 / (p1 - p0))
+                need = math.log(tol / e1) / math.log(rate)
+                self.next_check = passes + max(1, math.ceil(need) - 1)
+        return False
+
+    def add(self, q, qr_, y, z, *, last_gram=None) -> None:
+        if self.method == "subspace":
+            self.basis, self.used, self.images, self.zs = [q], [qr_], [y], ([z] if self.keep else [])
+            return
+        self.basis.append(q), self.used.append(qr_)
+        if y is not None:
+            self.images.append(y)
+        if self.keep:
+            self.zs.append(z)
+        self.last_gram = last_gram
+
+    def z_blocks(self) -> list[torch.Tensor]:
+        return self.zs
+
+    def finish(self, probe_y, *, tol: float) -> dict:
+        """Eigenpairs of the approximation from the blocks so far and its error estimate."""
+        xk = torch.cat(self.used, dim=1)
+        self.kk = kk = min(self.k, xk.shape[1])
+        n_vec = kk if (self.keep or self.probes is not None) else 0
+        if self.method == "krylov-rr" or self.last_gram is not None:
+            lam, vecs, core = rayleigh_ritz(self.used, self.images, self.last_gram, precision=self.precision,
+                                            n_vectors=n_vec)
+            roundoff = core["roundoff"]
         else:
-            basis, used, images, z_last = [q], [qr_], [y], z
-    xk = torch.cat(used, dim=1)
-    kk = min(k, xk.shape[1])
-    n_vec = kk if (return_vectors or probes is not None) else 0
-    if method == "krylov-rr":
-        lam, vecs, core = rayleigh_ritz(used, images, last_gram, precision=precision, n_vectors=n_vec)
-        roundoff = core["roundoff"]
-    else:
-        # The blocks are orthonormal unless `fast` rounded them (then nystrom() re-orthonormalises).
-        lam, vecs, core = nystrom(xk, torch.cat(images, dim=1), precision=precision,
-                                  orthonormal=precision != "fast", n_vectors=n_vec)
-        roundoff = core["shift"] * xk.shape[1]
-    err = nystrom_error(lam, vecs, energy, kk, probes=probes, probe_images=probe_y, roundoff=roundoff)
-    info = {"passes": passes, "method": method, **base, "shift": core["shift"], **err}
-    z = (zbuf[:, :zoff] if zbuf is not None else z_last) if keep else None
-    return _package(src, lam[:kk], vecs, core, z, info, return_vectors=return_vectors)
+            # The blocks are orthonormal unless `fast` rounded them (then nystrom() re-orthonormalises).
+            lam, vecs, core = nystrom(xk, torch.cat(self.images, dim=1), precision=self.precision,
+                                      orthonormal=self.precision != "fast", n_vectors=n_vec)
+            roundoff = core["shift"] * xk.shape[1]
+        err = nystrom_error(lam, vecs, self.energy, kk, probes=self.probes, probe_images=probe_y, roundoff=roundoff)
+        err.update(sigma_error(lam, err["sigma_upper"], kk, precision=self.precision, tol=tol))
+        self.result = (lam, vecs, core, err)
+        return err
+
+
+def _converged(err: dict, prev: Optional[dict], tol: float) -> bool:
+    """The estimate meets ``tol`` on the values it resolves (``sigma_rel_error``), and each value
+    below the products' round-off is within ``tol`` or no longer improving (at most halved since
+    the previous estimate): more passes cannot refine what the round-off hides."""
+    if not err["sigma_rel_error"] <= tol:
+        return False
+    if not err["below_roundoff"]:
+        return True
+    if prev is None:
+        return False
+    now, before = err["sigma_rel_error_each"], prev["sigma_rel_error_each"]
+    m = min(now.size, before.size)
+    hidden = np.arange(now.size) >= now.size - err["below_roundoff"]
+    ok = (now <= tol) | ~hidden
+    ok[:m] |= now[:m] > 0.5 * before[:m]
+    return bool(ok.all())
+
+
+def sigma_error(lam: torch.Tensor, sigma_upper: np.ndarray, k: int, *, precision: str, tol: float) -> dict:
+    """The estimate ``passes="auto"`` drives down: max over i ≤ k of (σ_i^up − σ̂_i)/σ̂_i.
+
+    σ_i^up is :func:`nystrom_error`'s ``sigma_upper`` (λ_i − λ̂_i ≤ ‖M v_i‖, first order: an
+    overestimate, measured 10–100× the true error, benchmarks/reports/svd_cpu.md). Values the
+    products' round-off can hide are left out: the probe images A·Θ carry errors ~u·λ_1, which
+    move the estimate of σ_i by ~u·λ_1/(2λ_i) relative, so only σ̂_i with u·λ̂_1/λ̂_i ≤ tol
+    (σ̂_i ≥ √(u/tol)·σ̂_1: 7.7e-3·σ̂_1 for fp32 products at tol = 1e-3, 3e-7·σ̂_1 for fp64) can be
+    certified to ``tol``; the others are counted in ``below_roundoff`` (fp64 products resolve them).
+
+    Returns
+    -------
+    dict: ``sigma_rel_error`` (float; inf without probes), ``sigma_rel_error_each`` (k,),
+    ``below_roundoff`` (int), ``tol``.
+    """
+    lam_np = lam[:k].cpu().numpy()
+    sig = np.sqrt(np.maximum(lam_np, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(sig > 0, (np.asarray(sigma_upper)[:k] - sig) / sig, np.inf)
+        resolvable = UNIT_ROUNDOFF[precision] * float(lam_np[0]) / lam_np <= tol if lam_np.size else np.zeros(0, bool)
+    resolvable[:1] = True  # σ_1 is always resolved
+    worst = float(rel[resolvable].max()) if resolvable.any() else float("inf")
+    return {"sigma_rel_error": worst, "sigma_rel_error_each": rel, "below_roundoff": int((~resolvable).sum()),
+            "tol": float(tol)}
 
 
 def rayleigh_ritz(used: list[torch.Tensor], images: list[torch.Tensor], last_gram: Optional[torch.Tensor], *,
@@ -1108,7 +1242,10 @@ def _package(src: _Source, lam: torch.Tensor, vecs: Optional[torch.Tensor], core
                 m = torch.linalg.solve_triangular(core["l_chol"].T, m, upper=True)
             if core.get("r") is not None:
                 m = torch.linalg.solve_triangular(core["r"], m, upper=True)
-            u = (z @ m.to(z.dtype)).to(torch.float64)
+            zs, off, u = (z if isinstance(z, list) else [z]), 0, None
+            for zj in zs:  # U = Σ_j Z_j·M_j over the blocks' rows of M: no concatenated copy of Z
+                part = (zj @ m[off:off + zj.shape[1]].to(zj.dtype)).to(torch.float64)
+                u, off = (part if u is None else u + part), off + zj.shape[1]
             u = u / torch.linalg.vector_norm(u, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
         vt, u = sign_flip(vt, u)
     return _convert(src, u, s, vt, info)
