@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import h5py
 
 from rankest._version import __version__
+from rankest.accumulate.sketch import sketch_line
 from rankest.diagnostics.commands import run_anisotropy, run_head_spectrum
 from rankest.diagnostics.config import AnisotropyConfig, HeadSpectrumConfig
 from rankest.errors import UserError
@@ -123,6 +124,8 @@ def cmd_estimate(args) -> int:
     print(f"  numerical rank = {m['numerical_rank']}, effective rank = {m['effective_rank']:.1f}, "
           f"stable rank = {m['stable_rank']:.2f}, off-model energy = {m['off_model_energy']:.2e}")
     print(f"  teacher NLL = {spec.meta.get('nll'):.4f} nats (perplexity {spec.meta.get('perplexity'):.2f})")
+    if spec.route == "sketch":
+        print(f"  sketch: {sketch_line(spec.meta)}")
     if "contexts" in spec.meta:  # n-gram target
         print(f"  contexts C = {spec.meta['contexts']:,}, singleton share = {spec.meta['singleton_context_share']:.3f}, "
               f"smoothing {spec.meta['smoothing']}, weighting {spec.meta['weighting']}, tokenizer {spec.meta['tokenizer']}")
