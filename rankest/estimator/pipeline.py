@@ -102,9 +102,11 @@ class Estimate:
         if position is not None:
             self.route, self.reason = position["route"], position["route_reason"]
             self.passes = resolve_passes(self.cfg, self.route, rows_stored=self.target.rows_stored)[0]
-            self.memory = self.budget()
+            self.memory = distributed.on_main(self.world, self.budget)  # the SVD's method: the same everywhere
             return
-        self.memory = budget = self.budget()
+        # Rank 0's budget for every process: it also picks the method of the --passes SVD, which
+        # every process must run alike.
+        self.memory = budget = distributed.on_main(self.world, self.budget)
         self.route, self.reason = distributed.on_main(self.world, lambda: choose_route(self.cfg, self.target,
                                                                                         budget=budget))
         self.passes, note = resolve_passes(self.cfg, self.route, rows_stored=self.target.rows_stored)
