@@ -643,7 +643,7 @@ def main(argv=None) -> int:
         "last pass computes T·Q only (2·passes − 1 products) — with passes=\"auto\" every pass is a full one.",
         "rankest's timings include its a-posteriori error estimate (16 probe columns) and U (rebuilt from the "
         "passes' T·Q, no extra pass). The default's estimate is a first-order upper bound: it decides on one "
-        "pass more than an oracle would, and delivers errors 10–1000× below tol.",
+        "pass more than an oracle would, and delivers errors far below tol (svd_accuracy.md: the estimate was 40–15,000× the true error where it stopped).",
         f"fp32 rounding of the test matrices moves σ by at most ‖T₃₂ − T₆₄‖_F ≤ "
         f"{max(c['fp32_rounding_fro'] for c in results['configs']):.1e} (absolute).",
     ]

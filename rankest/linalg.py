@@ -889,8 +889,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         σ to three digits, ten times finer than the W-error tolerance of ``trusted_d``, and the
         accuracy at which randomized SVDs are usually compared — Halko et al. 2011 §7, Musco &
         Musco 2015 §6 measure per-vector errors of 1e-3 to 1e-2). The estimate is an upper
-        bound to first order, measured 10–1000× above the true error, so the values returned are
-        usually far more accurate than ``tol``. Values below the products' round-off floor
+        bound to first order, 40 to 15,000 times the true error where the defaults stopped in
+        benchmarks/reports/svd_accuracy.md, so the values returned are far more accurate than ``tol``. Values below the products' round-off floor
         (σ_i < √(u/tol)·σ_1, u the unit round-off of the products) are refined until they stop
         improving instead (``below_roundoff`` counts them; fp64 products resolve them).
     max_passes : int
@@ -976,8 +976,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     probe_y = ys[1] if (early_probes and n_probes) else None
     krylov = method in ("krylov", "krylov-rr")
     y = ys[0]
-    it = _Iterate(method=method, precision=precision, k=k, energy=energy, probes=probes, keep=keep)
-    z_first = z if keep and passes == 1 else None
+    it = _Iterate(method=method, precision=precision, k=k, energy=energy, probes=probes, keep=keep,
+                  vectors=return_vectors)
     done = 1
     for j in range(1, passes):
         last = j == passes - 1
@@ -1012,8 +1012,7 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     if auto:
         _warn_unconverged(err, tol=tol, passes=done, memory_stop=it.memory_stop)
     info = {"passes": done, "passes_auto": auto, "method": method, **base, "shift": core["shift"], **err}
-    z_all = it.z_blocks() if keep else z_first
-    return _package(src, lam[:it.kk], vecs, core, z_all, info, return_vectors=return_vectors)
+    return _package(src, lam[:it.kk], vecs, core, it.zs if keep else None, info, return_vectors=return_vectors)
 
 
 def _krylov_bytes(n_cols: int, width: int) -> int:
@@ -1038,9 +1037,10 @@ class _Iterate:
     image, only ``last_gram`` = (T·Q)ᵀ(T·Q).
     """
 
-    def __init__(self, *, method: str, precision: str, k: int, energy: float, probes, keep: bool) -> None:
-        self.method, self.precision, self.k, self.energy, self.probes, self.keep = (
-            method, precision, k, energy, probes, keep)
+    def __init__(self, *, method: str, precision: str, k: int, energy: float, probes, keep: bool,
+                 vectors: bool) -> None:
+        self.method, self.precision, self.k, self.energy, self.probes, self.keep, self.vectors = (
+            method, precision, k, energy, probes, keep, vectors)
         self.basis: list[torch.Tensor] = []
         self.used: list[torch.Tensor] = []  # the same blocks as the products saw them (round_test)
         self.images: list[torch.Tensor] = []
@@ -1054,8 +1054,8 @@ class _Iterate:
     def check(self, probe_y, *, tol: float, passes: int) -> bool:
         """``passes="auto"``: finish, and say whether the estimate meets ``tol``. Otherwise plan the
         next check from the geometric rate of the last two estimates, one pass before the passes it
-        predicts (Krylov converges faster than geometrically, so the prediction is late, never
-        early): a Krylov finish costs V'·(j·l)² — half of a run at N = 2.7·V' when done every pass."""
+        predicts (Krylov converges faster than geometrically, so the prediction tends to be late
+        rather than early): a Krylov finish costs V'·(j·l)² — half of a run at N = 2.7·V' when done every pass."""
         prev = self.result[3] if self.result is not None else None
         err = self.finish(probe_y, tol=tol)
         self.checked = passes
@@ -1083,14 +1083,11 @@ class _Iterate:
             self.zs.append(z)
         self.last_gram = last_gram
 
-    def z_blocks(self) -> list[torch.Tensor]:
-        return self.zs
-
     def finish(self, probe_y, *, tol: float) -> dict:
         """Eigenpairs of the approximation from the blocks so far and its error estimate."""
         xk = torch.cat(self.used, dim=1)
         self.kk = kk = min(self.k, xk.shape[1])
-        n_vec = kk if (self.keep or self.probes is not None) else 0
+        n_vec = kk if (self.vectors or self.probes is not None) else 0
         if self.method == "krylov-rr" or self.last_gram is not None:
             lam, vecs, core = rayleigh_ritz(self.used, self.images, self.last_gram, precision=self.precision,
                                             n_vectors=n_vec)
@@ -1128,7 +1125,8 @@ def sigma_error(lam: torch.Tensor, sigma_upper: np.ndarray, k: int, *, precision
     """The estimate ``passes="auto"`` drives down: max over i ≤ k of (σ_i^up − σ̂_i)/σ̂_i.
 
     σ_i^up is :func:`nystrom_error`'s ``sigma_upper`` (λ_i − λ̂_i ≤ ‖M v_i‖, first order: an
-    overestimate, measured 10–100× the true error, benchmarks/reports/svd_cpu.md). Values the
+    overestimate: 40 to 15,000 times the true error where the defaults stopped, in
+    benchmarks/reports/svd_accuracy.md). Values the
     products' round-off can hide are left out: the probe images A·Θ carry errors ~u·λ_1, which
     move the estimate of σ_i by ~u·λ_1/(2λ_i) relative, so only σ̂_i with u·λ̂_1/λ̂_i ≤ tol
     (σ̂_i ≥ √(u/tol)·σ̂_1: 7.7e-3·σ̂_1 for fp32 products at tol = 1e-3, 3e-7·σ̂_1 for fp64) can be
