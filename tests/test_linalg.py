@@ -466,6 +466,11 @@ def test_auto_in_fp32_and_on_a_stream_counts_its_passes():
     mem = randomized_svd(a, 30, seed=2)
     assert len(reads) == streamed.info["passes"] == mem.info["passes"] >= 2
     np.testing.assert_allclose(streamed.S.numpy(), mem.S.numpy(), rtol=1e-10)
+    # without probes there is no estimate to drive: the passes run to max_passes, and a stream
+    # still returns its right vectors
+    with pytest.warns(UserWarning, match="max_passes"):
+        bare = randomized_svd(chunks, 30, seed=2, n_probes=0, max_passes=3)
+    assert bare.Vt is not None and bare.Vt.shape == (30, a.shape[1]) and bare.info["passes"] == 3
 
 
 @pytest.mark.parametrize("method", ["krylov", "subspace", "krylov-rr"])
