@@ -1,6 +1,6 @@
 """Randomized SVD on CPU: rankest.linalg against sklearn, torch.svd_lowrank, fbpca and scipy svds.
 
-    python benchmarks/bench_svd.py                 # full run (≈ 15 min on 2 cores), writes the report
+    python benchmarks/bench_svd.py                 # full run (≈ 20 min on a shared 2-core machine)
     python benchmarks/bench_svd.py --quick         # small smoke run (≈ 1 min), same report layout
     python benchmarks/bench_svd.py --stream        # also the streamed run (more rows than memory; long)
 
@@ -558,8 +558,7 @@ def grid_of(quick: bool) -> tuple[list[dict], dict]:
         return [dict(spectrum="1/i", n=2000, v=400, k=20, more=[4000], seed=0, max_it=4),
                 dict(spectrum="sklearn", n=1000, v=400, k=30, more=[], seed=0, max_it=8)], \
             dict(v=2048, r=128, k=32, n_rows=20_000, chunk=2048)
-    return [dict(spectrum="1/i", n=10_000, v=2000, k=100, more=[30_000], seed=0, max_it=6),
-            dict(spectrum="1/i", n=10_000, v=4000, k=200, more=[], seed=1, max_it=6),
+    return [dict(spectrum="1/i", n=10_000, v=2000, k=100, more=[], seed=0, max_it=6),
             dict(spectrum="sklearn", n=4000, v=1500, k=100, more=[], seed=0, max_it=12),
             dict(spectrum="i^-0.5", n=10_000, v=2000, k=100, more=[], seed=2, max_it=12)], None
 
