@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-
 from rankest._version import __version__
+from rankest.accumulate.sketch import sketch_line
 from rankest.diagnostics.commands import run_anisotropy, run_head_spectrum
 from rankest.diagnostics.config import AnisotropyConfig, HeadSpectrumConfig
 from rankest.errors import UserError
@@ -133,6 +133,8 @@ def cmd_estimate(args) -> int:
     print(f"{spec.meta.get('teacher')} · {spec.space} · route {spec.route}: N = {spec.n_rows:,}, V' = {spec.n_cols:,}")
     for line in summary_lines(spec):
         print(f"  {line}")
+    if spec.route == "sketch":
+        print(f"  sketch: {sketch_line(spec.meta)}")
     if "contexts" in spec.meta:  # n-gram target
         print(f"  contexts C = {spec.meta['contexts']:,}, singleton share = {spec.meta['singleton_context_share']:.3f}, "
               f"smoothing {spec.meta['smoothing']}, weighting {spec.meta['weighting']}, tokenizer {spec.meta['tokenizer']}")

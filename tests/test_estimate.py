@@ -237,6 +237,8 @@ def test_sketch_route_is_one_sided_and_reported(neox64, corpus_file, tmp_path):
     spec = run_estimate(teacher=neox64, corpus=corpus_file, tokens=None, seq_len=SEQ, space="prob", route="sketch",
                         rank_max=40, quiet=True, out=str(out))
     assert spec.route == "sketch" and not spec.exact and spec.sigma.size == 40
+    # --passes auto for a neural teacher: one pass (a second would be another forward over the corpus)
+    assert spec.meta["passes"] == 1 and spec.meta["method"] == "nystrom" and not (out / "rows.h5").exists()
     assert np.all(spec.sigma <= exact[:40] * (1 + 1e-9))  # Nyström: σ̂_i ≤ σ_i
     w_true = exact_w_error(exact)[:40]
     assert np.all(spec.w_error() >= w_true - 1e-9)  # tails are upper bounds

@@ -408,3 +408,116 @@ def test_krylov_blocks_stay_orthogonal_on_a_low_rank_matrix():
         res = randomized_svd(t, 20, passes=4, method=method, seed=1)
         np.testing.assert_allclose(res.S[:12].numpy(), s[:12].numpy(), rtol=1e-10)
         assert float(res.S[12:].max()) < 1e-6 * float(s[0])
+
+
+# --------------------------------------------------------------------------------------------
+# passes="auto": accuracy-driven
+# --------------------------------------------------------------------------------------------
+def _fresh(kind: str, seed: int, dtype=torch.float64) -> torch.Tensor:
+    """A fresh random matrix: scikit-learn's slowly decaying make_low_rank_matrix (tail 0.8), the
+    power law σ_i = i^-0.5 of extended logit matrices, or a fast (exponential) decay."""
+    if kind == "sklearn tail 0.8":
+        from sklearn.datasets import make_low_rank_matrix
+        return torch.from_numpy(make_low_rank_matrix(1200, 500, effective_rank=50, tail_strength=0.8,
+                                                     random_state=seed)).to(dtype)
+    rng = np.random.default_rng(seed)
+    n, v = 1200, 400
+    i = np.arange(1, v + 1, dtype=np.float64)
+    sigma = i ** -0.5 if kind == "i^-0.5" else np.exp(-i / 8.0)
+    u = np.linalg.qr(rng.standard_normal((n, v)))[0]
+    w = np.linalg.qr(rng.standard_normal((v, v)))[0]
+    return torch.from_numpy((u * sigma) @ w.T).to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["sklearn tail 0.8", "i^-0.5", "exp"])
+def test_auto_is_within_its_tolerance_on_fresh_matrices(kind):
+    """Defaults (passes="auto", tol = 1e-3): every σ̂_1…σ̂_k within tol of the fp64 SVD, the
+    reported estimate meets tol and is above the true error, and the passes are reported."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    a = _fresh(kind, seed)
+    k = 30
+    s = np.linalg.svd(a.numpy(), compute_uv=False)[:k]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no max-passes warning
+        res = randomized_svd(a, k, seed=seed)
+    rel = np.abs(res.S.numpy() - s) / s
+    info = res.info
+    assert info["passes_auto"] and info["method"] == "krylov" and 2 <= info["passes"] <= 12, (seed, info["passes"])
+    assert info["tol"] == 1e-3 and info["sigma_rel_error"] <= 1e-3, (seed, info["sigma_rel_error"])
+    assert rel.max() <= 1e-3, (seed, rel.max())
+    assert np.all(info["sigma_rel_error_each"] >= rel - 1e-12), seed  # the estimate is above the truth
+    assert info["below_roundoff"] == 0  # fp64 products resolve every value here
+
+
+def test_auto_in_fp32_and_on_a_stream_counts_its_passes():
+    """fp32 input (fp32 products) on the slow decay: still within tol; a stream is read once per
+    pass reported, and gives the in-memory passes and values."""
+    a = _fresh("i^-0.5", 11)
+    s = np.linalg.svd(a.numpy(), compute_uv=False)[:30]
+    res32 = randomized_svd(a.float(), 30, seed=2)
+    assert np.max(np.abs(res32.S.numpy() - s) / s) <= 1e-3 and res32.info["precision"] == "fp32"
+    reads = []
+
+    def chunks():
+        reads.append(1)
+        return (a[i:i + 250] for i in range(0, a.shape[0], 250))
+
+    streamed = randomized_svd(chunks, 30, seed=2, precision="fp64")
+    mem = randomized_svd(a, 30, seed=2)
+    assert len(reads) == streamed.info["passes"] == mem.info["passes"] >= 2
+    np.testing.assert_allclose(streamed.S.numpy(), mem.S.numpy(), rtol=1e-10)
+    # without probes there is no estimate to drive: the passes run to max_passes, and a stream
+    # still returns its right vectors
+    with pytest.warns(UserWarning, match="max_passes"):
+        bare = randomized_svd(chunks, 30, seed=2, n_probes=0, max_passes=3)
+    assert bare.Vt is not None and bare.Vt.shape == (30, a.shape[1]) and bare.info["passes"] == 3
+
+
+@pytest.mark.parametrize("method", ["krylov", "subspace", "krylov-rr"])
+def test_auto_warns_with_the_estimate_when_max_passes_is_reached(method):
+    a = _fresh("sklearn tail 0.8", 5)
+    with pytest.warns(UserWarning, match=r"reached \d\.\d\de[-+]\d\d after 2 passes, above tol = 0.001 "
+                                         r"\(max_passes was reached\)"):
+        res = randomized_svd(a, 30, max_passes=2, method=method, return_vectors=False)
+    assert res.info["passes"] == 2 and res.info["sigma_rel_error"] > 1e-3
+    # a looser tolerance is met with the same two passes, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loose = randomized_svd(a, 30, max_passes=2, method=method, tol=res.info["sigma_rel_error"] * 1.01,
+                               return_vectors=False)
+    assert loose.info["passes"] == 2
+
+
+def test_auto_krylov_stops_at_max_memory():
+    """A Krylov basis may not outgrow max_memory: 3 blocks of l = 60 columns of V' = 500 fit in
+    16·500·60·3 bytes, so the run stops after 4 passes and says why."""
+    a = _fresh("sklearn tail 0.8", 6)
+    with pytest.warns(UserWarning, match="max_memory"):
+        res = randomized_svd(a, 30, max_memory=16 * 500 * 60 * 3, return_vectors=False)
+    assert res.info["passes"] == 4
+
+
+def test_fixed_passes_are_reported_and_tol_is_checked():
+    a = make_matrix("poly1")
+    res = randomized_svd(a, K, passes=3, return_vectors=False)
+    assert res.info["passes"] == 3 and not res.info["passes_auto"] and res.info["sigma_rel_error"] > 0
+    one = randomized_svd(a, K, passes=1, return_vectors=False)
+    assert one.info["passes"] == 1 and one.info["method"] == "nystrom" and "sigma_rel_error" in one.info
+    for bad in (0, -1e-3, "1e-3", True):
+        with pytest.raises(InputError, match="tol"):
+            randomized_svd(a, K, tol=bad)
+    with pytest.raises(InputError, match="max_passes"):
+        randomized_svd(a, K, max_passes=1)
+
+
+def test_auto_vectors_are_orthonormal_and_match():
+    """U rebuilt block by block from the Krylov passes' T·Q: orthonormal, and each uᵢ, vᵢ within
+    1e-6 (1 − |cos|) of the fp64 SVD's on the slow decay."""
+    a = _fresh("i^-0.5", 3)
+    res = randomized_svd(a, 20, seed=4)
+    u, vt = res.U, res.Vt
+    u0, _, vt0 = np.linalg.svd(a.numpy(), full_matrices=False)
+    eye = torch.eye(20, dtype=torch.float64)
+    assert float((u.T @ u - eye).abs().max()) < 1e-8 and float((vt @ vt.T - eye).abs().max()) < 1e-8
+    assert np.max(1 - np.abs(np.sum(u.numpy() * u0[:, :20], axis=0))) < 1e-6
+    assert np.max(1 - np.abs(np.sum(vt.numpy() * vt0[:20], axis=1))) < 1e-6

@@ -99,6 +99,41 @@ def test_a_sample_of_rows_and_the_sketch_route(logits_files):
     assert np.all(sk.sigma[:10] <= exact.sigma[:10] * (1 + 1e-6))  # Nyström never overestimates
 
 
+def test_passes_auto_on_stored_rows_is_accuracy_driven(tmp_path, capsys):
+    """Stored rows (a logits file) on the sketch route: ``--passes auto`` caches them and adds
+    passes until randomized_svd's estimate of σ_1…σ_k meets 1e-3; σ̂ within 1e-3 of the fp64 SVD
+    of the explicitly centred matrix on a slowly decaying (i^-0.5) spectrum, where one pass is
+    ~1e-1 off; the passes and the estimate are in results.json and on the summary line."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (1 << 31)))
+    n, v, k = 2000, 240, 24
+    i = np.arange(1, v + 1, dtype=np.float64)
+    u = np.linalg.qr(rng.standard_normal((n, v)))[0]
+    w = np.linalg.qr(rng.standard_normal((v, v)))[0]
+    z = ((u * (30.0 * i ** -0.5)) @ w.T + 3 * rng.standard_normal((n, 1))).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    truth = centred_sigma(z)[:k]
+    out = tmp_path / "run"
+    spec = rankest.estimate(teacher=f"logits:{tmp_path / 'z.npy'}", space="clr", tokens=None, route="sketch",
+                            rank_max=k, quiet=True, out=str(out))
+    err = spec.meta["sketch_error"]
+    assert spec.meta["passes_auto"] and spec.meta["passes"] >= 2 and spec.meta["method"] == "krylov"
+    assert "--passes auto" in spec.meta["route_reason"] and not (out / "rows.h5").exists()
+    assert err["sigma_rel_error"] <= err["tol"] == 1e-3
+    assert np.max(np.abs(spec.sigma - truth) / truth) <= 1e-3
+    one = rankest.estimate(teacher=f"logits:{tmp_path / 'z.npy'}", space="clr", tokens=None, route="sketch",
+                           rank_max=k, passes=1, quiet=True)
+    assert one.meta["passes"] == 1 and np.max(np.abs(one.sigma - truth) / truth) > 1e-2
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["passes"] == spec.meta["passes"] and saved["passes_auto"] is True
+    assert saved["sketch_error"]["sigma_rel_error"] == err["sigma_rel_error"]
+    from rankest import cli
+
+    assert cli.main(["estimate", "--teacher", f"logits:{tmp_path / 'z.npy'}", "--space", "clr", "--route", "sketch",
+                     "--rank-max", str(k), "--quiet"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  sketch:")][0]
+    assert "(auto), krylov" in line and "(tol 0.001)" in line
+
+
 def test_bad_uses_of_a_logits_target_are_refused(logits_files, tmp_path):
     z, d = logits_files
     with pytest.raises(UserError, match="linear head"):

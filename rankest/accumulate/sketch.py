@@ -273,6 +273,16 @@ def _sketch_meta(sketch_error: dict, trusted: int, *, passes: int, method: str, 
     }
 
 
+def sketch_line(meta: dict) -> str:
+    """One line on how a sketch was computed: passes, method, and the error estimate of σ_1…σ_k."""
+    err = meta.get("sketch_error", {})
+    auto = " (auto)" if meta.get("passes_auto") else ""
+    line = f"{meta.get('passes')} pass(es){auto}, {meta.get('method')}, l = {meta.get('l')}"
+    if err.get("sigma_rel_error") is not None:
+        line += f", estimated max relative error of sigma_1..sigma_k = {err['sigma_rel_error']:.1e} (tol {err['tol']:g})"
+    return line + f", trusted_d = {meta.get('trusted_d')}"
+
+
 def spectrum_from_svd(result, *, space: str, energy: float = float("nan")) -> Spectrum:
     """A `sketch`-route Spectrum from :func:`rankest.linalg.randomized_svd` — the multi-pass route
     (``--passes`` ≥ 2 over rows that can be produced again) — with the same ``meta`` as
@@ -292,12 +302,14 @@ def spectrum_from_svd(result, *, space: str, energy: float = float("nan")) -> Sp
                         route="gram", exact=True, precision="fp64", meta={"route_reason": "k >= V': exact Gram"})
     keys = ("energy", "unexplained_energy", "unexplained_fraction", "residual_fro", "residual_bound",
             "roundoff_energy", "n_probes", "confidence", "sigma_upper", "sigma_k_rel_error", "w_error_lower",
-            "w_error_width_max", "trusted_d_certified", "trust_tol", "shift")
+            "w_error_width_max", "trusted_d_certified", "trust_tol", "shift", "sigma_rel_error", "below_roundoff",
+            "tol")
     err = {key: (np.asarray(info[key]).tolist() if isinstance(info[key], (np.ndarray, torch.Tensor)) else info[key])
            for key in keys if key in info}
     err["energy_source"] = "randomized_svd_rows"
     meta = _sketch_meta(err, int(info["trusted_d"]), passes=int(info["passes"]), method=str(info["method"]),
                         l=int(info["l"]), k=len(s), seed=int(info["seed"]), precision=str(info["precision"]),
                         n_probes=int(info.get("n_probes", 0)))
+    meta["passes_auto"] = bool(info.get("passes_auto", False))
     return Spectrum(sigma=s, energy=e, n_rows=int(info["n_rows"]), n_cols=int(info["n_cols"]), space=space,
                     route="sketch", exact=False, precision=SPECTRUM_PRECISION[str(info["precision"])], meta=meta)

@@ -46,9 +46,10 @@ class EstimateConfig:
     rank_max: Optional[int] = option(None, type=positive_int, group=ESTIMATION,
                                      help="sketch size k / largest rank reported")
     passes: Union[int, str] = option("auto", type=parse_passes, group=ESTIMATION,
-                                     help="sketch route: passes over the rows (auto = 1 for a neural teacher; q >= 2 "
-                                          "caches the rows on disk once and runs q passes of randomized subspace "
-                                          "iteration over them)")
+                                     help="sketch route: passes over the rows (auto = 1 for a neural teacher; for rows "
+                                          "from a file or memory, the rows cached on disk and passes until the "
+                                          "estimated error of sigma_1..sigma_k is below 1e-3; q >= 2 caches the rows "
+                                          "on disk once and runs q passes over them)")
     row_cache_dtype: str = option("auto", choices=("auto", *CACHE_DTYPES), group=ESTIMATION,
                                   help="dtype of the row cache of --passes >= 2 (auto: the rows' own dtype)")
     keep_row_cache: bool = option(False, group=ESTIMATION, help="keep rows.h5 of --passes >= 2 in the run folder")

@@ -1,4 +1,5 @@
-"""``--passes q ≥ 2``: the rows cached on disk once, then q passes of randomized subspace iteration.
+"""``--passes q ≥ 2`` (or ``auto`` for stored rows): the rows cached on disk once, then the passes
+of :func:`rankest.linalg.randomized_svd` over them — q, or as many as its error estimate needs.
 
 The first pass over the rows is the target's (a teacher's forward over the corpus); every
 later pass re-reads this process's row cache (``DIR/rows.h5``, ``rows.rank{r}.h5`` under
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -19,7 +20,7 @@ from rankest.accumulate.base import INPUT_PRECISIONS, InputPrecision
 from rankest.accumulate.sketch import spectrum_from_svd
 from rankest.errors import UserError
 from rankest.estimator.config import EstimateConfig
-from rankest.estimator.routes import sketch_precision, sketch_rank
+from rankest.estimator.routes import multipass_method, sketch_precision, sketch_rank
 from rankest.io.rowcache import RowCache, resolve_cache_dtype
 from rankest.linalg import product_dtype, randomized_svd
 
@@ -42,15 +43,19 @@ def open_row_cache(cfg: EstimateConfig, world, position: Optional[dict], *, n_co
                     resume_rows=rows_of_rank(world.rank, int(position["next_batch"])))
 
 
-def multipass_spectrum(cache, cfg: EstimateConfig, *, passes: int, n_cols: int, row_dtype: torch.dtype,
-                        device: torch.device, energy: float, reduce=None):
-    """q passes of randomized subspace iteration over the cached rows → a sketch-route Spectrum
-    (σ̂ ≤ σ, with the error estimates of :func:`rankest.linalg.randomized_svd`)."""
+def multipass_spectrum(cache, cfg: EstimateConfig, *, passes: Union[int, str], n_cols: int, row_dtype: torch.dtype,
+                        device: torch.device, energy: float, budget: int, reduce=None):
+    """``passes`` (q, or "auto": until the estimate of σ_1…σ_k meets the default tolerance) of
+    randomized_svd over the cached rows → a sketch-route Spectrum (σ̂ ≤ σ, with its error
+    estimates; ``meta["passes"]`` the passes run). Block Krylov when its basis fits ``budget``
+    bytes (:func:`rankest.estimator.routes.multipass_method`), else subspace iteration."""
     precision = sketch_precision(cfg.gram_precision, row_dtype)
+    k = sketch_rank(cfg, n_cols)
+    method = multipass_method(n_cols, k, passes, budget=budget)
     try:
-        result = randomized_svd(cache.stream(device=device, out_dtype=product_dtype(precision, device)),
-                                sketch_rank(cfg, n_cols), passes=passes, method="subspace", precision=precision,
-                                seed=cfg.seed, device=device, return_vectors=False, reduce=reduce)
+        result = randomized_svd(cache.stream(device=device, out_dtype=product_dtype(precision, device)), k,
+                                passes=passes, method=method, precision=precision, seed=cfg.seed, device=device,
+                                return_vectors=False, reduce=reduce, max_memory=max(int(budget), 1))
     finally:
         if not cfg.keep_row_cache:
             cache.remove()

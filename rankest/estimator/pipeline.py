@@ -101,13 +101,16 @@ class Estimate:
         position = self.run.position
         if position is not None:
             self.route, self.reason = position["route"], position["route_reason"]
-            self.passes = resolve_passes(self.cfg, self.route)[0]
+            self.passes = resolve_passes(self.cfg, self.route, rows_stored=self.target.rows_stored)[0]
+            self.memory = distributed.on_main(self.world, self.budget)  # the SVD's method: the same everywhere
             return
-        budget = self.budget()
+        # Rank 0's budget for every process: it also picks the method of the --passes SVD, which
+        # every process must run alike.
+        self.memory = budget = distributed.on_main(self.world, self.budget)
         self.route, self.reason = distributed.on_main(self.world, lambda: choose_route(self.cfg, self.target,
                                                                                         budget=budget))
-        self.passes, note = resolve_passes(self.cfg, self.route)
-        if self.passes > 1 and not self.target.supports_passes:
+        self.passes, note = resolve_passes(self.cfg, self.route, rows_stored=self.target.rows_stored)
+        if self.passes != 1 and not self.target.supports_passes:
             raise UserError(f"--passes {self.passes} needs rows that can be cached; {self.target.name} streams its "
                             f"rows in one pass: drop --passes.")
         if note:
@@ -120,7 +123,7 @@ class Estimate:
         cfg, target, route = self.cfg, self.target, self.route
         precision = target.precision or cfg.gram_precision
         self.stats = RowStats(device=target.device)
-        if route == "sketch" and self.passes > 1:
+        if route == "sketch" and self.passes != 1:
             # The first pass is the target's; randomized_svd then re-reads the cached rows q times.
             # Every process caches its own shard of the rows; the passes sum their products.
             self.acc = self.cache = open_row_cache(cfg, self.world, self.run.position, n_cols=target.n_cols,
@@ -260,7 +263,7 @@ class Estimate:
         t_fin = time.perf_counter()
         if self.cache is not None:
             spec = multipass_spectrum(self.cache, self.cfg, passes=self.passes, n_cols=t.n_cols, row_dtype=t.row_dtype,
-                                      device=t.device, energy=self.stats.energy,
+                                      device=t.device, energy=self.stats.energy, budget=self.memory,
                                       reduce=distributed.sum_over_processes(world))
         if not world.main:
             return None

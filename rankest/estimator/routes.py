@@ -11,12 +11,13 @@ The reasons returned here are written into every result (``route_reason``).
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from rankest.errors import UserError
 from rankest.estimator.config import EstimateConfig
+from rankest.linalg import DEFAULT_METHOD, DEFAULT_TOL, MAX_PASSES
 from rankest.runtime.memory import _fmt_bytes
 from rankest.targets.base import Target
 
@@ -64,13 +65,19 @@ def choose_route(cfg: EstimateConfig, target: Target, *, budget: int) -> tuple[s
                       f"{sketch_rank(cfg, n_cols)} instead")
 
 
-def resolve_passes(cfg: EstimateConfig, route: str) -> tuple[int, Optional[str]]:
-    """Passes of the sketch route over the rows, and a note for ``route_reason`` (None when there
-    is nothing to say): ``auto`` is one pass for a neural teacher (each pass would cost a forward
-    over the corpus); q ≥ 2 caches the rows on disk once and runs q passes of randomized subspace
-    iteration over the cache. Exact routes take one pass whatever is asked (an explicit exact
-    route with q ≥ 2 is refused)."""
-    q = 1 if cfg.passes == "auto" else int(cfg.passes)
+def resolve_passes(cfg: EstimateConfig, route: str, *, rows_stored: bool = False) -> tuple[Union[int, str], Optional[str]]:
+    """Passes of the sketch route over the rows (an int, or ``"auto"``), and a note for
+    ``route_reason`` (None when there is nothing to say). ``auto`` is one pass for a neural
+    teacher (each pass would cost a forward over the corpus) and, for rows that are stored (a
+    logits file, rows in memory: ``rows_stored``), ``"auto"``: the rows cached on disk once and
+    passes of :func:`rankest.linalg.randomized_svd` until its error estimate of σ_1…σ_k meets
+    its tolerance (:func:`auto_passes_note`). q ≥ 2 caches the rows and runs q passes. Exact
+    routes take one pass whatever is asked (an explicit exact route with q ≥ 2 is refused)."""
+    if cfg.passes == "auto":
+        if route == "sketch" and rows_stored:
+            return "auto", auto_passes_note()
+        return 1, None
+    q = int(cfg.passes)
     if q == 1:
         return 1, None
     if route != "sketch":
@@ -79,6 +86,22 @@ def resolve_passes(cfg: EstimateConfig, route: str) -> tuple[int, Optional[str]]
                             f"pass. Drop --passes, or use --route sketch.")
         return 1, f"--passes {q} ignored: the {route} route is exact in one pass"
     return q, f"--passes {q}: rows cached on disk once, then re-read per pass"
+
+
+def auto_passes_note() -> str:
+    """``route_reason``'s note for accuracy-driven passes."""
+    return (f"--passes auto: stored rows cached on disk once, then passes until the estimated error of "
+            f"sigma_1..sigma_k is below {DEFAULT_TOL:g} (at most {MAX_PASSES})")
+
+
+def multipass_method(n_cols: int, k: int, passes: Union[int, str], *, budget: int) -> str:
+    """Block Krylov (fewer passes to a given accuracy: :data:`rankest.linalg.DEFAULT_METHOD`)
+    when its basis of at least 3 blocks of l = 2k columns (blocks and images, fp64) fits the
+    memory budget — ``passes="auto"`` stops adding blocks at the budget — else subspace iteration
+    (two blocks whatever the passes)."""
+    blocks = 3 if passes == "auto" else max(1, int(passes) - 1)
+    need = 2 * 8 * n_cols * min(2 * k, n_cols) * blocks
+    return DEFAULT_METHOD if need <= budget else "subspace"
 
 
 def sketch_rank(cfg: EstimateConfig, n_cols: int) -> int:

@@ -59,6 +59,9 @@ class Target:
     unit: str = "tok"
     #: Whether --passes ≥ 2 may re-read the rows through a row cache.
     supports_passes: bool = True
+    #: Whether the rows are stored (a file, memory): making them again costs a read, not a model's
+    #: forward, so ``--passes auto`` caches them and runs passes until the SVD's estimate meets tol.
+    rows_stored: bool = False
     #: Whether the rows come from --corpus (results name it only then).
     uses_corpus: bool = True
 

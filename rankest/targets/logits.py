@@ -101,6 +101,7 @@ class LogitsTarget(Target):
 
     unit = "row"
     uses_corpus = False  # the rows are the file's
+    rows_stored = True  # --passes auto: accuracy-driven passes over the cached rows
 
     def __init__(self, source, *, space: str, tokens: Optional[int] = None, seed: int = 0,
                  row_dtype: Optional[torch.dtype] = None, name: str = "rows") -> None:
