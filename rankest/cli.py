@@ -28,6 +28,7 @@ from rankest.estimator.config import EstimateConfig
 from rankest.estimator.pipeline import run_estimate
 from rankest.heads.config import HeadsConfig
 from rankest.heads.pipeline import run_heads
+from rankest.io.files import check_name_lengths, check_writable_folder
 from rankest.io.results import read_spectrum_h5
 from rankest.options import add_arguments, config_from_args, to_kwargs
 from rankest.report.compare import compare_runs
@@ -188,6 +189,14 @@ def cmd_teachers(args) -> int:
 def cmd_report(args) -> int:
 
     folders = [Path(f) for f in args.folders]
+    for folder in folders:
+        check_name_lengths(folder, "report")
+        if not folder.is_dir():
+            raise UserError(f"report: {folder} is not a folder; pass run folders written by `rankest estimate`.")
+    if args.out:  # checked before any result is read: the comparison must be writable
+        check_writable_folder(args.out, "--out")
+    else:
+        check_writable_folder(folders[0], "report", must_exist=True)
     if len(folders) == 1 and not args.out:
 
         spec = read_spectrum_h5(folders[0] / "results.h5")
