@@ -196,7 +196,8 @@ def cmd_report(args) -> int:
     if args.out:  # checked before any result is read: the comparison must be writable
         check_writable_folder(args.out, "--out")
     else:
-        check_writable_folder(folders[0], "report", must_exist=True)
+        check_writable_folder(folders[0], "report", must_exist=True,
+                              fix="pass --out DIR to write the report into another folder")
     if len(folders) == 1 and not args.out:
 
         spec = read_spectrum_h5(folders[0] / "results.h5")

@@ -81,7 +81,7 @@ class HeadsConfig:
             raise UserError(f"--objective must be ce (next-token cross-entropy) or kl (distil the teacher), "
                             f"got {self.objective!r}.")
         if self.lr is not None and not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
-            raise UserError(f"--lr must be a positive number, got {self.lr}.")
+            raise UserError(f"--lr must be a positive finite number, got {self.lr}.")
         if self.lr is not None and self.lr_search:
             raise UserError("--lr fixes the learning rate and --lr-search searches for one; pass only one of them.")
         for name in ("seq_len", "batch_size", "val_tokens"):

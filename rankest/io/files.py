@@ -41,7 +41,7 @@ def check_name_lengths(path: Path, flag: str) -> None:
                             f"name may be (255); choose a shorter name.")
 
 
-def _probe(folder: Path, flag: str, what: str) -> None:
+def _probe(folder: Path, fix: str) -> None:
     """Create and remove a file in ``folder``: the one test of writability that root, ACLs and
     read-only mounts all answer truthfully."""
     try:
@@ -49,23 +49,26 @@ def _probe(folder: Path, flag: str, what: str) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise UserError(f"cannot write to {what} {folder} ({e.strerror}); choose a writable {flag}.") from None
+        raise UserError(f"cannot write to the folder {folder} ({e.strerror}); {fix}.") from None
 
 
-def check_writable_folder(path: os.PathLike | str, flag: str = "--out", *, must_exist: bool = False) -> Path:
+def check_writable_folder(path: os.PathLike | str, flag: str = "--out", *, must_exist: bool = False,
+                          fix: str | None = None) -> Path:
     """A folder rankest will write into: a writable folder, or (unless ``must_exist``) a path
     whose nearest existing ancestor is a writable folder, so it can be created later (nothing is
     created here: a refused run leaves no folder behind).
 
     Raises :class:`~rankest.errors.UserError` (one sentence naming ``flag``) for a name too long,
-    an existing file, a folder that cannot be created or written. Returns the path.
+    an existing file, a folder that cannot be created or written; ``fix`` ends the sentence
+    (default: choose a writable ``flag``). Returns the path.
     """
     path = Path(path)
+    fix = fix or f"choose a writable {flag}"
     check_name_lengths(path, flag)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} exists and is not a folder; choose another path.")
     if path.is_dir():
-        _probe(path, flag, "the folder")
+        _probe(path, fix)
         return path
     if must_exist:
         raise UserError(f"{flag}: the folder {path} does not exist; check the path.")
@@ -73,8 +76,8 @@ def check_writable_folder(path: os.PathLike | str, flag: str = "--out", *, must_
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"cannot create the folder {path}: {ancestor} is a file; choose another {flag}.")
-    _probe(ancestor, flag, "the folder")
+        raise UserError(f"cannot create the folder {path}: {ancestor} is a file; {fix}.")
+    _probe(ancestor, fix)
     return path
 
 
@@ -91,7 +94,7 @@ def check_writable_file(path: os.PathLike | str, flag: str) -> Path:
     parent = path.parent
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path.")
-    _probe(parent, flag, "the folder")
+    _probe(parent, f"choose a writable {flag}")
     return path
 
 

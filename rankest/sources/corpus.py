@@ -16,8 +16,9 @@ The embedded default corpus ``lee`` is the Lee background corpus (Lee, Pincombe 
 (Australian Broadcasting Corporation) news articles, about 360 kB, one document per line. It
 is not part of rankest: it is read from the test data of the gensim wheel
 (``gensim/test/test_data/lee_background.cor``; gensim is LGPL-2.1 and distributes the corpus
-with its tests), located without importing gensim, so ``pip install --no-deps gensim`` is
-enough. rankest never copies the text into its own files.
+with its tests), located without importing gensim. gensim is installed with its dependencies
+(scipy, smart_open): ``--no-deps`` would leave pip reporting their absence as an ``ERROR`` at
+every later install. rankest never copies the text into its own files.
 
 Examples::
 
@@ -104,7 +105,7 @@ CORPORA: dict[str, CorpusInfo] = {
 }
 DEFAULT_CORPUS = "lee"
 
-_GENSIM_PIP = "pip install --no-deps gensim"
+_GENSIM_PIP = "pip install gensim==4.4.0"
 _LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json",
                    ".json": "json", ".parquet": "parquet"}
 _SPLIT_PREFERENCE = ("test", "validation", "train")
