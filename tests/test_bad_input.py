@@ -25,7 +25,7 @@ import torch
 from rankest import cli
 from rankest.sources import teachers
 from rankest.sources.model_folder import safetensors_shapes
-from rankest.testing import write_word_corpus
+from rankest.testing import assert_cli_promise, write_word_corpus
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -39,20 +39,6 @@ def run_cli(argv, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_promise(code, err, argv=None):
-    """Exit 2 and one sentence (plus, for argparse, one line pointing at --help) — or success."""
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err and "internal error" not in err, (argv, err)
-    if code == 0:
-        return
-    assert code == 2, (argv, code, err)
-    errors = [ln for ln in lines if ln.startswith("rankest: error: ")]
-    assert len(errors) == 1, (argv, err)
-    after = lines[lines.index(errors[0]) + 1:]
-    assert after in ([], [next(iter(after), "")]) and all("--help" in ln for ln in after), (argv, err)
-    assert errors[0].rstrip().endswith((".", ")", "?")) or ";" in errors[0], (argv, err)
 
 
 # ---- fixtures: a tiny model folder, its damaged copies, a corpus, read-only folders --------------
@@ -308,7 +294,7 @@ def test_bad_input_keeps_the_promise(kind, key, good_dir, corpus, bad_folders, b
     t0 = time.perf_counter()
     code, _, err = run_cli(argv, capsys)
     assert code == 2, (argv, err)
-    assert_promise(code, err, argv)
+    assert_cli_promise(code, err, argv)
     assert time.perf_counter() - t0 < 30, "a bad input must be refused before the work"
 
 

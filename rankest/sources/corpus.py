@@ -28,8 +28,10 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
+import logging
 import os
 import pathlib
 import re
@@ -240,13 +242,27 @@ def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
         try:
             import datasets
 
-            dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+            with _datasets_errors_silenced():  # its own "Failed to read schema" line would precede ours
+                dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train")
         except Exception as exc:  # datasets raises many types for a malformed file
             raise UserError(
                 f"cannot read the corpus file {path} as {builder} ({_first_line(exc)}); check "
                 "its format (.jsonl needs one JSON object per line with a text field)"
             ) from exc
         yield from _column(dataset, None, str(path))
+
+
+@contextlib.contextmanager
+def _datasets_errors_silenced():
+    """datasets' logger quiet below CRITICAL: a malformed local file is reported by rankest's one
+    sentence, not by the builder's log line before it."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -41,6 +41,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "num_attention_heads", "n_head", "num_key_value_heads",
              "num_hidden_layers", "n_layer", "vocab_size", "intermediate_size", "max_position_embeddings",
              "n_positions", "head_dim")
+#: Sizes that may be absent but not null: every architecture reads them as integers.
+REQUIRED_IF_PRESENT = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 #: Suffixes of the input-embedding and LM-head tensors, whose shape is (vocab_size, hidden_size).
 VOCAB_TENSORS = ("embed_in.weight", "embed_out.weight", "embed_tokens.weight", "wte.weight", "lm_head.weight",
                  "word_embeddings.weight")
@@ -80,7 +82,8 @@ def check_config(folder: pathlib.Path) -> dict[str, Any]:
                         f"{_FIX}.")
     for key in SIZE_KEYS:
         v = config.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if (v is not None or (key in config and key in REQUIRED_IF_PRESENT)) and (
+                isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise UserError(f"the teacher's {path} has {key} = {v!r}, not a positive integer; correct it or {_FIX}.")
     width, heads = _size(config, "hidden_size", "n_embd", "d_model"), _size(config, "num_attention_heads", "n_head")
     if width and heads and config.get("head_dim") is None and width % heads:

@@ -578,7 +578,7 @@ def _load_gguf(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_load_kwargs(place))
     except UserError:
         raise
-    except _LOAD_ERRORS as exc:
+    except _load_errors() as exc:
         raise UserError(
             f"cannot load the GGUF teacher {file} ({type(exc).__name__}: {_first_line(exc)}); it is damaged, "
             "truncated or of an architecture transformers cannot read: download it again or pass a model folder"
@@ -591,6 +591,16 @@ def _load_gguf(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
 #: (RuntimeError), a damaged GGUF (struct.error, ValueError, IndexError), a config it refuses.
 _LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, RuntimeError, struct.error,
                 pickle.UnpicklingError)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """:data:`_LOAD_ERRORS` and the config validation errors of huggingface_hub's strict
+    dataclasses (transformers ≥ 5 validates every config field's type on load)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # optional: older huggingface_hub lacks it
+    except ImportError:
+        return _LOAD_ERRORS
+    return _LOAD_ERRORS + (StrictDataclassError,)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -609,7 +619,7 @@ def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
         )
     except UserError:
         raise
-    except _LOAD_ERRORS as exc:
+    except _load_errors() as exc:
         if isinstance(exc, pickle.UnpicklingError):
             raise UserError(
                 f"the weights of the teacher folder {folder} are a pickle holding more than tensors, which torch "
