@@ -43,6 +43,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import torch
 
@@ -495,8 +496,6 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     """Can this machine open a TCP connection to the Hub (``HF_ENDPOINT``, default
     huggingface.co:443) within ``timeout`` seconds? Name resolution included: it runs in a
     daemon thread, since ``getaddrinfo`` takes no timeout of its own."""
-    from urllib.parse import urlsplit
-
     url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     done = threading.Event()
