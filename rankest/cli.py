@@ -84,6 +84,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters a user typed (``\\r``, ``\\n``, ``\\x1b``) are shown
+    escaped, so the sentence that echoes them stays one line of the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def usage_sentence(err: UsageError) -> str:
     """argparse's message as one sentence: ``argument --seed: expected …`` → ``--seed: expected …``."""
     text = str(err).strip()
@@ -297,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse(parser, argv)
     except UsageError as e:
-        print(f"rankest: error: {usage_sentence(e)}", file=sys.stderr)
+        print(f"rankest: error: {one_line(usage_sentence(e))}", file=sys.stderr)
         print(f"Run `python -m {e.prog} --help` for the options.", file=sys.stderr)
         return 2
     if not args.command:
@@ -306,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"rankest: error: {e}", file=sys.stderr)
+        print(f"rankest: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print("rankest: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)

@@ -387,3 +387,12 @@ def test_contexts_cap_and_nothing_saved(good_dir, corpus, capsys):
     assert code == 0, err
     assert "--contexts 1,000,000 is more than the" in err and "capped" in err
     assert "nothing was saved (no --out)" in out
+
+
+def test_control_characters_stay_on_one_line(good_dir, corpus, capsys):
+    """A value with a carriage return or an escape echoed in the sentence is shown escaped."""
+    for bad in (["--revision", "0\r"], ["--tokens", "5\n6"], ["--space", "\x1b[31mred"]):
+        code, _, err = run_cli(["anisotropy", "--teacher", good_dir, "--corpus", corpus, "--tokens", "32",
+                                "--seq-len", "8", "--quiet", *bad], capsys)
+        assert_cli_promise(code, err, bad)
+        assert code == 2 and "\r" not in err and "\x1b" not in err and err.count("\n") <= 2
