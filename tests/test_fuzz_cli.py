@@ -180,6 +180,9 @@ def test_file_contents(data, good_dir, corpus, tmp_path_factory, capsys):
             blob = (folder / "tokenizer.json").read_bytes()
             (folder / "tokenizer.json").write_bytes(_mutate(data, blob))
         argv = ["head-spectrum", "--teacher", folder, "--quiet"]
+        if what == "tokenizer" and data.draw(st.booleans(), label="as an n-gram tokenizer"):
+            argv = ["estimate", "--teacher", "ngram:2", "--space", "prob", "--corpus", corpus, "--quiet",
+                    "--tokenizer", data.draw(st.sampled_from([folder, folder / "tokenizer.json"]), label="path")]
     code, err = run_bounded(argv, capsys)
     event(f"{what}: {'still running after the budget' if code is None else f'exit {code}'}")
     if code is not None:

@@ -613,6 +613,12 @@ def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
     check_model_folder(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
+        raise UserError(
+            f"cannot read the tokenizer of the teacher folder {folder} ({type(exc).__name__}: {_first_line(exc)}); "
+            "save the model's own tokenizer into it again (tokenizer.save_pretrained(folder))"
+        ) from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, **_load_kwargs(place)
         )

@@ -41,7 +41,19 @@ def cache_root() -> pathlib.Path:
 
 
 def load_tokenizer(spec) -> tuple[Any, str]:
-    """``--tokenizer`` → (a transformers fast tokenizer, its name for the results)."""
+    """``--tokenizer`` → (a transformers fast tokenizer, its name for the results); a file that
+    cannot be read is a sentence."""
+    try:
+        return _load_tokenizer(spec)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(f"cannot read the tokenizer {spec} ({type(exc).__name__}: {text}); pass a tokenizer folder "
+                        f"saved with save_pretrained, a tokenizer.json or a .gguf file.") from exc
+
+
+def _load_tokenizer(spec) -> tuple[Any, str]:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec is None:
