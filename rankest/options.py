@@ -41,7 +41,7 @@ from rankest.sources.teachers import DEVICE_MAPS
 __all__ = ["Option", "option", "shared_option", "MODEL_OPTIONS", "option_fields", "add_arguments",
            "config_from_args", "to_kwargs", "keyword_options", "checkpoint_every_option", "resume_option",
            "int_at_least", "positive_int", "nonneg_int", "parse_count", "parse_seed", "parse_tokens",
-           "parse_max_memory", "MAX_COUNT", "MAX_SEED", "parse_passes", "parse_positions"]
+           "parse_max_memory", "check_numbers", "MAX_COUNT", "MAX_SEED", "parse_passes", "parse_positions"]
 
 #: The key of a field's metadata holding its :class:`Option`.
 METADATA_KEY = "rankest.option"
@@ -124,6 +124,25 @@ def parse_tokens(text: str) -> Optional[int]:
         return parse_count(text, low=2, high=MAX_COUNT, what="row-count")
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{str(e)[:-1]}; a spectrum needs at least 2 rows, or pass 'all'.") from None
+
+
+#: (field, least value, largest value) of the shared numbers :func:`check_numbers` bounds.
+_BOUNDED = (("tokens", 1, MAX_COUNT), ("seq_len", 1, MAX_COUNT), ("batch_size", 1, MAX_COUNT), ("seed", 0, MAX_SEED))
+
+
+def check_numbers(cfg) -> None:
+    """The Python API's counterpart of the flags' parsers: a config's shared numbers (tokens,
+    seq_len, batch_size, seed, those it has) are whole, finite and within their bounds; a text
+    value is left to the command (``"all"``). Raises UserError naming the option."""
+    for name, low, high in _BOUNDED:
+        v = getattr(cfg, name, None)
+        if v is None or isinstance(v, str):
+            continue
+        whole = (isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, float) and math.isfinite(v) and v == int(v))
+        if not whole or not low <= int(v) <= high:
+            raise UserError(f"{name} (--{name.replace('_', '-')}) must be a whole number from {low} to {high:,}, "
+                            f"got {v!r}.")
 
 
 def parse_max_memory(text: str) -> str:

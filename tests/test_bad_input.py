@@ -396,3 +396,15 @@ def test_control_characters_stay_on_one_line(good_dir, corpus, capsys):
                                 "--seq-len", "8", "--quiet", *bad], capsys)
         assert_cli_promise(code, err, bad)
         assert code == 2 and "\r" not in err and "\x1b" not in err and err.count("\n") <= 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(tokens=float("inf")), dict(tokens=10**30), dict(seed=10**30),
+                                    dict(seed=-1), dict(seq_len=2.5), dict(batch_size=True), dict(tokens=float("nan"))])
+def test_python_api_bounds_the_same_numbers(kwargs, good_dir):
+    """rankest.estimate / fit_heads / anisotropy refuse what the flags' parsers refuse, naming the option."""
+    import rankest
+    from rankest.errors import UserError
+
+    for fn in (rankest.estimate, rankest.fit_heads, rankest.anisotropy):
+        with pytest.raises(UserError, match=next(iter(kwargs))):
+            fn(teacher=str(good_dir), corpus="lee", quiet=True, **kwargs)

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from rankest.errors import UserError
-from rankest.options import checkpoint_every_option, option, positive_int, resume_option, shared_option
+from rankest.options import (check_numbers, checkpoint_every_option, option, positive_int, resume_option,
+                             shared_option)
 from rankest.runtime.run import check_checkpoint_options
 
 INITS = ("normal", "scaled", "svd")
@@ -74,6 +75,7 @@ class HeadsConfig:
     resume: bool = resume_option(run="sweep")
 
     def validate(self) -> None:
+        check_numbers(self)
         check_checkpoint_options(self, unit="steps")
         if self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
