@@ -351,6 +351,8 @@ def test_safetensors_header_check_agrees_with_the_reader(good_dir):
 
 def test_hub_probe_is_fast_and_true(monkeypatch):
     """hub_reachable: False within its timeout for a port nobody listens on, True for one that does."""
+    for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
     with socket.socket() as s:  # a free port, closed again: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -408,3 +410,10 @@ def test_python_api_bounds_the_same_numbers(kwargs, good_dir):
     for fn in (rankest.estimate, rankest.fit_heads, rankest.anisotropy):
         with pytest.raises(UserError, match=next(iter(kwargs))):
             fn(teacher=str(good_dir), corpus="lee", quiet=True, **kwargs)
+
+
+def test_hub_probe_trusts_a_proxy(monkeypatch):
+    """Behind a proxy a direct connection proves nothing: the probe steps aside for the Hub client."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nobody listens
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert teachers.hub_reachable(timeout=0.5)

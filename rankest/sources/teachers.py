@@ -495,7 +495,12 @@ HUB_PROBE_TIMEOUT = 2.0
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     """Can this machine open a TCP connection to the Hub (``HF_ENDPOINT``, default
     huggingface.co:443) within ``timeout`` seconds? Name resolution included: it runs in a
-    daemon thread, since ``getaddrinfo`` takes no timeout of its own."""
+    daemon thread, since ``getaddrinfo`` takes no timeout of its own. Behind a proxy
+    (``HTTPS_PROXY``, ``ALL_PROXY``, …) a direct connection says nothing: True, and the Hub
+    client tries through the proxy."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
     url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     done = threading.Event()
