@@ -11,6 +11,7 @@ The options of the commands that run a model are the fields of their config data
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +26,7 @@ from rankest.estimator.config import EstimateConfig
 from rankest.estimator.pipeline import run_estimate
 from rankest.heads.config import HeadsConfig
 from rankest.heads.pipeline import run_heads
+from rankest.io.files import check_name_lengths, check_writable_folder
 from rankest.options import add_arguments, config_from_args, to_kwargs
 from rankest.report.compare import compare_runs
 from rankest.report.estimate import summary_lines
@@ -72,9 +74,52 @@ EPILOG_SATURATION = """examples:
 CORPUS_OPTIONS = ("corpus", "tokens", "seq_len", "positions", "sample", "batch_size", "seed")
 
 
+class UsageError(Exception):
+    """A command line argparse refused: ``prog`` (``rankest estimate``) and argparse's message."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing the usage and exiting, so
+    :func:`main` prints the one sentence and one line pointing at ``--help``."""
+
+    def error(self, message: str):
+        raise UsageError(self.prog, message)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters a user typed (``\\r``, ``\\n``, ``\\x1b``) are shown
+    escaped, so the sentence that echoes them stays one line of the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def usage_sentence(err: UsageError) -> str:
+    """argparse's message as one sentence: ``argument --seed: expected …`` → ``--seed: expected …``."""
+    text = str(err).strip()
+    if text.startswith("argument "):
+        text = text[len("argument "):]
+    return text if text.endswith((".", "?", ")")) else text + "."
+
+
+def unknown_options(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """The sentence for arguments no option of ``parser`` takes, with the closest option for
+    each (``--tokns`` → ``--tokens``)."""
+    known = [o for a in parser._actions for o in a.option_strings]
+    flags = [x for x in extras if x.startswith("-")]
+    parts = []
+    for x in flags or extras:  # the value after an unknown flag is not an argument of its own
+        flag = x.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("-") else []
+        parts.append(f"{x} (did you mean {close[0]}?)" if close else x)
+    return f"unrecognized argument{'s' if len(parts) > 1 else ''}: {', '.join(parts)}."
+
+
 def build_parser() -> argparse.ArgumentParser:
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rankest", description="How high is the rank of a language model's target distribution?",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `python -m rankest COMMAND --help` for a command's options.")
@@ -125,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The last line of a command run without --out (its results were shown, not kept).
+NOTHING_SAVED = "  nothing was saved (no --out); pass --out DIR to keep {files}"
+
+
 def cmd_estimate(args) -> int:
 
     spec = run_estimate(**to_kwargs(config_from_args(EstimateConfig, args)))
@@ -140,6 +189,8 @@ def cmd_estimate(args) -> int:
               f"smoothing {spec.meta['smoothing']}, weighting {spec.meta['weighting']}, tokenizer {spec.meta['tokenizer']}")
     if args.out:
         print(f"  wrote {args.out}/results.h5, results.json, report.md")
+    else:
+        print(NOTHING_SAVED.format(files="results.h5, results.json, report.md"))
     return 0
 
 
@@ -156,6 +207,15 @@ def cmd_teachers(args) -> int:
 def cmd_report(args) -> int:
 
     folders = [Path(f) for f in args.folders]
+    for folder in folders:
+        check_name_lengths(folder, "report")
+        if not folder.is_dir():
+            raise UserError(f"report: {folder} is not a folder; pass run folders written by rankest (estimate, heads, anisotropy, head-spectrum).")
+    if args.out:  # checked before any result is read: the comparison must be writable
+        check_writable_folder(args.out, "--out")
+    else:
+        check_writable_folder(folders[0], "report", must_exist=True,
+                              fix="pass --out DIR to write the report into another folder")
     if len(folders) == 1 and not args.out:
         path = render_folder(folders[0])
     else:
@@ -174,6 +234,8 @@ def cmd_anisotropy(args) -> int:
               + " ".join(f"{x:.3f}" for x in a))
     if args.out:
         print(f"  wrote {args.out}/anisotropy.h5, anisotropy.json, report.md, anisotropy.png")
+    else:
+        print(NOTHING_SAVED.format(files="anisotropy.h5, anisotropy.json, report.md, anisotropy.png"))
     return 0
 
 
@@ -187,6 +249,8 @@ def cmd_head_spectrum(args) -> int:
               f"effective rank = {r['head_effective_rank']:.1f}")
     if args.out:
         print(f"  wrote {args.out}/head_spectrum.h5, head_spectrum.json, report.md, head_*.png")
+    else:
+        print(NOTHING_SAVED.format(files="head_spectrum.h5, head_spectrum.json, report.md, head_*.png"))
     return 0
 
 
@@ -207,6 +271,8 @@ def cmd_heads(args) -> int:
     print(f"  teacher {res.reference['loss']:9.4f} {res.reference['accuracy']:9.4f}")
     if args.out:
         print(f"  wrote {args.out}/heads.h5, heads.json, heads.md")
+    else:
+        print(NOTHING_SAVED.format(files="heads.h5, heads.json, heads.md"))
     return 0
 
 
@@ -239,16 +305,40 @@ COMMANDS = {"estimate": cmd_estimate, "teachers": cmd_teachers, "report": cmd_re
             "saturation": cmd_saturation}
 
 
+def _subparser(parser: argparse.ArgumentParser, command: Optional[str]) -> argparse.ArgumentParser:
+    """The parser of ``command`` (the top-level parser when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse ``argv``; a refused command line raises :class:`UsageError` (unknown options with
+    the closest known one)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = getattr(args, "command", None)
+        sub = _subparser(parser, command)
+        raise UsageError(sub.prog, unknown_options(sub, extras))
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(parser, argv)
+    except UsageError as e:
+        print(f"rankest: error: {one_line(usage_sentence(e))}", file=sys.stderr)
+        print(f"Run `python -m {e.prog} --help` for the options.", file=sys.stderr)
+        return 2
     if not args.command:
         parser.print_help()
         return 2
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"rankest: error: {e}", file=sys.stderr)
+        print(f"rankest: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print("rankest: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)

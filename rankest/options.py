@@ -28,16 +28,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from rankest.errors import UserError
+from rankest.runtime.memory import parse_size
 from rankest.sources.teachers import DEVICE_MAPS
 
 __all__ = ["Option", "option", "shared_option", "MODEL_OPTIONS", "option_fields", "add_arguments",
            "config_from_args", "to_kwargs", "keyword_options", "checkpoint_every_option", "resume_option",
-           "int_at_least", "positive_int", "nonneg_int", "parse_tokens", "parse_passes", "parse_positions"]
+           "int_at_least", "positive_int", "nonneg_int", "parse_count", "parse_seed", "parse_tokens",
+           "parse_max_memory", "check_numbers", "MAX_COUNT", "MAX_SEED", "parse_passes", "parse_positions"]
 
 #: The key of a field's metadata holding its :class:`Option`.
 METADATA_KEY = "rankest.option"
@@ -70,37 +74,85 @@ def option(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
     return dataclasses.field(default=default, default_factory=default_factory, metadata={METADATA_KEY: spec})
 
 
-# ---- argparse type functions (argparse turns ArgumentTypeError into exit 2 with the usage) ----------
-def int_at_least(low: int, what: str) -> Callable[[str], int]:
-    """argparse type: an integer ≥ low (argparse turns the error into exit 2 with usage)."""
+# ---- argparse type functions (their ArgumentTypeError is one sentence: the CLI prints it, exit 2) ---
+#: The largest count an option takes (rows, steps, sizes): 2^53, beyond what any machine holds and
+#: the largest integer a float64 carries exactly.
+MAX_COUNT = 2**53
+#: The largest --seed: leaves room for the offsets added to it (seed + 1, per-rank seeds) within
+#: the 64-bit seeds of torch and NumPy.
+MAX_SEED = 2**62
+
+
+def parse_count(text: str, *, low: int, high: int, what: str) -> int:
+    """``text`` as an integer in [low, high]: digits, or a finite whole number written as a float
+    (``1e5``); anything else is an :class:`argparse.ArgumentTypeError` (argparse names the flag)."""
+    t = str(text).strip().replace("_", "")
+    try:
+        v = int(t)
+    except ValueError:
+        try:
+            f = float(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}.") from None
+        if not math.isfinite(f) or f != int(f):
+            raise argparse.ArgumentTypeError(f"expected a finite whole {what} integer, got {text!r}.") from None
+        v = int(f)
+    if v < low or v > high:
+        raise argparse.ArgumentTypeError(f"expected a {what} integer from {low} to {high:,}, got {text!r}.")
+    return v
+
+
+def int_at_least(low: int, what: str, *, high: int = MAX_COUNT) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high] (see :func:`parse_count`)."""
 
     def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
-        return v
+        return parse_count(text, low=low, high=high, what=what)
 
     return parse
 
 
 positive_int = int_at_least(1, "positive")
 nonneg_int = int_at_least(0, "non-negative")
+parse_seed = int_at_least(0, "non-negative", high=MAX_SEED)
 
 
 def parse_tokens(text: str) -> Optional[int]:
-    """``--tokens``: a number of rows ≥ 2 (``1e5`` allowed) or ``all`` (None)."""
-    if text.lower() == "all":
+    """``--tokens``: a number of rows in [2, 2^53] (``1e5`` allowed) or ``all`` (None)."""
+    if str(text).strip().lower() == "all":
         return None
     try:
-        v = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of rows or 'all', got {text!r}") from None
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"a spectrum needs at least 2 rows, got {text!r}")
-    return v
+        return parse_count(text, low=2, high=MAX_COUNT, what="row-count")
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{str(e)[:-1]}; a spectrum needs at least 2 rows, or pass 'all'.") from None
+
+
+#: (field, least value, largest value) of the shared numbers :func:`check_numbers` bounds.
+_BOUNDED = (("tokens", 1, MAX_COUNT), ("seq_len", 1, MAX_COUNT), ("batch_size", 1, MAX_COUNT), ("seed", 0, MAX_SEED))
+
+
+def check_numbers(cfg) -> None:
+    """The Python API's counterpart of the flags' parsers: a config's shared numbers (tokens,
+    seq_len, batch_size, seed, those it has) are whole, finite and within their bounds; a text
+    value is left to the command (``"all"``). Raises UserError naming the option."""
+    for name, low, high in _BOUNDED:
+        v = getattr(cfg, name, None)
+        if v is None or isinstance(v, str):
+            continue
+        whole = (isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, float) and math.isfinite(v) and v == int(v))
+        if not whole or not low <= int(v) <= high:
+            raise UserError(f"{name} (--{name.replace('_', '-')}) must be a whole number from {low} to {high:,}, "
+                            f"got {v!r}.")
+
+
+def parse_max_memory(text: str) -> str:
+    """``--max-memory``: a size such as ``16GB`` (checked by :func:`rankest.runtime.memory.parse_size`,
+    kept as text)."""
+    try:
+        parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--max-memory ", "", 1)) from None
+    return text
 
 
 def parse_passes(text: str):
@@ -110,9 +162,9 @@ def parse_passes(text: str):
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of passes or auto, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of passes or auto, got {text!r}")
+        v = 0
+    if not 1 <= v <= 1000:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of passes from 1 to 1000, got {text!r}.")
     return v
 
 
@@ -122,9 +174,9 @@ def parse_positions(text: str) -> str:
         return text
     if text.startswith("stride:"):
         k = text.split(":", 1)[1]
-        if k.isdigit() and int(k) >= 1:
+        if k.isdigit() and 1 <= int(k) <= MAX_COUNT:
             return text
-    raise argparse.ArgumentTypeError(f"expected all, last or stride:K with K ≥ 1, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected all, last or stride:K with K ≥ 1, got {text!r}.")
 
 
 # ---- the options every command that runs a model shares ---------------------------------------------
@@ -158,9 +210,9 @@ _MODEL_OPTIONS = (
                                    "GPUs (accelerate); one process, not under torchrun")),
     ("dtype", "auto", dict(group=EXECUTION, choices=("auto", "bf16", "fp16", "fp32", "fp64"),
                            help="teacher dtype; auto = bf16 on GPU, fp32 on CPU")),
-    ("max_memory", None, dict(group=EXECUTION,
+    ("max_memory", None, dict(group=EXECUTION, type=parse_max_memory,
                               help="memory budget for accumulators, e.g. 16GB (default: half the free memory)")),
-    ("seed", 0, dict(group=EXECUTION, type=nonneg_int, help="seed of every random choice (default 0)")),
+    ("seed", 0, dict(group=EXECUTION, type=parse_seed, help="seed of every random choice (default 0)")),
     ("out", None, dict(group=OUTPUT, help="run folder to write (results.h5, results.json, report.md, PNGs)")),
     ("overwrite", False, dict(group=OUTPUT, help="replace the results of an existing run folder")),
     ("quiet", False, dict(group=OUTPUT, help="no progress bar")),

@@ -69,3 +69,18 @@ def count_calls(monkeypatch, obj, names) -> dict:
 
         monkeypatch.setattr(obj, name, counted)
     return calls
+
+
+def assert_cli_promise(code, err: str, argv=None) -> None:
+    """The command line's promise for an exit status and its stderr: success (0), or exit 2 with
+    exactly one ``rankest: error: …`` sentence — after an argparse refusal, one more line pointing
+    at ``--help`` — and never a traceback or "internal error"."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err and "internal error" not in err, (argv, err)
+    if code == 0:
+        return
+    assert code == 2, (argv, code, err)
+    errors = [ln for ln in lines if ln.startswith("rankest: error: ")]
+    assert len(errors) == 1, (argv, err)
+    after = lines[lines.index(errors[0]) + 1:]
+    assert len(after) <= 1 and all("--help" in ln for ln in after), (argv, err)

@@ -364,8 +364,9 @@ class _Reached(BaseException):
 
 
 def _sentence_ok(err: str) -> bool:
-    line = err.strip().splitlines()[-1] if err.strip() else ""
-    return "error:" in line and len(line.split("error:", 1)[1].split()) >= 3
+    """The error line (an argparse refusal adds one line pointing at --help after it) is a sentence."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("rankest: error:")]
+    return len(lines) == 1 and len(lines[0].split("error:", 1)[1].split()) >= 3
 
 
 OPTION = st.fixed_dictionaries({

@@ -53,7 +53,7 @@ from rankest.diagnostics.head_spectrum import (
 )
 from rankest.diagnostics.in_estimate import EstimateDiagnostics
 from rankest.errors import UserError
-from rankest.io.files import jsonable, now_iso, write_text_atomic
+from rankest.io.files import check_writable_folder, jsonable, now_iso, write_text_atomic
 from rankest.io.results import provenance
 from rankest.io.sweep_results import KINDS, _append, _summary_json, read_results
 from rankest.options import keyword_options
@@ -174,14 +174,16 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
     path = None
     done: dict[str, dict[str, Any]] = {}
     if out is not None:
-        folder = pathlib.Path(out)
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--out {folder} exists and is not a folder; choose another path")
+        folder = check_writable_folder(out, "--out")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create the run folder {folder} ({e.strerror}); choose a writable --out") from e
+            raise UserError(f"cannot create the run folder {folder} ({e.strerror}); choose a writable --out.") from e
         path = folder / f"{kind}.h5"
+        for p in (path, path.with_suffix(".json"), folder / "report.md"):
+            if p.is_dir():
+                raise UserError(f"{p} is a folder, where the {kind.replace('_', '-')} sweep writes a file; remove it "
+                                "or choose another --out.")
         if path.exists():
             if resume:
                 old_config, done = read_results(path, kind)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from rankest.diagnostics.head_spectrum import TOP_RATIOS
 from rankest.errors import UserError
-from rankest.options import option, shared_option
+from rankest.options import check_numbers, option, shared_option
 
 #: Title of the --help section of the sweep's options.
 CHECKPOINTS = "checkpoints"
@@ -75,6 +75,7 @@ class AnisotropyConfig(_SweepOptions):
     cache_dir: Optional[str] = option(None, cli=False, help=_CACHE_DIR_HELP)
 
     def validate(self) -> None:
+        check_numbers(self)
         if self.tokens is not None and int(self.tokens) < 2:
             raise UserError(f"anisotropy needs at least 2 representations (--tokens ≥ 2), got {self.tokens}")
         if int(self.seq_len) < 1 or int(self.batch_size) < 1:

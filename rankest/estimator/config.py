@@ -9,6 +9,7 @@ from rankest.errors import UserError
 from rankest.io.rowcache import CACHE_DTYPES
 from rankest.ops.reference import GRAM_PRECISIONS, SPACES
 from rankest.options import (
+    check_numbers,
     checkpoint_every_option,
     option,
     parse_passes,
@@ -112,6 +113,7 @@ class EstimateConfig:
         return "neural"
 
     def validate(self) -> None:
+        check_numbers(self)
         if self.space not in SPACES:
             raise UserError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}.")
         if self.route not in ROUTES:

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from rankest.errors import UserError
-from rankest.options import checkpoint_every_option, option, positive_int, resume_option, shared_option
+from rankest.options import (check_numbers, checkpoint_every_option, option, positive_int, resume_option,
+                             shared_option)
 from rankest.runtime.run import check_checkpoint_options
 
 INITS = ("normal", "scaled", "svd")
@@ -74,6 +75,7 @@ class HeadsConfig:
     resume: bool = resume_option(run="sweep")
 
     def validate(self) -> None:
+        check_numbers(self)
         check_checkpoint_options(self, unit="steps")
         if self.init not in INITS:
             raise UserError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
@@ -81,7 +83,7 @@ class HeadsConfig:
             raise UserError(f"--objective must be ce (next-token cross-entropy) or kl (distil the teacher), "
                             f"got {self.objective!r}.")
         if self.lr is not None and not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
-            raise UserError(f"--lr must be a positive number, got {self.lr}.")
+            raise UserError(f"--lr must be a positive finite number, got {self.lr}.")
         if self.lr is not None and self.lr_search:
             raise UserError("--lr fixes the learning rate and --lr-search searches for one; pass only one of them.")
         for name in ("seq_len", "batch_size", "val_tokens"):

@@ -17,7 +17,7 @@ from rankest.heads.features import FeatureSource, Split, cache_attrs, check_cach
 from rankest.heads.result import HeadsResult, write_heads_run
 from rankest.heads.sweep import HeadSpec, HeadSweep, paper_lr, parse_ranks
 from rankest.heads.truncation import feature_truncations, head_moments, weight_truncations
-from rankest.io.files import now_iso
+from rankest.io.files import check_name_lengths, check_writable_file, now_iso
 from rankest.io.results import provenance
 from rankest.runtime import distributed
 from rankest.runtime.run import Run, result_config, run_config
@@ -53,11 +53,15 @@ def run_heads(**kwargs) -> Optional[HeadsResult]:
 
 def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
     """The body of :func:`run_heads` for one process of ``world``."""
-    run = Run.open("heads", out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, results_file="heads.h5",
-                   config=_heads_run_config(cfg), world=world, every=cfg.checkpoint_every, what="sweep")
     cache_path = Path(cfg.cache_features) if cfg.cache_features else None
+    if cache_path is not None:
+        check_name_lengths(cache_path, "--cache-features")
     if cache_path is not None and cache_path.exists() and not cache_path.is_file():
         raise UserError(f"--cache-features {cache_path} is not a file; pass a file path such as feats.h5.")
+    if cache_path is not None and not cache_path.exists() and world.main:  # written after the teacher loads
+        check_writable_file(cache_path, "--cache-features")
+    run = Run.open("heads", out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, results_file="heads.h5",
+                   config=_heads_run_config(cfg), world=world, every=cfg.checkpoint_every, what="sweep")
     started, t0 = now_iso(), time.perf_counter()
     teacher, docs = teacher_and_documents(cfg.teacher, cfg.corpus, revision=cfg.revision, device=run_device,
                                           dtype=cfg.dtype, seq_len=cfg.seq_len, quiet=cfg.quiet,

@@ -1,3 +1,4 @@
+import math
 import os
 
 import torch
@@ -5,8 +6,12 @@ import torch
 from rankest.errors import UserError
 
 
+#: The largest --max-memory: 1 EiB, more than any machine holds (a larger or infinite number is a typo).
+MAX_SIZE = 2**60
+
+
 def parse_size(text: str) -> int:
-    """'16GB', '512MiB', '1e9' → bytes."""
+    """'16GB', '512MiB', '1e9' → bytes, a finite size from 1 byte to :data:`MAX_SIZE`."""
     t = str(text).strip().upper().replace(" ", "")
     units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6,
              "KB": 10**3, "T": 10**12, "G": 10**9, "M": 10**6, "K": 10**3, "B": 1}
@@ -20,8 +25,8 @@ def parse_size(text: str) -> int:
         value = float(num) * mult
     except ValueError:
         raise UserError(f"--max-memory must be a size such as 16GB or 512MiB, got {text!r}.") from None
-    if not value > 0:
-        raise UserError(f"--max-memory must be positive, got {text!r}.")
+    if not math.isfinite(value) or not 1 <= value <= MAX_SIZE:
+        raise UserError(f"--max-memory must be a finite size from 1B to 1EiB such as 16GB, got {text!r}.")
     return int(value)
 
 

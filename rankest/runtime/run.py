@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,6 +46,7 @@ from rankest.io.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from rankest.io.files import check_name_lengths, check_writable_folder
 from rankest.runtime import distributed
 from rankest.sources.corpus import corpus_name
 
@@ -123,6 +123,9 @@ def open_run_folder(out, *, resume: bool, overwrite: bool, results_file: str, co
         raise UserError(f"the {run} in {folder} has finished ({results_file} and no {CHECKPOINT_NAME}); nothing to "
                         f"resume: pass --overwrite to compute it again, or choose another --out.")
     folder = prepare_run_folder(folder, overwrite=overwrite or resume)
+    if (folder / results_file).is_dir():
+        raise UserError(f"{folder / results_file} is a folder, where the {run} writes its results file; "
+                        f"remove it or choose another --out.")
     for stale in folder.glob(f".{CHECKPOINT_NAME}.*.tmp"):
         stale.unlink(missing_ok=True)
     if not has_ckpt:
@@ -175,17 +178,17 @@ def prepare_run_folder(out, *, overwrite: bool = False) -> Path:
     Checked before any expensive work, so a bad ``--out`` fails in a second, not after an hour.
     """
     out = Path(out)
+    check_name_lengths(out, "--out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another path.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"the run folder {out} already exists and is not empty; pass --overwrite to replace "
                         f"its results or choose another --out.")
+    check_writable_folder(out, "--out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
-        probe.close()
     except OSError as e:
-        raise UserError(f"cannot write to the run folder {out} ({e.strerror}); choose a writable --out.") from e
+        raise UserError(f"cannot create the run folder {out} ({e.strerror}); choose a writable --out.") from e
     return out
 
 

@@ -16,8 +16,9 @@ The embedded default corpus ``lee`` is the Lee background corpus (Lee, Pincombe 
 (Australian Broadcasting Corporation) news articles, about 360 kB, one document per line. It
 is not part of rankest: it is read from the test data of the gensim wheel
 (``gensim/test/test_data/lee_background.cor``; gensim is LGPL-2.1 and distributes the corpus
-with its tests), located without importing gensim, so ``pip install --no-deps gensim`` is
-enough. rankest never copies the text into its own files.
+with its tests), located without importing gensim. gensim is installed with its dependencies
+(scipy, smart_open): ``--no-deps`` would leave pip reporting their absence as an ``ERROR`` at
+every later install. rankest never copies the text into its own files.
 
 Examples::
 
@@ -27,8 +28,10 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
+import logging
 import os
 import pathlib
 import re
@@ -104,7 +107,7 @@ CORPORA: dict[str, CorpusInfo] = {
 }
 DEFAULT_CORPUS = "lee"
 
-_GENSIM_PIP = "pip install --no-deps gensim"
+_GENSIM_PIP = "pip install gensim==4.4.0"
 _LOCAL_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json",
                    ".json": "json", ".parquet": "parquet"}
 _SPLIT_PREFERENCE = ("test", "validation", "train")
@@ -239,13 +242,27 @@ def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
         try:
             import datasets
 
-            dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+            with _datasets_errors_silenced():  # its own "Failed to read schema" line would precede ours
+                dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train")
         except Exception as exc:  # datasets raises many types for a malformed file
             raise UserError(
                 f"cannot read the corpus file {path} as {builder} ({_first_line(exc)}); check "
                 "its format (.jsonl needs one JSON object per line with a text field)"
             ) from exc
         yield from _column(dataset, None, str(path))
+
+
+@contextlib.contextmanager
+def _datasets_errors_silenced():
+    """datasets' logger quiet below CRITICAL: a malformed local file is reported by rankest's one
+    sentence, not by the builder's log line before it."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

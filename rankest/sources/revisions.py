@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from rankest.errors import UserError
-from rankest.sources.teachers import TeacherInfo, _cache_dir, _offline, resolve_teacher
+from rankest.sources.teachers import TeacherInfo, _cache_dir, _offline, hub_reachable, resolve_teacher
 
 __all__ = ["Checkpoint", "resolve_checkpoints", "cached_revisions"]
 
@@ -64,8 +64,9 @@ def cached_revisions(hf_id: str, cache_dir=None) -> list[str]:
 
 
 def _remote_revisions(hf_id: str) -> Optional[list[str]]:
-    """Branches and tags on the Hub, or None when the Hub cannot be asked."""
-    if _offline():
+    """Branches and tags on the Hub, or None when the Hub cannot be asked (offline: known in a
+    second or two, not after the client's retries)."""
+    if _offline() or not hub_reachable():
         return None
     try:
         from huggingface_hub import list_repo_refs

@@ -36,14 +36,20 @@ import functools
 import importlib.util
 import os
 import pathlib
+import pickle
+import socket
+import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import torch
 
 from rankest.errors import UserError
 from rankest.sources.assets import package_file
+from rankest.sources.model_folder import check_gguf, check_model_folder
 from rankest.sources import corpus as corpus_mod  # called through the module: tests replace load_documents
 from rankest.sources.corpus import check_seq_len
 
@@ -319,12 +325,7 @@ class Teacher:
         self.logit_width = int(weight.shape[0])
         self.hidden_size = int(weight.shape[1])
         self.n_cols = len(tokenizer)
-        if self.n_cols > self.logit_width:
-            raise UserError(
-                f"the tokenizer of teacher {name} has {self.n_cols} tokens but its LM head only "
-                f"{self.logit_width} rows; the tokenizer does not belong to this model — save "
-                "the model's own tokenizer in its folder"
-            )
+        check_vocabulary(name, self.n_cols, self.logit_width)
         self.context_length = _context_length(model.config, tokenizer)
         base = getattr(model, "base_model", None)
         if base is None or base is model:
@@ -436,6 +437,33 @@ class Teacher:
             return self.model(input_ids=input_ids.to(self.input_device), use_cache=False).logits.to(self.device)
 
 
+def max_head_padding(logit_width: int) -> int:
+    """The most rows an LM head may have beyond its tokenizer's tokens: max(256, V/32).
+
+    Heads are padded to a multiple of 64 or 128 for speed (Pythia: 50,277 tokens, 50,304–50,688
+    rows; DeepSeek-LLM: 100,015 and 102,400 — 2.3%); a tokenizer far smaller than the head
+    belongs to another model (or is transformers' placeholder for a folder without one).
+    """
+    return max(256, logit_width // 32)
+
+
+def check_vocabulary(name: str, n_tokens: int, logit_width: int) -> None:
+    """Refuse a tokenizer that does not belong to the model: more tokens than head rows, or
+    fewer than the head's rows minus :func:`max_head_padding`."""
+    if n_tokens > logit_width:
+        raise UserError(
+            f"the tokenizer of teacher {name} has {n_tokens} tokens but its LM head only "
+            f"{logit_width} rows; the tokenizer does not belong to this model — save "
+            "the model's own tokenizer in its folder"
+        )
+    if logit_width - n_tokens > max_head_padding(logit_width):
+        raise UserError(
+            f"the tokenizer of teacher {name} has {n_tokens} tokens but its LM head {logit_width} rows, "
+            f"more padding than a head carries (at most {max_head_padding(logit_width)}); the tokenizer does not "
+            "belong to this model — save the model's own tokenizer in its folder"
+        )
+
+
 def _context_length(config: Any, tokenizer: Any) -> int:
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
@@ -457,6 +485,35 @@ def _offline() -> bool:
         os.environ.get(key, "").strip().lower() in truthy
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
+
+
+#: Seconds to wait for a TCP connection to the Hub before calling the machine offline: a missing
+#: network then costs a second or two, not huggingface_hub's ~50 s of retries.
+HUB_PROBE_TIMEOUT = 2.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Can this machine open a TCP connection to the Hub (``HF_ENDPOINT``, default
+    huggingface.co:443) within ``timeout`` seconds? Name resolution included: it runs in a
+    daemon thread, since ``getaddrinfo`` takes no timeout of its own. Behind a proxy
+    (``HTTPS_PROXY``, ``ALL_PROXY``, …) a direct connection says nothing: True, and the Hub
+    client tries through the proxy."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    done = threading.Event()
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            done.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=probe, daemon=True).start()
+    return done.wait(timeout)
 
 
 class _Placement(NamedTuple):
@@ -518,25 +575,70 @@ def _load_gguf(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
 
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"loading the GGUF teacher {file.name} needs the package gguf: pip install gguf")
+    check_gguf(file)
     folder, name = str(file.parent), file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_load_kwargs(place))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **_load_kwargs(place))
+    except UserError:
+        raise
+    except _load_errors() as exc:
+        raise UserError(
+            f"cannot load the GGUF teacher {file} ({type(exc).__name__}: {_first_line(exc)}); it is damaged, "
+            "truncated or of an architecture transformers cannot read: download it again or pass a model folder"
+        ) from exc
     return _prepare(model, place), tokenizer
+
+
+#: What transformers raises on a folder or file whose content it cannot load (after the checks of
+#: rankest.sources.model_folder): a pickle refused by torch's weights_only, a shape mismatch
+#: (RuntimeError), a damaged GGUF (struct.error, ValueError, IndexError), a config it refuses.
+_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, EOFError, RuntimeError, struct.error,
+                pickle.UnpicklingError)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """:data:`_LOAD_ERRORS` and the config validation errors of huggingface_hub's strict
+    dataclasses (transformers ≥ 5 validates every config field's type on load)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # optional: older huggingface_hub lacks it
+    except ImportError:
+        return _LOAD_ERRORS
+    return _LOAD_ERRORS + (StrictDataclassError,)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_folder(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
+        raise UserError(
+            f"cannot read the tokenizer of the teacher folder {folder} ({type(exc).__name__}: {_first_line(exc)}); "
+            "save the model's own tokenizer into it again (tokenizer.save_pretrained(folder))"
+        ) from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, **_load_kwargs(place)
         )
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except UserError:
+        raise
+    except _load_errors() as exc:
+        if isinstance(exc, pickle.UnpicklingError):
+            raise UserError(
+                f"the weights of the teacher folder {folder} are a pickle holding more than tensors, which torch "
+                "loads only with weights_only (arbitrary code could run); convert them to safetensors where they "
+                "were made (model.save_pretrained(folder, safe_serialization=True))"
+            ) from exc
         raise UserError(
-            f"cannot load the teacher folder {folder} ({first}); it needs config.json, the "
-            "weights and the tokenizer as written by save_pretrained"
+            f"cannot load the teacher folder {folder} ({type(exc).__name__}: {_first_line(exc)}); it "
+            "needs config.json, the weights and the tokenizer as written by save_pretrained"
         ) from exc
     return _prepare(model, place), tokenizer
 
@@ -569,6 +671,12 @@ def _load_hf(
         raise UserError(
             f"teacher {hf_id} (revision {rev}) is not in the Hugging Face cache {where} and "
             f"HF_HUB_OFFLINE is set; {how}"
+        ) from cache_error
+    if not hub_reachable():
+        raise UserError(
+            f"teacher {hf_id} (revision {rev}) is not in the Hugging Face cache {where} and the Hub cannot be "
+            f"reached from this machine (no network within {HUB_PROBE_TIMEOUT:g} s); {how} (HF_HUB_OFFLINE=1 "
+            "skips this check)"
         ) from cache_error
     try:  # 2. the Hub
         tokenizer = AutoTokenizer.from_pretrained(hf_id, **common)

@@ -20,10 +20,13 @@ import pathlib
 import subprocess
 import sys
 import tarfile
+import struct
 import tempfile
+import zlib
 from typing import Any
 
 from rankest.errors import UserError
+from rankest.io.files import check_writable_folder
 from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS, _gguf_location
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -38,7 +41,19 @@ def cache_root() -> pathlib.Path:
 
 
 def load_tokenizer(spec) -> tuple[Any, str]:
-    """``--tokenizer`` → (a transformers fast tokenizer, its name for the results)."""
+    """``--tokenizer`` → (a transformers fast tokenizer, its name for the results); a file that
+    cannot be read is a sentence."""
+    try:
+        return _load_tokenizer(spec)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise UserError(f"cannot read the tokenizer {spec} ({type(exc).__name__}: {text}); pass a tokenizer folder "
+                        f"saved with save_pretrained, a tokenizer.json or a .gguf file.") from exc
+
+
+def _load_tokenizer(spec) -> tuple[Any, str]:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec is None:
@@ -121,10 +136,35 @@ def _check_against_llama_cpp(tok, inp: str, out: str) -> tuple[int, int]:
     return ok, min(len(texts), len(want))
 
 
+def _open_sdist(sdist: os.PathLike) -> tarfile.TarFile:
+    """The sdist as an open tar.gz, or a sentence saying why it is not one."""
+    path = pathlib.Path(sdist)
+    again = f"download it again (pip download --no-deps --no-binary :all: {LLAMA_CPP_PYTHON}) or drop --sdist"
+    if not path.exists():
+        raise UserError(f"--sdist {path} does not exist; check the path, or drop --sdist to download it with pip.")
+    if not path.is_file():
+        raise UserError(f"--sdist {path} is a folder, not the sdist file (llama_cpp_python-….tar.gz); pass the file.")
+    try:
+        return tarfile.open(path, "r:gz")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"--sdist {path} is not a readable .tar.gz ({e}); {again}.") from None
+
+
+def _members(tar: tarfile.TarFile, sdist) -> list:
+    """The members of a (possibly truncated) tar: a damaged archive is a sentence."""
+    try:
+        return tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise UserError(f"--sdist {sdist} is a damaged .tar.gz ({e}); download it again or drop --sdist.") from None
+
+
 def setup_tokenizers(*, sdist: os.PathLike | None = None, quiet: bool = False) -> dict[str, str]:
     """Download the llama-cpp-python sdist (or use ``sdist``), extract the GPT-NeoX and GPT-2
     vocabularies, build and cache the tokenizers. Returns {name: tokenizer.json path}."""
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    check_writable_folder(cache_root(), "RANKEST_CACHE")  # before a 77 MB download
+    if sdist is not None:
+        _open_sdist(sdist).close()
     with tempfile.TemporaryDirectory() as tmp:
         if sdist is None:
             log(f"rankest: downloading the {LLAMA_CPP_PYTHON} sdist (~77 MB) from PyPI...")
@@ -136,15 +176,22 @@ def setup_tokenizers(*, sdist: os.PathLike | None = None, quiet: bool = False) -
                                 f"download the sdist elsewhere and pass it: python -m rankest setup-tokenizers --sdist FILE.")
             sdist = found[0]
         written = {}
-        with tarfile.open(sdist, "r:gz") as tar:
-            members = {pathlib.PurePosixPath(m.name).name: m for m in tar.getmembers()
+        with _open_sdist(sdist) as tar:
+            members = {pathlib.PurePosixPath(m.name).name: m for m in _members(tar, sdist)
                        if "/vendor/llama.cpp/models/ggml-vocab-gpt" in m.name}
             for name, fname in GGUF_IN_SDIST.items():
                 if fname not in members:
                     raise UserError(f"{sdist} has no {fname}; use {LLAMA_CPP_PYTHON}.")
                 dst = pathlib.Path(tmp) / fname
-                dst.write_bytes(tar.extractfile(members[fname]).read())
-                tok = build_from_gguf(dst)
+                try:
+                    dst.write_bytes(tar.extractfile(members[fname]).read())
+                    tok = build_from_gguf(dst)
+                except UserError:
+                    raise
+                except (tarfile.TarError, EOFError, zlib.error, ValueError, KeyError, IndexError, TypeError,
+                        AttributeError, UnicodeDecodeError, struct.error) as e:
+                    raise UserError(f"--sdist {sdist}: its {fname} is damaged ({type(e).__name__}: {e}); download the "
+                                    f"sdist again or drop --sdist.") from None
                 inp, out = members.get(fname + ".inp"), members.get(fname + ".out")
                 if inp is not None and out is not None:
                     ok, n = _check_against_llama_cpp(tok, tar.extractfile(inp).read().decode(),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -89,11 +90,12 @@ def parse_contexts(text) -> Optional[int]:
     if text is None or str(text).lower() == "all":
         return None
     try:
-        c = int(float(text))
-    except ValueError:
+        f = float(text)
+        c = int(f) if math.isfinite(f) and f == int(f) else 0
+    except (TypeError, ValueError):
         c = 0
-    if c < 2:
-        raise UserError(f"--contexts must be 'all' or a number of contexts ≥ 2, got {text!r}.")
+    if not 2 <= c <= 2**53:
+        raise UserError(f"--contexts must be 'all' or a whole number of contexts from 2 to 2^53, got {text!r}.")
     return c
 
 
@@ -104,9 +106,9 @@ def parse_fractions(text) -> Optional[list[float]]:
     items = text if isinstance(text, (list, tuple)) else str(text).split(",")
     try:
         fr = sorted({float(x) for x in items})
-    except ValueError:
+    except (TypeError, ValueError):
         fr = []
-    if not fr or fr[0] <= 0 or fr[-1] > 1:
+    if not fr or not all(0 < f <= 1 for f in fr):  # also refuses nan
         raise UserError(f"--corpus-fractions must be comma-separated fractions in (0, 1], e.g. 0.25,0.5,1; got {text!r}.")
     return fr
 
@@ -388,6 +390,9 @@ def build_rows(counts: NgramCounts, *, vocab: int, smoothing: str = "mle", space
     rng = np.random.default_rng(seed)
     if contexts is not None and contexts < eligible.size:
         eligible = np.sort(rng.choice(eligible, size=contexts, replace=False))
+    elif contexts is not None and contexts > eligible.size:
+        print(f"rankest: --contexts {contexts:,} is more than the {eligible.size:,} contexts seen at least "
+              f"{min_count} time(s); capped: using all {eligible.size:,}", file=sys.stderr)
     sel = rng.permutation(eligible)
     tables = None
     if kind == "kn":
