@@ -31,6 +31,7 @@ from rankest.io.results import read_spectrum_h5
 from rankest.options import add_arguments, config_from_args, to_kwargs
 from rankest.report.compare import compare_runs
 from rankest.report.estimate import write_report
+from rankest.runtime.run import release_all
 from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
 from rankest.sources.tokenizers import setup_tokenizers
 
@@ -234,6 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"rankest: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                   file=sys.stderr)
         return 1
+    finally:
+        release_all()  # the run folder's lock; a folder the failed run created and left empty goes
 
 
 if __name__ == "__main__":  # pragma: no cover

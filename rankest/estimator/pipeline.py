@@ -25,6 +25,7 @@ import copy
 import time
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -156,11 +157,31 @@ class Estimate:
             return 0
         states = self.run.saved_states([a.name for a in self.summed_accs])
         if states is not None:
+            self.check_position(position, states)
             for a in self.summed_accs:
                 a.load_state(states[a.name])
             self.convergence.update(self.run.checkpoint.convergence)
             self.run.restore_rng(self.target.device)
         return int(position["next_batch"])
+
+    def check_position(self, position: dict, states: dict) -> None:
+        """Rank 0: the checkpoint's counts agree — its batch within this plan, its rows done
+        = the plan's rows before that batch = every state's row count — or it is refused."""
+        t, path = self.target, self.run.checkpoint.path
+        try:
+            j, done = int(position["next_batch"]), int(position["rows_done"])
+            counts = {name: int(np.asarray(s["n_rows"])) for name, s in states.items() if "n_rows" in s}
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the checkpoint {path} is damaged (its position lacks {e}); delete it and start "
+                            f"afresh.") from e
+        plan = t.rows_before(j) if 0 <= j <= t.n_units else None
+        streamed = {self.stats.name} | ({self.acc.name} if self.cache is None else set())  # every row, once
+        wrong = {name: n for name, n in counts.items() if n != done and name in streamed}
+        if plan != done or int(position.get("n_batches", t.n_units)) != t.n_units or wrong:
+            raise UserError(f"the checkpoint {path} is inconsistent (batch {j} of {position.get('n_batches')}, "
+                            f"{done:,} rows done, the plan has {t.n_units} batches and {plan} rows before batch {j}, "
+                            f"states count {counts}); delete it (or pass --overwrite instead of --resume) to start "
+                            f"afresh.")
 
     # ---- streaming ---------------------------------------------------------------------------
     def summed(self, a: Accumulator) -> Optional[Accumulator]:

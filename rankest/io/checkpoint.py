@@ -40,8 +40,8 @@ import torch
 
 from rankest._version import __version__
 from rankest.errors import UserError
-from rankest.io.files import to_json
-from rankest.io.h5 import DIGEST_ATTR, check_sizes, checked_dataset, digest, os_error_text, read_all, write_h5
+from rankest.io.files import atomic_path, to_json
+from rankest.io.h5 import DIGEST_ATTR, check_sizes, checked_dataset, digest, h5_file, os_error_text, read_all
 
 CHECKPOINT_NAME = "checkpoint.h5"
 FORMAT = "rankest.checkpoint"
@@ -115,8 +115,9 @@ def write_checkpoint(path, *, config: dict, derived: dict, position: dict, conve
     """
     path = Path(path)
     try:
-        _write_file(path, config=config, derived=derived, position=position, convergence=convergence,
-                    states=states, rng=rng or {})
+        with atomic_path(path) as tmp:
+            _write_file(tmp, config=config, derived=derived, position=position, convergence=convergence,
+                        states=states, rng=rng or {})
     except OSError as e:
         before = ("the previous checkpoint there is intact" if path.exists()
                   else "no earlier checkpoint exists")
@@ -125,7 +126,7 @@ def write_checkpoint(path, *, config: dict, derived: dict, position: dict, conve
             f"rerun with --resume.") from e
 
 
-def _write_file(path: Path, *, config, derived, position, convergence, states, rng) -> None:
+def _write_file(tmp: Path, *, config, derived, position, convergence, states, rng) -> None:
     """The HDF5 writer proper (separate so tests can inject I/O faults into it). The ``sha256``
     attribute covers every attribute and every dataset (:func:`rankest.io.h5.digest`)."""
     attrs = {"format": FORMAT, "version": CHECKPOINT_VERSION, "rankest_version": __version__,
@@ -135,7 +136,7 @@ def _write_file(path: Path, *, config, derived, position, convergence, states, r
              "complete": True}
     arrays = {f"state/{name}/{key}": np.asarray(v) for name, state in states.items() for key, v in state.items()}
     arrays.update({f"rng/{key}": np.asarray(v) for key, v in rng.items()})
-    with write_h5(path, seal=False) as f:
+    with h5_file(tmp) as f:
         f.create_group("state")
         f.create_group("rng")
         for name in states:

@@ -192,30 +192,35 @@ class _Sink:
 
 
 @contextlib.contextmanager
-def write_h5(path, *, mode: str = "w", seal: bool = True, copy_from=None) -> Iterator[h5py.File]:
-    """Yield an h5py File that becomes ``path`` atomically when the block ends; with ``seal``
-    its ``sha256`` attribute is set to :func:`file_digest` of the rest first (a checkpoint
-    computes its digest from what it writes and passes ``seal=False``). ``copy_from``: start from
-    a copy of that file (``mode`` "a"). An OSError of any write (ENOSPC, EIO) is raised after
-    HDF5 has closed the file, with ``path`` untouched."""
+def h5_file(path, *, mode: str = "w") -> Iterator[h5py.File]:
+    """Yield ``path`` open (``mode`` "w" or "a") as an h5py File written through :class:`_Sink`:
+    an OSError of any write (ENOSPC, EIO) is raised after HDF5 has closed the file cleanly."""
+    with open(path, "r+b" if mode == "a" else "w+b") as raw:
+        sink = _Sink(raw)
+        f = h5py.File(sink, mode)
+        try:
+            yield f
+        finally:
+            f.close()
+            sink.flush()
+        if sink.error is not None:
+            raise sink.error
+
+
+@contextlib.contextmanager
+def write_h5(path, *, copy_from=None) -> Iterator[h5py.File]:
+    """Yield an h5py File (:func:`h5_file`) that becomes ``path`` atomically when the block ends,
+    its ``sha256`` attribute set to :func:`file_digest` of the rest first. ``copy_from``: start
+    from a copy of that file. On an OSError ``path`` is untouched."""
     path = Path(path)
     with atomic_path(path) as tmp:
         if copy_from is not None:
             with open(copy_from, "rb") as src, open(tmp, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
-        with open(tmp, "r+b") as raw:
-            sink = _Sink(raw)
-            f = h5py.File(sink, "a" if copy_from is not None else mode)
-            try:
-                yield f
-                if seal and sink.error is None:
-                    f.attrs[DIGEST_ATTR] = file_digest(f)
-            finally:
-                f.close()
-                sink.flush()
-            if sink.error is not None:
-                raise sink.error
+        with h5_file(tmp, mode="a" if copy_from is not None else "w") as f:
+            yield f
+            f.attrs[DIGEST_ATTR] = file_digest(f)
 
 
 def os_error_text(e: OSError) -> str:
