@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -44,7 +45,7 @@ from rankest.io.rowcache import cache_nbytes
 from rankest.report.estimate import write_report
 from rankest.runtime import distributed
 from rankest.runtime.memory import _fmt_bytes, available_memory, parse_size
-from rankest.runtime.run import EXECUTION_OPTIONS, Run, result_config, run_config
+from rankest.runtime.run import EXECUTION_OPTIONS, Run, release_run_folder, result_config, run_config
 from rankest.sources.corpus import corpus_name
 from rankest.spectrum import Spectrum
 from rankest.targets.base import Target
@@ -156,8 +157,8 @@ class Estimate:
         if position is None:
             return 0
         states = self.run.saved_states([a.name for a in self.summed_accs])
+        distributed.on_main(self.world, lambda: self.check_position(position, states))  # every process raises
         if states is not None:
-            self.check_position(position, states)
             for a in self.summed_accs:
                 a.load_state(states[a.name])
             self.convergence.update(self.run.checkpoint.convergence)
@@ -198,6 +199,7 @@ class Estimate:
     def snapshot(self, m: int) -> None:
         acc, stats = self.summed(self.acc), self.summed(self.stats)
         if self.world.main:
+            stats.check_finite(f"in the first {m:,} rows")
             self.convergence[m] = self.target.finish(acc.finalize(energy=stats.energy)).metrics()
 
     def update(self, part: Chunk) -> None:
@@ -274,6 +276,8 @@ class Estimate:
                                       reduce=distributed.sum_over_processes(world))
         if not world.main:
             return None
+        # (a checkpoint of non-finite states is refused when read: rankest.io.checkpoint)
+        self.stats.check_finite(f"in the {self.stats.n_rows:,} rows")
         if self.cache is None:
             spec = self.acc.finalize(energy=self.stats.energy)
         spec = t.finish(spec)
@@ -373,6 +377,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     finally:
         if target is not None:
             target.close()
+        if cfg.out:
+            release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
         distributed.shutdown(world)
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from rankest.errors import UserError
 from rankest.heads.config import MIN_VAL_ROWS, HeadsConfig
 from rankest.heads.sweep import _head_seed
+from rankest.sources.finite import check_finite_tensor
 from rankest.io.h5 import check_digest, check_sizes, write_h5
 from rankest.sources.corpus import Batch
 
@@ -65,6 +66,8 @@ def teacher_features(teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch.mask.to(teacher.device)
         h = teacher.features(ids)[mask]
         t = batch.targets.to(teacher.device)[mask]
+        check_finite_tensor(h, f"the features of teacher {teacher.name} (batch at window {batch.start})",
+                            "check its weights (the final norm, the embeddings) and --dtype")
     return h.clone(), t.clone()  # clone outside inference mode: inference tensors cannot enter autograd
 
 

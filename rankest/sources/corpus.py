@@ -32,6 +32,7 @@ import glob
 import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -226,7 +227,7 @@ def _read_text(path: pathlib.Path) -> Iterator[str]:
 
 def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
     """Local files: text read directly; JSON lines / JSON / Parquet through the ``datasets``
-    packaged builders (they work offline)."""
+    packaged builders (they work offline), in memory, with a temporary cache."""
     for path in files:
         builder = _LOCAL_SUFFIXES.get(path.suffix.lower())
         if builder is None:
@@ -239,7 +240,11 @@ def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
         try:
             import datasets
 
-            dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+            # A cache folder of its own, removed once the rows are in memory: a local file leaves
+            # nothing in the shared datasets cache (~/.cache/huggingface), outside the run's --out.
+            with tempfile.TemporaryDirectory(prefix="rankest-corpus-") as cache:
+                dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=cache,
+                                                keep_in_memory=True)
         except Exception as exc:  # datasets raises many types for a malformed file
             raise UserError(
                 f"cannot read the corpus file {path} as {builder} ({_first_line(exc)}); check "
