@@ -160,7 +160,12 @@ class Estimate:
         distributed.on_main(self.world, lambda: self.check_position(position, states))  # every process raises
         if states is not None:
             for a in self.summed_accs:
-                a.load_state(states[a.name])
+                try:
+                    a.load_state(states[a.name])
+                except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a state of another shape or kind
+                    raise UserError(f"the checkpoint {self.run.checkpoint.path} holds a {a.name} state this run cannot "
+                                    f"continue ({type(e).__name__}: {' '.join(str(e).split())[:200]}); delete it (or "
+                                    f"pass --overwrite instead of --resume) to start afresh.") from e
             self.convergence.update(self.run.checkpoint.convergence)
             self.run.restore_rng(self.target.device)
         return int(position["next_batch"])

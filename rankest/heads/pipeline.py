@@ -370,7 +370,11 @@ def _check_position(run: Run, step: int, steps: int, n_heads: int) -> None:
 def _restore(run: Run, sweep: HeadSweep, history: np.ndarray) -> None:
     """Load the checkpoint's heads, AdamW states and loss history on every process."""
     states = run.saved_states(["sweep", "history"])
-    sweep.load_state(distributed.broadcast_arrays(run.world, None if states is None else states["sweep"]))
+    try:
+        sweep.load_state(distributed.broadcast_arrays(run.world, None if states is None else states["sweep"]))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # heads of another shape or kind
+        raise UserError(f"the checkpoint {run.out} holds heads this sweep cannot continue ({type(e).__name__}); "
+                        f"delete it (or pass --overwrite instead of --resume) to start afresh.") from e
     done = distributed.broadcast(run.world, None if states is None else states["history"]["train_loss"])
     history[:len(done)] = done
     run.restore_rng(sweep.A[0].device)
