@@ -285,8 +285,8 @@ def _results_variant(kind: str, src: Path, dst: Path) -> str:
         elif kind == "bogus route":
             f.attrs["spectrum"] = json.dumps({**info, "route": "magic"})
             needle = "its route is 'magic'"
-        elif kind == "sigma longer than min(N, V')":
-            f.attrs["spectrum"] = json.dumps({**info, "n_rows": 5})
+        elif kind == "sigma longer than V'":
+            f.attrs["spectrum"] = json.dumps({**info, "n_cols": 5})
             needle = "at most 5"
         else:
             raise ValueError(kind)
@@ -295,7 +295,7 @@ def _results_variant(kind: str, src: Path, dst: Path) -> str:
 
 
 RESULT_FAULTS = ["route emptied", "summary edited", "sigma declares 1e12", "huge n_rows, sigma 2.5e8", "no checksum",
-                 "2-D sigma", "bogus space", "bogus route", "sigma longer than min(N, V')"]
+                 "2-D sigma", "bogus space", "bogus route", "sigma longer than V'"]
 
 
 @pytest.mark.parametrize("kind", RESULT_FAULTS)
@@ -447,8 +447,14 @@ def damaged_teachers(neox, tmp_path_factory):
         assert key in sd, sorted(sd)
         edit(sd[key])
         save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
-        out[name] = (folder, key)
+        out[name] = (folder, NAMED[name])
     return out
+
+
+#: What each damage's sentence must name (the loaded module's parameter: the saved embed_out is lm_head).
+NAMED = {"nan-embedding": "embed_in.weight of teacher", "nan-head-row": "head.weight of teacher",
+         "nan-final-norm": "final_layer_norm.weight of teacher", "inf-layer": "layers.0.mlp.dense_h_to_4h.weight of teacher",
+         "head-1e37": "head"}
 
 
 def _command(cmd: str, teacher: Path, corpus, out: Path) -> list:
@@ -501,7 +507,9 @@ def test_nan_features_midway(cmd, neox, corpus, tmp_path, monkeypatch, capsys):
         calls["n"] += 1
         return t if calls["n"] < 3 else torch.full_like(t, float("nan"))
 
+    full = teachers.Teacher.full_logits
     monkeypatch.setattr(teachers.Teacher, "features", lambda self, ids: poison(features(self, ids)))
+    monkeypatch.setattr(teachers.Teacher, "full_logits", lambda self, ids: poison(full(self, ids)))
     monkeypatch.setattr(teachers.Teacher, "hidden_states",
                         lambda self, ids: (lambda h, ls: (h, tuple(poison(x) for x in ls)))(*hidden(self, ids)))
     argv = _command(cmd, neox, corpus, tmp_path / "run")
@@ -582,7 +590,7 @@ def test_output_files_get_umask_permissions(reference):
     assert not (reference / LOCK_NAME).exists()
 
 
-@pytest.mark.parametrize("cmd", ["estimate", "heads"])
+@pytest.mark.parametrize("cmd", ["estimate", "heads", "anisotropy", "head-spectrum"])
 def test_empty_out_refused(cmd, neox, corpus, capsys):
     argv = _command(cmd, neox, corpus, "")
     assert_sentence(*run_cli(argv, capsys), "--out is empty")
@@ -610,5 +618,5 @@ def test_digest_is_one_definition():
     assert digest(attrs, arrays) == digest(dict(attrs), {k: v.copy() for k, v in arrays.items()})
     assert digest(attrs, arrays) != digest({**attrs, "version": 3}, arrays)
     flipped = {**arrays, "a/x": arrays["a/x"].copy()}
-    flipped["a/x"].view(np.uint8)[5] ^= 1
+    flipped["a/x"].reshape(-1).view(np.uint8)[5] ^= 1
     assert digest(attrs, arrays) != digest(attrs, flipped)

@@ -59,7 +59,7 @@ from rankest.io.sweep_results import KINDS, _append, _summary_json, read_results
 from rankest.options import keyword_options
 from rankest.report.diagnostics import write_diagnostics_report
 from rankest.runtime import distributed
-from rankest.runtime.run import EXECUTION_OPTIONS, Run
+from rankest.runtime.run import EXECUTION_OPTIONS, Run, lock_run_folder, release_run_folder
 from rankest.sources import teachers
 from rankest.sources.corpus import DEFAULT_CORPUS, check_seq_len, load_documents, pack_windows, plan_rows
 from rankest.sources.revisions import Checkpoint, _summarise, resolve_checkpoints
@@ -146,12 +146,16 @@ def _sweep(kind: str, opts: dict, compute, config: dict) -> dict[str, dict[str, 
     config = {**config, "teacher": getattr(teacher, "name", str(teacher)),
               "revisions": [c.label for c in checkpoints], "device": str(opts["device"]), "dtype": str(opts["dtype"]),
               "device_map": opts["device_map"]}
-    results = sweep_checkpoints(kind, checkpoints, compute, out=opts["out"], config=config,
-                                device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
-                                overwrite=opts["overwrite"],
-                                resume=opts["resume"], quiet=opts["quiet"], cache_dir=opts["cache_dir"])
-    if opts["out"] is not None:
-        write_diagnostics_report(opts["out"], **{kind: results}, teacher=config["teacher"])
+    try:
+        results = sweep_checkpoints(kind, checkpoints, compute, out=opts["out"], config=config,
+                                    device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
+                                    overwrite=opts["overwrite"],
+                                    resume=opts["resume"], quiet=opts["quiet"], cache_dir=opts["cache_dir"])
+        if opts["out"] is not None:
+            write_diagnostics_report(opts["out"], **{kind: results}, teacher=config["teacher"])
+    finally:
+        if opts["out"]:
+            release_run_folder(pathlib.Path(opts["out"]))  # done or failed; a new folder left empty is removed
     return results
 
 
@@ -174,13 +178,17 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
     path = None
     done: dict[str, dict[str, Any]] = {}
     if out is not None:
+        if not str(out).strip():
+            raise UserError("--out is empty; give the run folder a name, or leave --out out to save nothing.")
         folder = pathlib.Path(out)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--out {folder} exists and is not a folder; choose another path")
+        existed = folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the run folder {folder} ({e.strerror}); choose a writable --out") from e
+        lock_run_folder(folder, created=not existed)  # one writer (released by the caller, _sweep, or at exit)
         path = folder / f"{kind}.h5"
         if path.exists():
             if resume:

@@ -153,7 +153,8 @@ def check_digest(f, path, *, what: str, fix: str, required: bool) -> None:
 # ---- writing -------------------------------------------------------------------------------
 class _Sink:
     """A binary file for h5py's ``fileobj`` driver that keeps the first OSError of a write and
-    reports success from then on (writes discarded), so HDF5 always closes cleanly."""
+    reports success from then on (writes discarded), so HDF5 always closes cleanly. ``raw`` is
+    unbuffered (a buffered file would raise a deferred write error from ``seek``)."""
 
     def __init__(self, raw) -> None:
         self.raw, self.error = raw, None
@@ -166,17 +167,21 @@ class _Sink:
                 self.error = e
         return default
 
+    def _write_all(self, view: memoryview) -> None:
+        while len(view):
+            view = view[self.raw.write(view):]  # FileIO writes may be partial
+
     def write(self, b) -> int:
-        n = len(memoryview(b).cast("B"))
-        self._guard(self.raw.write, b)
-        return n
+        view = memoryview(b).cast("B")
+        self._guard(self._write_all, view)
+        return len(view)
 
     def truncate(self, size=None):
         self._guard(self.raw.truncate, size)
         return size
 
     def flush(self) -> None:
-        self._guard(self.raw.flush)
+        pass  # unbuffered: nothing to flush (fsync is atomic_path's)
 
     def read(self, n=-1):
         return self.raw.read(n)
@@ -195,14 +200,13 @@ class _Sink:
 def h5_file(path, *, mode: str = "w") -> Iterator[h5py.File]:
     """Yield ``path`` open (``mode`` "w" or "a") as an h5py File written through :class:`_Sink`:
     an OSError of any write (ENOSPC, EIO) is raised after HDF5 has closed the file cleanly."""
-    with open(path, "r+b" if mode == "a" else "w+b") as raw:
+    with open(path, "r+b" if mode == "a" else "w+b", buffering=0) as raw:
         sink = _Sink(raw)
         f = h5py.File(sink, mode)
         try:
             yield f
         finally:
             f.close()
-            sink.flush()
         if sink.error is not None:
             raise sink.error
 

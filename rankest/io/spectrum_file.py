@@ -72,7 +72,7 @@ def read_spectrum_h5(path, *, build: Callable[..., Any], group: str = "/") -> An
 
 
 def _check_sigma(ds, info: dict, path, fix: str) -> None:
-    """σ is 1-D, of at most min(N, V') entries of the record; space and route are known values."""
+    """σ is 1-D, of at most V' entries of the record; space and route are known values."""
     for key, known in (("space", SPACES), ("route", ROUTES)):
         if info.get(key) not in known:
             raise UserError(f"{path} is a damaged rankest results file (its {key} is {info.get(key)!r:.40}, not one of "
@@ -80,7 +80,7 @@ def _check_sigma(ds, info: dict, path, fix: str) -> None:
     n_rows, n_cols = int(info.get("n_rows", -1)), int(info.get("n_cols", -1))
     if n_rows < 0 or n_cols < 0:
         raise UserError(f"{path} is a damaged rankest results file (N = {n_rows}, V' = {n_cols}); {fix}.")
-    if ds.ndim != 1 or ds.shape[0] > min(n_rows, n_cols):
+    # k ≤ V' on every route (an exact Gram of N < V' rows keeps V' values, the trailing ones 0)
+    if ds.ndim != 1 or ds.shape[0] > n_cols:
         raise UserError(f"{path} is a damaged rankest results file (sigma has shape {ds.shape}; a spectrum of "
-                        f"N = {n_rows:,} rows and V' = {n_cols:,} columns has at most {min(n_rows, n_cols):,} "
-                        f"singular values, in one dimension); {fix}.")
+                        f"V' = {n_cols:,} columns has at most {n_cols:,} singular values, in one dimension); {fix}.")

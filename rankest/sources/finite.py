@@ -29,7 +29,7 @@ def check_finite_tensor(t: torch.Tensor, what: str, fix: str) -> None:
     found = first_nonfinite(t)
     if found is not None:
         n, idx = found
-        where = f"row {idx[0]}" if t.dim() >= 2 else f"entry {idx}"
+        where = f"row {idx[0]}" if t.dim() >= 2 else f"entry {idx[0] if idx else 0}"
         raise UserError(f"{what} holds {n:,} NaN or infinite values (the first at {where}); {fix}.")
 
 
