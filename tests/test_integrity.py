@@ -620,3 +620,68 @@ def test_digest_is_one_definition():
     flipped = {**arrays, "a/x": arrays["a/x"].copy()}
     flipped["a/x"].reshape(-1).view(np.uint8)[5] ^= 1
     assert digest(attrs, arrays) != digest(attrs, flipped)
+
+
+# ---- 7. heads: an edited step, a forged history, a damaged feature cache -----------------------------
+def heads_args(neox, corpus, out, *extra):
+    return ["heads", "--teacher", neox, "--corpus", corpus, "--seq-len", SEQ, "--device", "cpu", "--dtype", "fp64",
+            "--tokens", 512, "--val-tokens", 256, "--ranks", "4,8", "--steps", 4, "--quiet", "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def heads_checkpoint(neox, corpus, tmp_path_factory):
+    """A heads sweep's checkpoint after 3 of its 4 steps (its removal at the end skipped), and
+    the sweep's feature cache."""
+    base = tmp_path_factory.mktemp("integrity-heads")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(run_mod, "remove_checkpoint", lambda path: None)
+        assert cli.main([str(a) for a in heads_args(neox, corpus, base / "run", "--checkpoint-every", 1,
+                                                    "--cache-features", base / "feats.h5")]) == 0
+    finally:
+        mp.undo()
+    ck = read_checkpoint(base / "run" / CHECKPOINT_NAME)
+    assert ck.position["step"] == 3
+    return base / "run" / CHECKPOINT_NAME, base / "feats.h5"
+
+
+def test_heads_edited_step_refused(heads_checkpoint, neox, corpus, tmp_path, capsys):
+    out = resume_folder(tmp_path, heads_checkpoint[0].read_bytes())
+    with h5py.File(out / CHECKPOINT_NAME, "a") as f:
+        f.attrs["position"] = f.attrs["position"].replace('"step": 3', '"step": 2')
+    assert_sentence(*run_cli(heads_args(neox, corpus, out, "--resume"), capsys), "checksum does not match")
+
+
+@pytest.mark.parametrize("forgery", ["step", "history"])
+def test_heads_forged_position_refused(forgery, heads_checkpoint, neox, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def edit(p):
+        if forgery == "step":
+            p["position"]["step"] = 2
+        else:
+            p["states"]["history"]["train_loss"] = p["states"]["history"]["train_loss"][:1]
+
+    forge(heads_checkpoint[0], out / CHECKPOINT_NAME, edit)
+    argv = heads_args(neox, corpus, out, "--resume", "--cache-features", heads_checkpoint[1])
+    assert_sentence(*run_cli(argv, capsys), "inconsistent")
+
+
+@pytest.mark.parametrize("damage", ["attr", "declared", "no checksum"])
+def test_damaged_feature_cache_refused(damage, heads_checkpoint, neox, corpus, tmp_path, capsys):
+    cache = tmp_path / "feats.h5"
+    shutil.copy(heads_checkpoint[1], cache)
+    with h5py.File(cache, "a") as f:
+        if damage == "attr":
+            f.attrs["linear_head_rel_err"] = 0.5
+            needle = "checksum does not match"
+        elif damage == "declared":
+            del f["val_features"]
+            f.create_dataset("val_features", shape=(10**9, 32), dtype="f4", chunks=(1024, 32))
+            needle = "declares shape"
+        else:
+            del f.attrs[DIGEST_ATTR]
+            needle = "no sha256"
+    argv = heads_args(neox, corpus, tmp_path / "run", "--cache-features", cache)
+    assert_sentence(*run_cli(argv, capsys), needle)
