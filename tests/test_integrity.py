@@ -685,3 +685,28 @@ def test_damaged_feature_cache_refused(damage, heads_checkpoint, neox, corpus, t
             needle = "no sha256"
     argv = heads_args(neox, corpus, tmp_path / "run", "--cache-features", cache)
     assert_sentence(*run_cli(argv, capsys), needle)
+
+
+# ---- 8. the row cache of --passes ------------------------------------------------------------------
+def test_row_cache_full_disk_and_forged_header(tmp_path):
+    from rankest.io.rowcache import RowCache
+
+    cache = RowCache(tmp_path / "rows.h5", n_cols=16, n_rows=64)
+    cache.append(torch.ones(8, 16))
+    cache.sync()
+
+    class Full:
+        shape = (64, 16)
+
+        def __setitem__(self, key, value):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cache._rows = Full()
+    with pytest.raises(UserError, match=r"could not write the row cache .*No space left on device \(ENOSPC\)"):
+        cache.append(torch.ones(8, 16))
+    assert not cache._file.id.valid, "the file is closed at once, not at garbage collection"
+    with h5py.File(tmp_path / "forged.h5", "w") as f:
+        ds = f.create_dataset("rows", shape=(10**7, 16), dtype="f4", chunks=(1024, 16))
+        ds.attrs["dtype"] = "fp32"
+    with pytest.raises(UserError, match="declares shape"):
+        RowCache(tmp_path / "forged.h5", n_cols=16, n_rows=10**7, resume_rows=8)

@@ -127,7 +127,7 @@ def check_sizes(f, path, *, what: str, fix: str) -> None:
 
     def visit(name, obj) -> None:
         if isinstance(obj, h5py.Dataset):
-            if obj.dtype.kind not in "biufcS" or obj.compression is not None:
+            if obj.dtype.kind not in "biufcSO" or obj.compression is not None:
                 raise UserError(f"{path} is a damaged {what} (dataset {name} has a {obj.dtype} "
                                 f"{obj.compression or 'raw'} layout rankest never writes); {fix}.")
             declared = int(np.prod(obj.shape, dtype=object) if obj.shape else 1) * obj.dtype.itemsize

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from rankest.errors import UserError
+from rankest.io.h5 import check_sizes, os_error_text
 
 CACHE_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _H5_DTYPES = {"fp64": np.float64, "fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
@@ -92,6 +93,10 @@ class RowCache:
             self._file = h5py.File(self.path, "r+")
             self._rows = self._file["rows"]
             found = (tuple(self._rows.shape), str(self._rows.attrs.get("dtype")))
+            check_sizes(self._file, self.path, what="row cache", fix="delete the checkpoint and start afresh")
+        except UserError:
+            self._file.close()
+            raise
         except (OSError, KeyError) as e:
             raise UserError(f"--resume: the row cache {self.path} of the checkpointed run is missing or unreadable "
                             f"({e}); delete the checkpoint and start afresh.") from e
@@ -104,12 +109,17 @@ class RowCache:
     def sync(self) -> None:
         """Make the rows written so far durable (HDF5 flush, then fsync of the file): a checkpoint
         that counts them is written only after this returns."""
-        self._file.flush()
-        fd = os.open(self.path, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._file.flush()
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._abandon()
+            raise UserError(f"could not write the row cache {self.path}: {os_error_text(e)}; free space, or use "
+                            f"--row-cache-dtype bf16, fewer --tokens or --passes 1.") from e
 
     # The accumulator interface the estimate loop feeds (the cache is written, not summed).
     cheap_finalize = False
@@ -129,8 +139,20 @@ class RowCache:
             raise ValueError(f"the row cache holds {self.capacity} rows; {self.n_rows + n} were appended")
         t = rows.detach().to(CACHE_DTYPES[self.dtype]).cpu()
         a = t.view(torch.int16).numpy() if self.dtype == "bf16" else t.numpy()
-        self._rows[self.n_rows:self.n_rows + n] = a
+        try:
+            self._rows[self.n_rows:self.n_rows + n] = a
+        except OSError as e:  # a full disk under a sparse preallocation: one sentence, the file closed now
+            self._abandon()
+            raise UserError(f"could not write the row cache {self.path}: {os_error_text(e)}; free space, or use "
+                            f"--row-cache-dtype bf16, fewer --tokens or --passes 1.") from e
         self.n_rows += n
+
+    def _abandon(self) -> None:
+        """Close the file after a failed write, whatever HDF5 says (no handle left for the GC)."""
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001 - the write error is the one reported
+            pass
 
     def close(self) -> None:
         if self._file.id.valid:
