@@ -710,3 +710,20 @@ def test_row_cache_full_disk_and_forged_header(tmp_path):
         ds.attrs["dtype"] = "fp32"
     with pytest.raises(UserError, match="declares shape"):
         RowCache(tmp_path / "forged.h5", n_cols=16, n_rows=10**7, resume_rows=8)
+
+
+@pytest.mark.parametrize("cmd", ["anisotropy", "head-spectrum"])
+def test_full_disk_in_a_diagnostics_sweep(cmd, neox, corpus, tmp_path, monkeypatch, capsys):
+    """The result file's append fails: one sentence, no partial file, no empty folder left."""
+    FullDisk(monkeypatch, fail_at=2)
+    out = tmp_path / "run"
+    assert_sentence(*run_cli(_command(cmd, neox, corpus, out), capsys), "No space left on device (ENOSPC)")
+    assert not out.exists() or not [p for p in out.iterdir() if p.suffix == ".h5"]
+
+
+def test_full_disk_while_writing_the_feature_cache(neox, corpus, tmp_path, monkeypatch, capsys):
+    FullDisk(monkeypatch, fail_at=3)
+    cache = tmp_path / "feats.h5"
+    argv = heads_args(neox, corpus, tmp_path / "run", "--cache-features", cache)
+    assert_sentence(*run_cli(argv, capsys), "could not write the feature cache", "ENOSPC")
+    assert not cache.exists() and not list(tmp_path.glob(".feats.h5.*"))

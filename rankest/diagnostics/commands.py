@@ -54,6 +54,7 @@ from rankest.diagnostics.head_spectrum import (
 from rankest.diagnostics.in_estimate import EstimateDiagnostics
 from rankest.errors import UserError
 from rankest.io.files import jsonable, now_iso, write_text_atomic
+from rankest.io.h5 import os_error_text
 from rankest.io.results import provenance
 from rankest.io.sweep_results import KINDS, _append, _summary_json, read_results
 from rankest.options import keyword_options
@@ -152,7 +153,11 @@ def _sweep(kind: str, opts: dict, compute, config: dict) -> dict[str, dict[str, 
                                     overwrite=opts["overwrite"],
                                     resume=opts["resume"], quiet=opts["quiet"], cache_dir=opts["cache_dir"])
         if opts["out"] is not None:
-            write_diagnostics_report(opts["out"], **{kind: results}, teacher=config["teacher"])
+            try:
+                write_diagnostics_report(opts["out"], **{kind: results}, teacher=config["teacher"])
+            except OSError as e:
+                raise UserError(f"could not write the report in {opts['out']}: {os_error_text(e)}; its results are "
+                                f"written: free space, then run `rankest report {opts['out']}`.") from e
     finally:
         if opts["out"]:
             release_run_folder(pathlib.Path(opts["out"]))  # done or failed; a new folder left empty is removed
@@ -233,7 +238,11 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
                 if path is not None:
                     prov["device_name"] = provenance(teacher.device).get("device_name")
                     prov["finished"] = now_iso()
-                    _append(path, kind, ckpt.label, result, config=config, prov=prov)
+                    try:
+                        _append(path, kind, ckpt.label, result, config=config, prov=prov)
+                    except OSError as e:  # a full disk: the file keeps the checkpoints before this one
+                        raise UserError(f"could not write {path}: {os_error_text(e)}; the results appended before "
+                                        f"are intact: free space, then rerun with --resume.") from e
                 results[ckpt.label] = result
             finally:
                 if not ckpt.loaded:  # free the checkpoint before the next one is loaded

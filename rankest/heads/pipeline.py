@@ -18,6 +18,7 @@ from rankest.heads.result import HeadsResult, write_heads_run
 from rankest.heads.sweep import HeadSpec, HeadSweep, paper_lr, parse_ranks
 from rankest.heads.truncation import feature_truncations, head_moments, weight_truncations
 from rankest.io.files import now_iso
+from rankest.io.h5 import os_error_text
 from rankest.io.results import provenance
 from rankest.runtime import distributed
 from rankest.runtime.run import Run, release_run_folder, result_config, run_config
@@ -107,8 +108,12 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
                 lin, err = check_linear_head(teacher, val_split.batch(0).input_ids.to(device))
             attrs["linear_head"] = int(lin)
             attrs["linear_head_rel_err"] = err
-            write_cache(cache_path, attrs, FeatureSource(train_split, teacher), FeatureSource(val_split, teacher),
-                         cfg.quiet or not world.main)
+            try:
+                write_cache(cache_path, attrs, FeatureSource(train_split, teacher), FeatureSource(val_split, teacher),
+                            cfg.quiet or not world.main)
+            except OSError as e:  # a full disk: no cache file is left (atomic write)
+                raise UserError(f"could not write the feature cache {cache_path}: {os_error_text(e)}; free space or "
+                                f"choose another --cache-features path.") from e
 
         distributed.on_main(world, make_cache)
 

@@ -205,8 +205,13 @@ def h5_file(path, *, mode: str = "w") -> Iterator[h5py.File]:
         f = h5py.File(sink, mode)
         try:
             yield f
-        finally:
-            f.close()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            if sink.error is not None:  # the cause: reading back what a full disk discarded fails too
+                raise sink.error from None
+            raise
+        f.close()
         if sink.error is not None:
             raise sink.error
 
