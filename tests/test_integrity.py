@@ -727,3 +727,23 @@ def test_full_disk_while_writing_the_feature_cache(neox, corpus, tmp_path, monke
     argv = heads_args(neox, corpus, tmp_path / "run", "--cache-features", cache)
     assert_sentence(*run_cli(argv, capsys), "could not write the feature cache", "ENOSPC")
     assert not cache.exists() and not list(tmp_path.glob(".feats.h5.*"))
+
+
+def test_row_cache_damaged_between_kill_and_resume(tmp_path):
+    """A byte of the checkpointed rows changes on disk: the reopen's sha256 refuses it."""
+    from rankest.io.rowcache import RowCache
+
+    g = torch.Generator().manual_seed(0)
+    cache = RowCache(tmp_path / "rows.h5", n_cols=16, n_rows=64)
+    cache.append(torch.randn(24, 16, generator=g))
+    cache.sync()  # what a checkpoint at 24 rows does first
+    cache.append(torch.randn(8, 16, generator=g))
+    cache.sync()  # and at 32
+    cache.close()
+    for rows in (24, 32):  # both checkpointed counts reopen
+        RowCache(tmp_path / "rows.h5", n_cols=16, n_rows=64, resume_rows=rows).close()
+    with h5py.File(tmp_path / "rows.h5", "r") as f:
+        offset = f["rows"].id.get_offset()
+    flip_byte(tmp_path / "rows.h5", offset + 16 * 4 * 5 + 2)
+    with pytest.raises(UserError, match="sha256 differs"):
+        RowCache(tmp_path / "rows.h5", n_cols=16, n_rows=64, resume_rows=24)
