@@ -61,10 +61,15 @@ def _canon(value) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, np.ndarray):
-        return json.dumps([value.dtype.str, list(value.shape), value.tolist()])
-    if isinstance(value, np.generic):
+        value = [value.dtype.str, list(value.shape), value.tolist()]
+    elif isinstance(value, np.generic):
         value = value.item()
-    return json.dumps(value)
+    return json.dumps(value, default=_text)
+
+
+def _text(x) -> str:
+    """What JSON cannot hold (bytes in a string array, anything else) as text."""
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
 def digest(attrs: Mapping[str, object], arrays: Mapping[str, object]) -> str:

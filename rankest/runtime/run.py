@@ -416,9 +416,9 @@ class Run:
         try:
             result = write(self.out)
         except OSError as e:
-            for name in set(_listing(self.out).items()) - set(before.items()):
-                if name[0] not in (CHECKPOINT_NAME, LOCK_NAME):
-                    (self.out / name[0]).unlink(missing_ok=True)
+            written = {name for name, stamp in _listing(self.out).items() if before.get(name) != stamp}
+            for name in written - {CHECKPOINT_NAME, LOCK_NAME}:
+                (self.out / name).unlink(missing_ok=True)
             kept = (f"the checkpoint {self.checkpoint_path} is intact: free space, then rerun with --resume"
                     if self.checkpoint_path.exists() else "free space, then run it again")
             raise UserError(f"could not write the results to {self.out}: {os_error_text(e)}; the files written so far "
