@@ -27,14 +27,15 @@ class RowStats(Accumulator):
         self.n_rows += chunk.n
 
     def check_finite(self, where: str) -> None:
-        """Refuse (UserError) rows whose energy or entropy summed to NaN or infinity: logits
-        beyond the range of the arithmetic (a head scaled by 1e37: ‖t‖² overflows fp32) or a
-        NaN in the teacher, which would otherwise give an off-model energy of 1 or fail later."""
-        energy, ent = float(self.sums[0]), float(self.sums[3])
-        if not (math.isfinite(energy) and math.isfinite(ent)):
-            raise UserError(f"the target's rows hold NaN or infinite values ({where}: ‖T‖_F² = {energy:.3g}, entropy "
-                            f"sum {ent:.3g}): the teacher's logits overflow the arithmetic or hold NaN; check its "
-                            f"weights (their scale) and --dtype.")
+        """Refuse (UserError) rows whose energy ‖T‖_F² summed to NaN or infinity: logits beyond
+        the range of the arithmetic (a head scaled by 1e37: ‖t‖² overflows fp32) or a NaN in the
+        teacher, which would otherwise give an off-model energy of 1 or fail in the eigensolver.
+        (The entropy is not checked: an MLE n-gram's zero probabilities leave it NaN by design.)"""
+        energy = float(self.sums[0])
+        if not math.isfinite(energy):
+            raise UserError(f"the target's rows hold NaN or infinite values ({where}: ‖T‖_F² = {energy:.3g}): the "
+                            f"teacher's logits overflow the arithmetic or hold NaN; check its weights (their scale) "
+                            f"and --dtype.")
 
     @property
     def energy(self) -> float:
