@@ -172,7 +172,8 @@ class Estimate:
 
     def check_position(self, position: dict, states: dict) -> None:
         """Rank 0: the checkpoint's counts agree — its batch within this plan, its rows done
-        = the plan's rows before that batch = every state's row count — or it is refused."""
+        = the plan's rows before that batch = every state's row count — and its energy is
+        finite, or it is refused."""
         t, path = self.target, self.run.checkpoint.path
         try:
             j, done = int(position["next_batch"]), int(position["rows_done"])
@@ -183,6 +184,11 @@ class Estimate:
         plan = t.rows_before(j) if 0 <= j <= t.n_units else None
         streamed = {self.stats.name} | ({self.acc.name} if self.cache is None else set())  # every row, once
         wrong = {name: n for name, n in counts.items() if n != done and name in streamed}
+        energy = np.asarray(states.get(self.stats.name, {}).get("sums", np.zeros(1))).ravel()[:1]
+        if not np.isfinite(energy).all():
+            raise UserError(f"the checkpoint {path} holds a non-finite energy ‖T‖_F² = {float(energy[0]):.3g} in "
+                            f"state/{self.stats.name}/sums: the run that wrote it streamed non-finite rows; delete it "
+                            f"(or pass --overwrite instead of --resume) to start afresh.")
         if plan != done or int(position.get("n_batches", t.n_units)) != t.n_units or wrong:
             raise UserError(f"the checkpoint {path} is inconsistent (batch {j} of {position.get('n_batches')}, "
                             f"{done:,} rows done, the plan has {t.n_units} batches and {plan} rows before batch {j}, "
