@@ -34,6 +34,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -238,11 +239,14 @@ def lock_run_folder(folder: Path, *, created: bool = False) -> None:
                             f"--out.") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise UserError(f"another rankest process{f' (pid {pid})' if pid.isdigit() else ''} is writing to the "
                             f"run folder {folder}; wait for it to finish, or choose another --out.") from None
+        except OSError as e:  # a file system without flock (some network mounts): go on, unguarded
+            warnings.warn(f"cannot lock the run folder {folder} ({os_error_text(e)}); make sure no other run "
+                          f"writes to it", stacklevel=2)
         try:  # the holder before us may have removed the file between our open and our flock
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
