@@ -33,6 +33,7 @@ from rankest.report.estimate import summary_lines
 from rankest.report.folder import check_comparable, render_folder
 from rankest.saturation.config import SaturationConfig
 from rankest.saturation.pipeline import run_saturation
+from rankest.runtime.run import release_all
 from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS
 from rankest.sources.tokenizers import setup_tokenizers
 
@@ -350,6 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"rankest: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                   file=sys.stderr)
         return 1
+    finally:
+        release_all()  # the run folder's lock; a folder the failed run created and left empty goes
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -124,6 +124,10 @@ class Anisotropy(Accumulator):
         if self.n_rows < 2:
             raise UserError(f"anisotropy needs at least 2 representations per layer, got {self.n_rows}; "
                             "raise --tokens")
+        bad = [k for k, v in self._tensors().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise UserError(f"the teacher's hidden states hold NaN or infinite values (their sums {', '.join(bad)} are "
+                            f"not finite after {self.n_rows:,} rows); check its weights and --dtype")
         n_layers = self.n_layers
         aniso = np.full(n_layers, np.nan)
         share = np.full(n_layers, np.nan)

@@ -1,7 +1,10 @@
+import math
+
 import numpy as np
 import torch
 
 from rankest.accumulate.base import Accumulator, Chunk
+from rankest.errors import UserError
 
 
 class RowStats(Accumulator):
@@ -22,6 +25,17 @@ class RowStats(Accumulator):
         self.sums += torch.stack([s[:, 3].sum(), torch.where(has, nll, 0).sum(), has.sum().to(torch.float64),
                                   s[:, 1].sum()])
         self.n_rows += chunk.n
+
+    def check_finite(self, where: str) -> None:
+        """Refuse (UserError) rows whose energy ‖T‖_F² summed to NaN or infinity: logits beyond
+        the range of the arithmetic (a head scaled by 1e37: ‖t‖² overflows fp32) or a NaN in the
+        teacher, which would otherwise give an off-model energy of 1 or fail in the eigensolver.
+        (The entropy is not checked: an MLE n-gram's zero probabilities leave it NaN by design.)"""
+        energy = float(self.sums[0])
+        if not math.isfinite(energy):
+            raise UserError(f"the target's rows hold NaN or infinite values ({where}: ‖T‖_F² = {energy:.3g}): the "
+                            f"teacher's logits overflow the arithmetic or hold NaN; check its weights (their scale) "
+                            f"and --dtype.")
 
     @property
     def energy(self) -> float:

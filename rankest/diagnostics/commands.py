@@ -54,12 +54,13 @@ from rankest.diagnostics.head_spectrum import (
 from rankest.diagnostics.in_estimate import EstimateDiagnostics
 from rankest.errors import UserError
 from rankest.io.files import check_writable_folder, jsonable, now_iso, write_text_atomic
+from rankest.io.h5 import os_error_text
 from rankest.io.results import provenance
 from rankest.io.sweep_results import KINDS, _append, _summary_json, read_results
 from rankest.options import keyword_options
 from rankest.report.diagnostics import write_diagnostics_report
 from rankest.runtime import distributed
-from rankest.runtime.run import EXECUTION_OPTIONS, Run
+from rankest.runtime.run import EXECUTION_OPTIONS, Run, lock_run_folder, release_run_folder
 from rankest.sources import teachers
 from rankest.sources.corpus import DEFAULT_CORPUS, check_seq_len, load_documents, pack_windows, plan_rows
 from rankest.sources.revisions import Checkpoint, _summarise, resolve_checkpoints
@@ -146,12 +147,20 @@ def _sweep(kind: str, opts: dict, compute, config: dict) -> dict[str, dict[str, 
     config = {**config, "teacher": getattr(teacher, "name", str(teacher)),
               "revisions": [c.label for c in checkpoints], "device": str(opts["device"]), "dtype": str(opts["dtype"]),
               "device_map": opts["device_map"]}
-    results = sweep_checkpoints(kind, checkpoints, compute, out=opts["out"], config=config,
-                                device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
-                                overwrite=opts["overwrite"],
-                                resume=opts["resume"], quiet=opts["quiet"], cache_dir=opts["cache_dir"])
-    if opts["out"] is not None:
-        write_diagnostics_report(opts["out"], **{kind: results}, teacher=config["teacher"])
+    try:
+        results = sweep_checkpoints(kind, checkpoints, compute, out=opts["out"], config=config,
+                                    device=opts["device"], dtype=opts["dtype"], device_map=opts["device_map"],
+                                    overwrite=opts["overwrite"],
+                                    resume=opts["resume"], quiet=opts["quiet"], cache_dir=opts["cache_dir"])
+        if opts["out"] is not None:
+            try:
+                write_diagnostics_report(opts["out"], **{kind: results}, teacher=config["teacher"])
+            except OSError as e:
+                raise UserError(f"could not write the report in {opts['out']}: {os_error_text(e)}; its results are "
+                                f"written: free space, then run `rankest report {opts['out']}`.") from e
+    finally:
+        if opts["out"]:
+            release_run_folder(pathlib.Path(opts["out"]))  # done or failed; a new folder left empty is removed
     return results
 
 
@@ -174,11 +183,15 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
     path = None
     done: dict[str, dict[str, Any]] = {}
     if out is not None:
+        if not str(out).strip():
+            raise UserError("--out is empty; give the run folder a name, or leave --out out to save nothing.")
         folder = check_writable_folder(out, "--out")
+        existed = folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the run folder {folder} ({e.strerror}); choose a writable --out.") from e
+        lock_run_folder(folder, created=not existed)  # one writer (released by the caller, _sweep, or at exit)
         path = folder / f"{kind}.h5"
         for p in (path, path.with_suffix(".json"), folder / "report.md"):
             if p.is_dir():
@@ -227,7 +240,11 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
                 if path is not None:
                     prov["device_name"] = provenance(teacher.device).get("device_name")
                     prov["finished"] = now_iso()
-                    _append(path, kind, ckpt.label, result, config=config, prov=prov)
+                    try:
+                        _append(path, kind, ckpt.label, result, config=config, prov=prov)
+                    except OSError as e:  # a full disk: the file keeps the checkpoints before this one
+                        raise UserError(f"could not write {path}: {os_error_text(e)}; the results appended before "
+                                        f"are intact: free space, then rerun with --resume.") from e
                 results[ckpt.label] = result
             finally:
                 if not ckpt.loaded:  # free the checkpoint before the next one is loaded

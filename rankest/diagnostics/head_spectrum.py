@@ -6,8 +6,12 @@ import torch
 
 from rankest.errors import UserError
 from rankest.linalg import svdvals
+from rankest.sources.finite import check_finite_tensor
 from rankest.spectrum import Spectrum
 
+#: Largest head entry whose SVD is safe: σ_0 ≤ √(V'·d)·max|w| and the W-error sums σ², so
+#: max|w| beyond ~1e150 overflows fp64 (1.8e308).
+_SVD_SAFE = 1e150
 #: σ_i/σ_0 is kept for the first TOP_RATIOS singular values (the paper's Fig. 4 heat map).
 TOP_RATIOS = 100
 
@@ -58,6 +62,11 @@ def head_spectrum_metrics(weight: torch.Tensor, n_cols: int, *, top: int = TOP_R
     if not 1 <= n_cols <= weight.shape[0]:
         raise UserError(f"the head has {weight.shape[0]} rows but {n_cols} real vocabulary columns were asked for")
     w = weight[:n_cols].detach().to(torch.float64)
+    check_finite_tensor(w, "the teacher's LM head", "its weights are damaged: download or save them again")
+    if float(w.abs().max()) > _SVD_SAFE:
+        raise UserError(f"the teacher's LM head has entries of magnitude {float(w.abs().max()):.2g}, beyond what its "
+                        f"fp64 singular values can hold (σ² overflows past {_SVD_SAFE:.0e}); its weights are "
+                        f"damaged or mis-scaled.")
     sigma = svdvals(w)
     # The Spectrum's own metric implementations (one copy of each formula): effective rank,
     # stable rank, the W-error curve as suffix sums of σ².

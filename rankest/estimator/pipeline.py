@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -43,7 +45,7 @@ from rankest.io.rowcache import cache_nbytes
 from rankest.report.estimate import write_report
 from rankest.runtime import distributed
 from rankest.runtime.memory import _fmt_bytes, available_memory, parse_size
-from rankest.runtime.run import EXECUTION_OPTIONS, Run, result_config, run_config
+from rankest.runtime.run import EXECUTION_OPTIONS, Run, release_run_folder, result_config, run_config
 from rankest.sources.corpus import corpus_name
 from rankest.spectrum import Spectrum
 from rankest.targets.base import Target
@@ -169,12 +171,43 @@ class Estimate:
         if position is None:
             return 0
         states = self.run.saved_states([a.name for a in self.summed_accs])
+        distributed.on_main(self.world, lambda: self.check_position(position, states))  # every process raises
         if states is not None:
             for a in self.summed_accs:
-                a.load_state(states[a.name])
+                try:
+                    a.load_state(states[a.name])
+                except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a state of another shape or kind
+                    raise UserError(f"the checkpoint {self.run.checkpoint.path} holds a {a.name} state this run cannot "
+                                    f"continue ({type(e).__name__}: {' '.join(str(e).split())[:200]}); delete it (or "
+                                    f"pass --overwrite instead of --resume) to start afresh.") from e
             self.convergence.update(self.run.checkpoint.convergence)
             self.run.restore_rng(self.target.device)
         return int(position["next_batch"])
+
+    def check_position(self, position: dict, states: dict) -> None:
+        """Rank 0: the checkpoint's counts agree — its batch within this plan, its rows done
+        = the plan's rows before that batch = every state's row count — and its energy is
+        finite, or it is refused."""
+        t, path = self.target, self.run.checkpoint.path
+        try:
+            j, done = int(position["next_batch"]), int(position["rows_done"])
+            counts = {name: int(np.asarray(s["n_rows"])) for name, s in states.items() if "n_rows" in s}
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the checkpoint {path} is damaged (its position lacks {e}); delete it and start "
+                            f"afresh.") from e
+        plan = t.rows_before(j) if 0 <= j <= t.n_units else None
+        streamed = {self.stats.name} | ({self.acc.name} if self.cache is None else set())  # every row, once
+        wrong = {name: n for name, n in counts.items() if n != done and name in streamed}
+        energy = np.asarray(states.get(self.stats.name, {}).get("sums", np.zeros(1))).ravel()[:1]
+        if not np.isfinite(energy).all():
+            raise UserError(f"the checkpoint {path} holds a non-finite energy ‖T‖_F² = {float(energy[0]):.3g} in "
+                            f"state/{self.stats.name}/sums: the run that wrote it streamed non-finite rows; delete it "
+                            f"(or pass --overwrite instead of --resume) to start afresh.")
+        if plan != done or int(position.get("n_batches", t.n_units)) != t.n_units or wrong:
+            raise UserError(f"the checkpoint {path} is inconsistent (batch {j} of {position.get('n_batches')}, "
+                            f"{done:,} rows done, the plan has {t.n_units} batches and {plan} rows before batch {j}, "
+                            f"states count {counts}); delete it (or pass --overwrite instead of --resume) to start "
+                            f"afresh.")
 
     # ---- streaming ---------------------------------------------------------------------------
     def summed(self, a: Accumulator) -> Optional[Accumulator]:
@@ -191,6 +224,7 @@ class Estimate:
     def snapshot(self, m: int) -> None:
         acc, stats = self.summed(self.acc), self.summed(self.stats)
         if self.world.main:
+            stats.check_finite(f"in the first {m:,} rows")
             self.convergence[m] = self.target.finish(acc.finalize(energy=stats.energy)).metrics()
 
     def update(self, part: Chunk) -> None:
@@ -267,6 +301,8 @@ class Estimate:
                                       reduce=distributed.sum_over_processes(world))
         if not world.main:
             return None
+        # (a checkpoint of non-finite states is refused when read: rankest.io.checkpoint)
+        self.stats.check_finite(f"in the {self.stats.n_rows:,} rows")
         if self.cache is None:
             spec = self.acc.finalize(energy=self.stats.energy)
         spec = t.finish(spec)
@@ -368,6 +404,8 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     finally:
         if target is not None:
             target.close()
+        if cfg.out:
+            release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
         distributed.shutdown(world)
 
 

@@ -14,14 +14,16 @@ from tqdm.auto import tqdm
 from rankest.errors import UserError
 from rankest.heads.config import MIN_VAL_ROWS, HeadsConfig
 from rankest.heads.sweep import _head_seed
-from rankest.io.files import atomic_path
+from rankest.sources.finite import check_finite_tensor
+from rankest.io.h5 import check_digest, check_sizes, write_h5
 from rankest.sources.corpus import Batch
 
 #: Format tag of the feature cache.
 CACHE_FORMAT = "rankest.features"
 
 
-CACHE_VERSION = 1
+#: 2: the file's ``sha256`` covers every byte (:mod:`rankest.io.h5`).
+CACHE_VERSION = 2
 
 
 # ---- features: on the fly or from the HDF5 cache -------------------------------------------
@@ -64,6 +66,8 @@ def teacher_features(teacher, batch) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch.mask.to(teacher.device)
         h = teacher.features(ids)[mask]
         t = batch.targets.to(teacher.device)[mask]
+        check_finite_tensor(h, f"the features of teacher {teacher.name} (batch at window {batch.start})",
+                            "check its weights (the final norm, the embeddings) and --dtype")
     return h.clone(), t.clone()  # clone outside inference mode: inference tensors cannot enter autograd
 
 
@@ -149,6 +153,10 @@ def check_cache(path: Path, want: dict[str, Any]) -> None:
     with f:
         if f.attrs.get("format") != CACHE_FORMAT:
             raise UserError(f"--cache-features {path} is not a rankest feature cache; choose another path.")
+        fix = "delete it or choose another --cache-features path"
+        check_sizes(f, path, what="feature cache", fix=fix)
+        check_digest(f, path, what="feature cache", fix=fix, required=True)
+        _check_cache_shapes(f, path, int(want["hidden_size"]), fix)
         have = {k: f.attrs[k] for k in want if k in f.attrs}
     have = {k: (v.item() if hasattr(v, "item") else v) for k, v in have.items()}
     for key in _IDENTITY_KEYS:
@@ -163,31 +171,44 @@ def check_cache(path: Path, want: dict[str, Any]) -> None:
                         f"delete it, pass another --cache-features path, or rerun with the same options.")
 
 
+def _check_cache_shapes(f, path, d: int, fix: str) -> None:
+    """Each split: (n, d) features, (n,) targets, offsets rising from 0 to n."""
+    for name in ("train", "val"):
+        feats, targs, offs = (f.get(f"{name}_{k}") for k in ("features", "targets", "offsets"))
+        if not all(isinstance(x, h5py.Dataset) for x in (feats, targs, offs)):
+            raise UserError(f"the feature cache {path} is damaged (its {name} split is incomplete); {fix}.")
+        n = feats.shape[0] if feats.ndim == 2 else -1
+        o = np.asarray(offs[()]) if offs.ndim == 1 and offs.shape[0] >= 2 else np.zeros(0)
+        if (feats.ndim != 2 or feats.shape[1] != d or targs.shape != (n,) or o.size < 2 or o[0] != 0
+                or o[-1] != n or np.any(np.diff(o) < 0)):
+            raise UserError(f"the feature cache {path} is damaged (its {name} split has features {feats.shape}, "
+                            f"targets {targs.shape} and {o.size} offsets, for d = {d}); {fix}.")
+
+
 def write_cache(path: Path, attrs: dict, train: FeatureSource, val: FeatureSource, quiet: bool) -> None:
     """One pass of the teacher over both splits into an HDF5 file (fp32 features, fp64 for an fp64
     teacher; int64 targets; the row offsets of every batch, so the cached batches are the same)."""
     n_train, n_val = int(train.offsets[-1]), int(val.offsets[-1])
     d = attrs["hidden_size"]
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for k, v in attrs.items():
-                f.attrs[k] = v
-            f.attrs["format"] = CACHE_FORMAT
-            f.attrs["version"] = CACHE_VERSION
-            bar = tqdm(total=n_train + n_val, unit="tok", unit_scale=True, desc="caching features", disable=quiet)
-            for name, src, n in (("train", train, n_train), ("val", val, n_val)):
-                # fp32 holds bf16/fp16/fp32 features exactly; an fp64 teacher keeps fp64.
-                fdt = "f8" if attrs["teacher_dtype"] == str(torch.float64) else "f4"
-                fd = f.create_dataset(f"{name}_features", (n, d), dtype=fdt, chunks=(min(n, 1024), d))
-                td = f.create_dataset(f"{name}_targets", (n,), dtype="i8")
-                f.create_dataset(f"{name}_offsets", data=src.offsets.astype(np.int64))
-                for k in range(src.n_batches):
-                    h, t = src.batch(k)
-                    lo, hi = int(src.offsets[k]), int(src.offsets[k + 1])
-                    fd[lo:hi] = h.to(torch.float64 if fdt == "f8" else torch.float32).cpu().numpy()
-                    td[lo:hi] = t.cpu().numpy()
-                    bar.update(hi - lo)
-            bar.close()
+    with write_h5(path) as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["format"] = CACHE_FORMAT
+        f.attrs["version"] = CACHE_VERSION
+        bar = tqdm(total=n_train + n_val, unit="tok", unit_scale=True, desc="caching features", disable=quiet)
+        for name, src, n in (("train", train, n_train), ("val", val, n_val)):
+            # fp32 holds bf16/fp16/fp32 features exactly; an fp64 teacher keeps fp64.
+            fdt = "f8" if attrs["teacher_dtype"] == str(torch.float64) else "f4"
+            fd = f.create_dataset(f"{name}_features", (n, d), dtype=fdt, chunks=(min(n, 1024), d))
+            td = f.create_dataset(f"{name}_targets", (n,), dtype="i8")
+            f.create_dataset(f"{name}_offsets", data=src.offsets.astype(np.int64))
+            for k in range(src.n_batches):
+                h, t = src.batch(k)
+                lo, hi = int(src.offsets[k]), int(src.offsets[k + 1])
+                fd[lo:hi] = h.to(torch.float64 if fdt == "f8" else torch.float32).cpu().numpy()
+                td[lo:hi] = t.cpu().numpy()
+                bar.update(hi - lo)
+        bar.close()
 
 
 # ---- the pipeline --------------------------------------------------------------------------------

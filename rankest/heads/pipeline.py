@@ -18,9 +18,10 @@ from rankest.heads.result import HeadsResult, write_heads_run
 from rankest.heads.sweep import HeadSpec, HeadSweep, paper_lr, parse_ranks
 from rankest.heads.truncation import feature_truncations, head_moments, weight_truncations
 from rankest.io.files import check_name_lengths, check_writable_file, now_iso
+from rankest.io.h5 import os_error_text
 from rankest.io.results import provenance
 from rankest.runtime import distributed
-from rankest.runtime.run import Run, result_config, run_config
+from rankest.runtime.run import Run, release_run_folder, result_config, run_config
 from rankest.sources.corpus import DEFAULT_CORPUS, corpus_name, windows_for
 from rankest.sources.rows import plan_rows, rows_fingerprint, rows_per_window, windows_needed
 from rankest.sources.teachers import DEFAULT_TEACHER, check_linear_head, teacher_and_documents
@@ -48,6 +49,8 @@ def run_heads(**kwargs) -> Optional[HeadsResult]:
     try:
         return _heads(cfg, world, run_device)
     finally:
+        if cfg.out:
+            release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
         distributed.shutdown(world)
 
 
@@ -109,8 +112,12 @@ def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:
                 lin, err = check_linear_head(teacher, val_split.batch(0).input_ids.to(device))
             attrs["linear_head"] = int(lin)
             attrs["linear_head_rel_err"] = err
-            write_cache(cache_path, attrs, FeatureSource(train_split, teacher), FeatureSource(val_split, teacher),
-                         cfg.quiet or not world.main)
+            try:
+                write_cache(cache_path, attrs, FeatureSource(train_split, teacher), FeatureSource(val_split, teacher),
+                            cfg.quiet or not world.main)
+            except OSError as e:  # a full disk: no cache file is left (atomic write)
+                raise UserError(f"could not write the feature cache {cache_path}: {os_error_text(e)}; free space or "
+                                f"choose another --cache-features path.") from e
 
         distributed.on_main(world, make_cache)
 
@@ -263,6 +270,8 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
         torch.cuda.reset_peak_memory_stats(device)
     history = np.zeros((steps, len(specs)))
     s0 = 0 if run.position is None else int(run.position["step"])
+    if run.position is not None:  # collective: rank 0 checks, every process raises
+        distributed.on_main(world, lambda: _check_position(run, s0, steps, len(specs)))
     if s0 > 0:
         _restore(run, sweep, history)
         for k in [k for k in train_src.memo if s0 >= train_src.n_batches or k < s0]:
@@ -355,10 +364,26 @@ def _lr_search(cfg, ranks, labels, train_src: FeatureSource, d, n_cols, feat_f, 
     return lrs, table
 
 
+def _check_position(run: Run, step: int, steps: int, n_heads: int) -> None:
+    """Rank 0: the checkpoint's step lies within this schedule and its loss history holds one
+    row of ``n_heads`` losses per step taken, or it is refused."""
+    ck = run.checkpoint
+    loss = np.asarray(ck.states.get("history", {}).get("train_loss", np.zeros((0, 0))))
+    if not (0 <= step <= steps and int(ck.position.get("steps", steps)) == steps
+            and loss.shape == (step, n_heads)):
+        raise UserError(f"the checkpoint {ck.path} is inconsistent (step {step} of {ck.position.get('steps')}, a "
+                        f"{loss.shape} loss history, for {steps} steps of {n_heads} heads); delete it (or pass "
+                        f"--overwrite instead of --resume) to start afresh.")
+
+
 def _restore(run: Run, sweep: HeadSweep, history: np.ndarray) -> None:
     """Load the checkpoint's heads, AdamW states and loss history on every process."""
     states = run.saved_states(["sweep", "history"])
-    sweep.load_state(distributed.broadcast_arrays(run.world, None if states is None else states["sweep"]))
+    try:
+        sweep.load_state(distributed.broadcast_arrays(run.world, None if states is None else states["sweep"]))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # heads of another shape or kind
+        raise UserError(f"the checkpoint {run.out} holds heads this sweep cannot continue ({type(e).__name__}); "
+                        f"delete it (or pass --overwrite instead of --resume) to start afresh.") from e
     done = distributed.broadcast(run.world, None if states is None else states["history"]["train_loss"])
     history[:len(done)] = done
     run.restore_rng(sweep.A[0].device)

@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import h5py
 import numpy as np
 
-from rankest.io.files import atomic_path, to_json
-from rankest.io.h5 import checked_dataset, mark, open_checked
+from rankest.io.files import to_json
+from rankest.io.h5 import checked_dataset, mark, open_checked, write_h5
 from rankest.io.results import write_text_atomic
 from rankest.io.spectrum_file import SCHEMA_VERSION
 from rankest.report.heads import write_heads_report
@@ -64,17 +63,16 @@ class HeadsResult:
 
     def save(self, path) -> None:
         """heads.h5: arrays as datasets, the summary as a JSON attribute."""
-        with atomic_path(Path(path)) as tmp:
-            with h5py.File(tmp, "w") as f:
-                mark(f, FORMAT, SCHEMA_VERSION)
-                for k in ("ranks", "lr", "val_loss", "val_accuracy", "val_perplexity", "truncation_loss",
-                          "truncation_accuracy", "head_w_error_weight", "truncation_loss_feature",
-                          "truncation_accuracy_feature", "head_w_error_feature", "w_error_weight_curve",
-                          "w_error_feature_curve", "train_loss"):
-                    checked_dataset(f, k, getattr(self, k))
-                if self.val_kl is not None:
-                    checked_dataset(f, "val_kl", self.val_kl)
-                f.attrs["summary"] = to_json(self.summary())
+        with write_h5(Path(path)) as f:
+            mark(f, FORMAT, SCHEMA_VERSION)
+            for k in ("ranks", "lr", "val_loss", "val_accuracy", "val_perplexity", "truncation_loss",
+                      "truncation_accuracy", "head_w_error_weight", "truncation_loss_feature",
+                      "truncation_accuracy_feature", "head_w_error_feature", "w_error_weight_curve",
+                      "w_error_feature_curve", "train_loss"):
+                checked_dataset(f, k, getattr(self, k))
+            if self.val_kl is not None:
+                checked_dataset(f, "val_kl", self.val_kl)
+            f.attrs["summary"] = to_json(self.summary())
 
     @classmethod
     def load(cls, path) -> "HeadsResult":

@@ -8,6 +8,8 @@ A checkpoint holds everything a killed run needs to go on as if it had never sto
 * ``/rng/<key>`` — the global RNG states (torch, CUDA, numpy, Python). rankest's own random
   choices use private seeded generators (the row plan, the sketch's counter-based test
   matrices), so these are restored for whatever else in the process draws from them;
+* ``sha256`` — a digest of every attribute and every dataset (:func:`rankest.io.h5.digest`):
+  an edited position, a flipped bit in a scalar or an RNG state is refused, not resumed;
 * attributes: ``format`` = ``rankest.checkpoint``, ``version`` (the schema version of a checkpoint), the run's ``config`` and
   ``derived`` keys (what the data and teacher resolved to: V', dtype, a fingerprint of the
   sampled rows), ``position`` (the next batch of the row plan, rows done, route) and the
@@ -25,7 +27,6 @@ different number of processes (see :mod:`rankest.runtime.distributed`).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -40,12 +41,17 @@ import torch
 from rankest._version import __version__
 from rankest.errors import UserError
 from rankest.io.files import atomic_path, to_json
-from rankest.io.h5 import checked_dataset
+from rankest.io.h5 import DIGEST_ATTR, check_sizes, checked_dataset, digest, h5_file, os_error_text, read_all
 
 CHECKPOINT_NAME = "checkpoint.h5"
 FORMAT = "rankest.checkpoint"
 #: Bumped whenever the checkpoint layout changes; newer checkpoints are refused.
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+
+
+#: States that may hold NaN by design: the row statistics' entropy sum (an MLE n-gram's zero
+#: probabilities); their energy is checked by the run that restores them (Estimate.check_position).
+MAY_HOLD_NAN = {("row_stats", "sums")}
 
 
 class CheckpointWriteError(UserError):
@@ -118,39 +124,41 @@ def write_checkpoint(path, *, config: dict, derived: dict, position: dict, conve
             _write_file(tmp, config=config, derived=derived, position=position, convergence=convergence,
                         states=states, rng=rng or {})
     except OSError as e:
-        code = errno.errorcode.get(e.errno, "") if e.errno else ""
-        what = f"{e.strerror or e}" + (f" ({code})" if code else "")
         before = ("the previous checkpoint there is intact" if path.exists()
                   else "no earlier checkpoint exists")
         raise CheckpointWriteError(
-            f"could not write the checkpoint {path}: {what}; {before}. Free space or fix the disk, then rerun "
-            f"with --resume.") from e
+            f"could not write the checkpoint {path}: {os_error_text(e)}; {before}. Free space or fix the disk, then "
+            f"rerun with --resume.") from e
 
 
 def _write_file(tmp: Path, *, config, derived, position, convergence, states, rng) -> None:
-    """The HDF5 writer proper (separate so tests can inject I/O faults into it)."""
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["version"] = CHECKPOINT_VERSION
-        f.attrs["rankest_version"] = __version__
-        f.attrs["config"] = _dumps(config)
-        f.attrs["derived"] = _dumps(derived)
-        f.attrs["position"] = _dumps(position)
-        f.attrs["convergence"] = _dumps({str(k): v for k, v in convergence.items()})
-        for name, state in states.items():
-            g = f.create_group(f"state/{name}")
-            for key, value in state.items():
-                checked_dataset(g, key, value)
-        g = f.create_group("rng")
-        for key, value in rng.items():
-            checked_dataset(g, key, value)
-        # Written last: a file that has it was written to the end by this function.
-        f.attrs["complete"] = True
+    """The HDF5 writer proper (separate so tests can inject I/O faults into it). The ``sha256``
+    attribute covers every attribute and every dataset (:func:`rankest.io.h5.digest`)."""
+    attrs = {"format": FORMAT, "version": CHECKPOINT_VERSION, "rankest_version": __version__,
+             "config": _dumps(config), "derived": _dumps(derived), "position": _dumps(position),
+             "convergence": _dumps({str(k): v for k, v in convergence.items()}),
+             # A file that has it was written to the end by this function.
+             "complete": True}
+    arrays = {f"state/{name}/{key}": np.asarray(v) for name, state in states.items() for key, v in state.items()}
+    arrays.update({f"rng/{key}": np.asarray(v) for key, v in rng.items()})
+    with h5_file(tmp) as f:
+        f.create_group("state")
+        f.create_group("rng")
+        for name in states:
+            f.create_group(f"state/{name}")
+        for key, value in arrays.items():
+            group, _, leaf = key.rpartition("/")
+            checked_dataset(f[group], leaf, value)
+        for name, value in attrs.items():
+            f.attrs[name] = value
+        f.attrs[DIGEST_ATTR] = digest(attrs, arrays)
 
 
 # ---- reading ---------------------------------------------------------------------------------
 def read_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint; refuse (UserError) a missing, truncated, corrupt, foreign or newer file."""
+    """Read a checkpoint; refuse (UserError) a missing, truncated, corrupt, foreign, newer or
+    edited file (every byte is under its ``sha256``), a state of the wrong structure, and a
+    state holding NaN or infinity (a run that would only fail later, in the eigensolver)."""
     path = Path(path)
     fix = "delete it (or pass --overwrite instead of --resume) to start afresh"
     if not path.is_file():
@@ -158,37 +166,83 @@ def read_checkpoint(path) -> Checkpoint:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise UserError(f"the checkpoint {path} is not a readable HDF5 file (truncated or corrupt: {e}); "
-                        f"{fix}.") from e
+        raise UserError(f"the checkpoint {path} is not a readable HDF5 file (truncated or corrupt); {fix}.") from e
     try:
         with f:
             fmt = _attr(f, "format")
             if fmt != FORMAT:
                 what = "a rankest results file" if fmt == "rankest.results" else (
-                    f"a file of format {fmt!r}" if fmt else "an HDF5 file without a rankest format mark")
+                    f"a file of format {fmt!r:.60}" if fmt else "an HDF5 file without a rankest format mark")
                 raise UserError(f"{path} is {what}, not a rankest checkpoint; {fix}.")
-            version = int(f.attrs.get("version", -1))
+            version = int(np.asarray(f.attrs.get("version", -1)).item())
             if version > CHECKPOINT_VERSION:
                 raise UserError(f"the checkpoint {path} has version {version}, newer than this rankest reads "
                                 f"({CHECKPOINT_VERSION}); resume with the rankest that wrote it, or {fix}.")
+            if version < CHECKPOINT_VERSION:
+                raise UserError(f"the checkpoint {path} has version {version}, written by an older rankest without "
+                                f"checksums; resume with the rankest that wrote it, or {fix}.")
             if not bool(f.attrs.get("complete", False)):
                 raise UserError(f"the checkpoint {path} is incomplete (its writer did not finish); {fix}.")
-            ckpt = Checkpoint(
-                path=path, config=json.loads(_attr(f, "config")), derived=json.loads(_attr(f, "derived")),
-                position=json.loads(_attr(f, "position")),
-                convergence={int(k): v for k, v in json.loads(_attr(f, "convergence")).items()},
-                states={name: {key: ds[()] for key, ds in g.items()} for name, g in f["state"].items()},
-                rng={key: ds[()] for key, ds in f["rng"].items()} if "rng" in f else {})
+            what = "checkpoint"
+            check_sizes(f, path, what=what, fix=fix)
+            _check_layout(f, path, fix)
+            attrs, arrays = read_all(f)
     except UserError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
         # A damaged dataset fails its Fletcher-32 checksum (OSError); missing parts are KeyErrors.
+        raise UserError(f"the checkpoint {path} is damaged ({type(e).__name__}: {' '.join(str(e).split())}); "
+                        f"{fix}.") from e
+    if str(attrs.get(DIGEST_ATTR)) != digest(attrs, arrays):
+        raise UserError(f"the checkpoint {path} is damaged (its {DIGEST_ATTR} checksum does not match its content: "
+                        f"edited or corrupted); {fix}.")
+    states: dict[str, dict[str, np.ndarray]] = {}
+    for key, a in arrays.items():
+        top, *rest = key.split("/")
+        if top == "state":
+            states.setdefault(rest[0], {})[rest[1]] = a
+    try:
+        parts = {k: json.loads(_attr(f, k, attrs)) for k in ("config", "derived", "position", "convergence")}
+        if not all(isinstance(v, dict) for v in parts.values()):
+            raise TypeError("a JSON attribute is not an object")
+        ckpt = Checkpoint(path=path, config=parts["config"], derived=parts["derived"], position=parts["position"],
+                          convergence={int(k): v for k, v in parts["convergence"].items()},
+                          states=states, rng={k[4:]: a for k, a in arrays.items() if k.startswith("rng/")})
+    except (ValueError, TypeError) as e:
         raise UserError(f"the checkpoint {path} is damaged ({type(e).__name__}: {e}); {fix}.") from e
+    check_finite_states(ckpt.states, path, fix)
     return ckpt
 
 
-def _attr(f, name: str) -> str:
-    v = f.attrs.get(name)
+def _check_layout(f, path, fix: str) -> None:
+    """``/state/<name>/<key>`` and ``/rng/<key>`` datasets, nothing else."""
+    for top in ("state", "rng"):
+        if not isinstance(f.get(top), h5py.Group):
+            raise UserError(f"the checkpoint {path} is damaged (/{top} is missing or not a group); {fix}.")
+    bad = [f"/state/{n}" for n, g in f["state"].items() if not isinstance(g, h5py.Group)]
+    bad += [f"/state/{n}/{k}" for n, g in f["state"].items() if isinstance(g, h5py.Group)
+            for k, d in g.items() if not isinstance(d, h5py.Dataset)]
+    bad += [f"/rng/{k}" for k, d in f["rng"].items() if not isinstance(d, h5py.Dataset)]
+    if bad:
+        raise UserError(f"the checkpoint {path} is damaged ({bad[0]} is not laid out as a checkpoint's); {fix}.")
+
+
+def check_finite_states(states: dict[str, dict[str, np.ndarray]], path, fix: str) -> None:
+    """Refuse a state holding NaN or infinity, naming where (an accumulated sum that is not
+    finite cannot give a spectrum)."""
+    for name, state in states.items():
+        for key, a in state.items():
+            a = np.asarray(a)
+            if (name, key) in MAY_HOLD_NAN:
+                continue
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                n = int(a.size - np.isfinite(a).sum())
+                raise UserError(f"the checkpoint {path} holds {n:,} non-finite values (NaN or infinity) in "
+                                f"state/{name}/{key}: the run that wrote it streamed non-finite rows; {fix}.")
+
+
+def _attr(f, name: str, attrs=None) -> str:
+    v = (f.attrs if attrs is None else attrs).get(name)
     if v is None:
         return ""
     return v.decode() if isinstance(v, bytes) else str(v)

@@ -105,10 +105,14 @@ def now_iso() -> str:
 # ---- atomic writes ---------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+    The file gets the permissions of any new file (0666 less the umask: 0644 under umask 022)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a result file is as readable as any other
+    finally:
+        os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
@@ -123,6 +127,13 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
                 os.close(dfd)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -11,12 +11,16 @@ float32 / float16 natively; bfloat16 is stored as its raw 16 bits (int16) (attri
 "bf16"``), since HDF5 has no bf16 type. Allocated up front, appending rows writes raw data only,
 never HDF5 metadata: a process killed mid-write leaves a readable file whose rows up to the last
 :meth:`RowCache.sync` are intact, so a checkpointed run reopens it (``resume_rows``) and writes
-on from there. Under torchrun every process caches its own shard (``rows.rank{r}.h5``). fp16 rows saturate beyond ±65504 and lose the smallest probabilities below ~6e-8
+on from there. Each sync also writes the SHA-256 of the rows so far (dataset ``seals``: two
+alternating slots of 8 bytes of row count + 32 of digest, allocated up front like the rows), and
+a reopen recomputes it over the rows the checkpoint counts: a cache damaged on disk is refused,
+not streamed into the spectrum. Under torchrun every process caches its own shard (``rows.rank{r}.h5``). fp16 rows saturate beyond ±65504 and lose the smallest probabilities below ~6e-8
 (subnormal); bf16 rows keep the range and carry 8 bits of mantissa (relative error ≤ 2⁻⁹).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from rankest.errors import UserError
+from rankest.io.h5 import check_sizes, os_error_text
 
 CACHE_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _H5_DTYPES = {"fp64": np.float64, "fp32": np.float32, "fp16": np.float16, "bf16": np.int16}
@@ -82,6 +87,12 @@ class RowCache:
         self._rows = self._file.create_dataset("rows", shape=(max(1, self.capacity), self.n_cols),
                                                dtype=_H5_DTYPES[dtype], dcpl=dcpl)
         self._rows.attrs["dtype"] = dtype
+        # Two (rows, sha256 of those rows) slots, written alternately by sync(): the checkpoint
+        # that counts R rows was written after the slot for R, and the next sync overwrites the
+        # other slot, so a reopen at R always finds R's digest (module docstring).
+        self._seals = self._file.create_dataset("seals", shape=(2, 40), dtype=np.uint8, dcpl=dcpl)
+        self._hash = hashlib.sha256()
+        self._slot = 0
         self.n_rows = 0
         self.sync()
 
@@ -92,24 +103,54 @@ class RowCache:
             self._file = h5py.File(self.path, "r+")
             self._rows = self._file["rows"]
             found = (tuple(self._rows.shape), str(self._rows.attrs.get("dtype")))
+            check_sizes(self._file, self.path, what="row cache", fix="delete the checkpoint and start afresh")
+        except UserError:
+            self._file.close()
+            raise
         except (OSError, KeyError) as e:
             raise UserError(f"--resume: the row cache {self.path} of the checkpointed run is missing or unreadable "
                             f"({e}); delete the checkpoint and start afresh.") from e
-        if found != (want, self.dtype) or not 0 <= rows <= self.capacity:
+        if found != (want, self.dtype) or not 0 <= rows <= self.capacity or "seals" not in self._file:
             self._file.close()
             raise UserError(f"--resume: the row cache {self.path} holds {found[0]} {found[1]} rows, not the "
                             f"checkpointed run's {want} {self.dtype}; delete the checkpoint and start afresh.")
+        self._seals = self._file["seals"]
+        self._hash = hashlib.sha256()
+        for lo in range(0, rows, 4096):  # one read of the rows the checkpoint counts
+            self._hash.update(np.ascontiguousarray(self._rows[lo:min(rows, lo + 4096)]).data)
+        seals = {int(np.frombuffer(s[:8].tobytes(), np.int64)[0]): s[8:].tobytes() for s in self._seals[...]}
+        if seals.get(rows) != self._hash.digest():
+            self._file.close()
+            raise UserError(f"--resume: the first {rows:,} rows of the row cache {self.path} are not those the "
+                            f"checkpoint counted (their sha256 differs: damaged on disk); delete the checkpoint and "
+                            f"start afresh.")
+        self._slot = next(i for i, s in enumerate(self._seals[...])
+                          if int(np.frombuffer(s[:8].tobytes(), np.int64)[0]) != rows or i == 1)
         self.n_rows = rows
 
     def sync(self) -> None:
         """Make the rows written so far durable (HDF5 flush, then fsync of the file): a checkpoint
         that counts them is written only after this returns."""
-        self._file.flush()
-        fd = os.open(self.path, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._file.flush()
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the rows first, then the seal that vouches for them
+                self._seals[self._slot] = np.frombuffer(np.int64(self.n_rows).tobytes() + self._hash.digest(),
+                                                        np.uint8)
+                self._slot = 1 - self._slot
+                self._file.flush()
+            finally:
+                os.close(fd)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self._abandon()
+            raise UserError(f"could not write the row cache {self.path}: {os_error_text(e)}; free space, or use "
+                            f"--row-cache-dtype bf16, fewer --tokens or --passes 1.") from e
 
     # The accumulator interface the estimate loop feeds (the cache is written, not summed).
     cheap_finalize = False
@@ -129,8 +170,21 @@ class RowCache:
             raise ValueError(f"the row cache holds {self.capacity} rows; {self.n_rows + n} were appended")
         t = rows.detach().to(CACHE_DTYPES[self.dtype]).cpu()
         a = t.view(torch.int16).numpy() if self.dtype == "bf16" else t.numpy()
-        self._rows[self.n_rows:self.n_rows + n] = a
+        try:
+            self._rows[self.n_rows:self.n_rows + n] = a
+            self._hash.update(np.ascontiguousarray(a).data)
+        except OSError as e:  # a full disk under a sparse preallocation: one sentence, the file closed now
+            self._abandon()
+            raise UserError(f"could not write the row cache {self.path}: {os_error_text(e)}; free space, or use "
+                            f"--row-cache-dtype bf16, fewer --tokens or --passes 1.") from e
         self.n_rows += n
+
+    def _abandon(self) -> None:
+        """Close the file after a failed write, whatever HDF5 says (no handle left for the GC)."""
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001 - the write error is the one reported
+            pass
 
     def close(self) -> None:
         if self._file.id.valid:

@@ -1,13 +1,11 @@
 import json
 import pathlib
-import shutil
 from typing import Any
 
-import h5py
 import numpy as np
 
-from rankest.io.files import atomic_path, jsonable, now_iso, to_json, write_text_atomic
-from rankest.io.h5 import checked_dataset, mark, open_checked
+from rankest.io.files import jsonable, now_iso, to_json, write_text_atomic
+from rankest.io.h5 import checked_dataset, mark, open_checked, write_h5
 from rankest.io.spectrum_file import SCHEMA_VERSION
 
 #: Result kinds and their file stems in a run folder (anisotropy.*, head_spectrum.*; docs/design.md, "Run folders").
@@ -68,25 +66,19 @@ def _summary_json(kind: str, config: dict, prov: dict, results: dict[str, dict[s
 def write_results(out, kind: str, results: dict[str, dict[str, Any]], *, config: dict, prov: dict) -> None:
     """Write ``out/<kind>.h5`` and ``out/<kind>.json`` afresh with these results (atomically)."""
     out = pathlib.Path(out)
-    with atomic_path(out / f"{kind}.h5") as tmp:
-        with h5py.File(tmp, "w") as f:
-            _write_header(f, kind, config, prov)
-            for i, (label, res) in enumerate(results.items()):
-                _write_group(f, i, label, res)
+    with write_h5(out / f"{kind}.h5") as f:
+        _write_header(f, kind, config, prov)
+        for i, (label, res) in enumerate(results.items()):
+            _write_group(f, i, label, res)
     write_text_atomic(out / f"{kind}.json", _summary_json(kind, config, prov, results))
 
 
 def _append(path: pathlib.Path, kind: str, label: str, result: dict, *, config: dict, prov: dict) -> None:
     """Add one checkpoint's group: copy the file, add the group, rename over it (atomic)."""
-    with atomic_path(path) as tmp:
-        if path.exists():
-            shutil.copyfile(path, tmp)
-            mode = "a"
+    exists = path.exists()
+    with write_h5(path, copy_from=path if exists else None) as f:
+        if not exists:
+            _write_header(f, kind, config, prov)
         else:
-            mode = "w"
-        with h5py.File(tmp, mode) as f:
-            if mode == "w":
-                _write_header(f, kind, config, prov)
-            else:
-                f.attrs["provenance"] = to_json(prov)
-            _write_group(f, len(f.get(_GROUP, {})), label, result)
+            f.attrs["provenance"] = to_json(prov)
+        _write_group(f, len(f.get(_GROUP, {})), label, result)

@@ -11,7 +11,8 @@
 What each step guarantees:
 
 * **open** (rank 0, the decision broadcast): create the folder, or refuse an existing one
-  without ``--overwrite``; under ``--resume`` read and check ``checkpoint.h5`` (the same command,
+  without ``--overwrite``; lock it (one writer per folder: a second run on it is refused while
+  the first lives; the lock dies with its process); under ``--resume`` say where it resumes; under ``--resume`` read and check ``checkpoint.h5`` (the same command,
   the same configuration), or start afresh with a note when there is none; a finished run is
   not resumed. Stale temporary files of a writer killed mid-write are removed.
 * **units**: after each unit, a SIGINT/SIGTERM on any process (the flag is all-reduced) or every
@@ -20,14 +21,19 @@ What each step guarantees:
   128 + signal (:class:`Interrupted`). The first signal waits for the end of the unit; a second
   acts at once.
 * **finish**: results are written atomically (each file to a temporary name, fsynced, renamed)
-  before the checkpoint is removed, so a crash in between leaves a resumable folder.
+  before the checkpoint is removed, so a crash in between leaves a resumable folder; a full
+  disk removes what this finish wrote and says so (exit 2). A failed run leaves no empty folder.
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
+import os
 import signal
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -46,7 +52,8 @@ from rankest.io.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from rankest.io.files import check_name_lengths, check_writable_folder
+from rankest.io.files import check_writable_folder
+from rankest.io.h5 import os_error_text
 from rankest.runtime import distributed
 from rankest.sources.corpus import corpus_name
 
@@ -137,7 +144,18 @@ def open_run_folder(out, *, resume: bool, overwrite: bool, results_file: str, co
         raise UserError(f"the checkpoint {ckpt.path} is not a {command} checkpoint (written by another command); "
                         f"pass --overwrite instead of --resume to start afresh, or choose another --out.")
     check_same_run(ckpt.config, run_config, ckpt.path)
+    print(f"rankest: resuming from {ckpt.path}: {describe_position(ckpt.position)}", file=sys.stderr)
     return ckpt
+
+
+def describe_position(position: dict) -> str:
+    """Where a checkpoint stopped, as a person reads it ("6,144 of 8,192 rows done (batch 24 of 32)")."""
+    if "rows_done" in position:
+        return (f"{int(position['rows_done']):,} rows done (batch {int(position['next_batch'])} of "
+                f"{int(position.get('n_batches', -1))})")
+    if "step" in position:
+        return f"step {int(position['step'])} of {int(position.get('steps', -1))} done"
+    return ", ".join(f"{k} = {v}" for k, v in sorted(position.items()) if k not in ("command", "world_size"))
 
 
 #: Options that say where and how a run executes, not what it computes: a checkpoint may be
@@ -173,23 +191,96 @@ def result_config(cfg) -> dict:
 
 # ---- run folder --------------------------------------------------------------------------------
 def prepare_run_folder(out, *, overwrite: bool = False) -> Path:
-    """Create (or, with ``overwrite``, reuse) a run folder; refuse an existing one otherwise.
+    """Create (or, with ``overwrite``, reuse) a run folder and lock it (:func:`lock_run_folder`);
+    refuse an existing non-empty one otherwise.
 
     Checked before any expensive work, so a bad ``--out`` fails in a second, not after an hour.
     """
     out = Path(out)
-    check_name_lengths(out, "--out")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder; choose another path.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"the run folder {out} already exists and is not empty; pass --overwrite to replace "
-                        f"its results or choose another --out.")
-    check_writable_folder(out, "--out")
+    check_writable_folder(out, "--out")  # names, a file in the way, permissions: before creating anything
+    existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the run folder {out} ({e.strerror}); choose a writable --out.") from e
+        raise UserError(f"cannot create the run folder {out} ({os_error_text(e)}); choose a writable --out.") from e
+    lock_run_folder(out, created=not existed)
+    if any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
+        release_run_folder(out)
+        raise UserError(f"the run folder {out} already exists and is not empty; pass --overwrite to replace "
+                        f"its results or choose another --out.")
     return out
+
+
+# ---- one writer per run folder ------------------------------------------------------------------
+#: The lock file of a run folder: flock'ed by the process writing it, holding its pid.
+LOCK_NAME = ".rankest.lock"
+#: Folders this process holds: resolved path → (lock file descriptor, folder, created by this run).
+_HELD: dict[Path, tuple[int, Path, bool]] = {}
+
+
+def lock_run_folder(folder: Path, *, created: bool = False) -> None:
+    """Take the exclusive lock of ``folder`` for this process (again: a no-op), or refuse
+    (UserError) while another process holds it. The lock is an ``flock`` on ``LOCK_NAME``, which
+    the kernel drops when its process dies, so a kill -9 leaves no stale lock: the next run
+    takes it over. Released by :func:`release_run_folder` (at the latest when the process exits)."""
+    key = folder.resolve()
+    if key in _HELD:
+        return
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write to the run folder {folder} ({os_error_text(e)}); choose a writable "
+                            f"--out.") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(f"another rankest process{f' (pid {pid})' if pid.isdigit() else ''} is writing to the "
+                            f"run folder {folder}; wait for it to finish, or choose another --out.") from None
+        except OSError as e:  # a file system without flock (some network mounts): go on, unguarded
+            warnings.warn(f"cannot lock the run folder {folder} ({os_error_text(e)}); make sure no other run "
+                          f"writes to it", stacklevel=2)
+        try:  # the holder before us may have removed the file between our open and our flock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = (fd, folder, created)
+
+
+def release_run_folder(folder: Path) -> None:
+    """Drop this process's lock of ``folder``; a folder this run created and left empty (a run
+    that failed before writing anything) is removed."""
+    held = _HELD.pop(Path(folder).resolve(), None)
+    if held is None:
+        return
+    fd, folder, created = held
+    try:
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+    except OSError:
+        pass
+    os.close(fd)
+    if created:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
+
+
+def release_all() -> None:
+    """Release every run folder this process holds (the CLI's last step; also at exit)."""
+    for key in list(_HELD):
+        release_run_folder(key)
+
+
+atexit.register(release_all)
 
 
 # ---- the skeleton --------------------------------------------------------------------------------
@@ -215,6 +306,8 @@ class Run:
              world: distributed.World, every: Optional[int] = None, what: str = "run") -> "Run":
         """Prepare or reopen the run folder ``out`` (None: a run without folder, checkpoints or
         signal handling) and read its checkpoint under ``resume``; collective."""
+        if out is not None and not str(out).strip():
+            raise UserError("--out is empty; give the run folder a name, or leave --out out to save nothing.")
         box: dict[str, Any] = {}
 
         def prepare() -> Optional[dict]:
@@ -263,7 +356,12 @@ class Run:
     def restore_rng(self, device=None) -> None:
         """Rank 0 restores the global RNG states the checkpoint saved."""
         if self.checkpoint is not None and self.world.main:
-            set_rng_state(self.checkpoint.rng, device)
+            try:
+                set_rng_state(self.checkpoint.rng, device)
+            except (ValueError, TypeError, RuntimeError, OverflowError, IndexError) as e:
+                raise UserError(f"the checkpoint {self.checkpoint.path} holds RNG states this rankest cannot restore "
+                                f"({type(e).__name__}); delete it (or pass --overwrite instead of --resume) to start "
+                                f"afresh.") from e
 
     def save(self, *, position: dict, states: dict[str, dict[str, np.ndarray]], convergence: Optional[dict] = None,
              device=None) -> None:
@@ -308,10 +406,35 @@ class Run:
 
     def finish(self, write: Callable[[Path], Any]) -> Any:
         """Rank 0: ``write(folder)`` the results (atomically, file by file), then remove the
-        checkpoint, which they now supersede. Returns what ``write`` returned (None elsewhere or
-        without a folder)."""
+        checkpoint, which they now supersede, and release the folder. Returns what ``write``
+        returned (None elsewhere or without a folder). A write that fails (a full disk) removes
+        the files it had written — no folder with results but no report — keeps the checkpoint
+        and raises a UserError."""
         if self.out is None or not self.world.main:
             return None
-        result = write(self.out)
+        before = _listing(self.out)
+        try:
+            result = write(self.out)
+        except OSError as e:
+            written = {name for name, stamp in _listing(self.out).items() if before.get(name) != stamp}
+            for name in written - {CHECKPOINT_NAME, LOCK_NAME}:
+                (self.out / name).unlink(missing_ok=True)
+            kept = (f"the checkpoint {self.checkpoint_path} is intact: free space, then rerun with --resume"
+                    if self.checkpoint_path.exists() else "free space, then run it again")
+            raise UserError(f"could not write the results to {self.out}: {os_error_text(e)}; the files written so far "
+                            f"were removed ({kept}).") from e
         remove_checkpoint(self.checkpoint_path)
+        release_run_folder(self.out)
         return result
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """name → (inode, mtime in ns) of every file of ``folder``: what a write changed."""
+    out = {}
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        out[p.name] = (st.st_ino, st.st_mtime_ns)
+    return out

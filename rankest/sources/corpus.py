@@ -35,6 +35,7 @@ import logging
 import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -229,7 +230,7 @@ def _read_text(path: pathlib.Path) -> Iterator[str]:
 
 def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
     """Local files: text read directly; JSON lines / JSON / Parquet through the ``datasets``
-    packaged builders (they work offline)."""
+    packaged builders (they work offline), in memory, with a temporary cache."""
     for path in files:
         builder = _LOCAL_SUFFIXES.get(path.suffix.lower())
         if builder is None:
@@ -242,8 +243,12 @@ def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
         try:
             import datasets
 
-            with _datasets_errors_silenced():  # its own "Failed to read schema" line would precede ours
-                dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+            # A cache folder of its own, removed once the rows are in memory: a local file leaves
+            # nothing in the shared datasets cache (~/.cache/huggingface), outside the run's --out.
+            with tempfile.TemporaryDirectory(prefix="rankest-corpus-") as cache, _datasets_errors_silenced():
+                # (silenced: its own "Failed to read schema" line would precede ours)
+                dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=cache,
+                                                keep_in_memory=True)
         except Exception as exc:  # datasets raises many types for a malformed file
             raise UserError(
                 f"cannot read the corpus file {path} as {builder} ({_first_line(exc)}); check "

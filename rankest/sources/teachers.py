@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import torch
 
 from rankest.errors import UserError
+from rankest.sources.finite import check_finite_weights
 from rankest.sources.assets import package_file
 from rankest.sources.model_folder import check_gguf, check_model_folder
 from rankest.sources import corpus as corpus_mod  # called through the module: tests replace load_documents
@@ -334,6 +335,7 @@ class Teacher:
                 "final hidden states cannot be read; use a standard transformers causal LM"
             )
         self._base = base
+        check_finite_weights(model, name)
         if info is not None:
             found = (self.hidden_size, self.logit_width)
             if found != (info.hidden_size, info.logit_width):
