@@ -255,14 +255,14 @@ def families_main(args) -> int:
     for lab, (sec, nbytes, npar) in costs.items():
         lines.append(f"| {lab} | {sec:.3f} | {npar:,} | {nbytes / 2**20:.1f} |")
     lines += ["", "## The one-pass result", "",
-              "| family | rank (own) | parameters | val loss ± 95% CI | output clr rank (min–max) |",
+              "| family | rank (own) | parameters | val loss ± 95% CI | output clr resolved rank (σ > 1e-6·σ₁) (min–max) |",
               "|---|---|---|---|---|"]
     for g in one.families["groups"]:
         lines.append(f"| {g['family']} | {g['label']} ({g['rank']}) | {g['n_params']:,} | {g['val_loss']:.4f} ± "
-                     f"{g['val_loss_ci95']:.3f} | {g['output_numerical_rank']:.0f} ({g['output_numerical_rank_min']}–"
-                     f"{g['output_numerical_rank_max']}) |")
+                     f"{g['val_loss_ci95']:.3f} | {g['output_resolved_rank']:.0f} ({g['output_resolved_rank_min']}–"
+                     f"{g['output_resolved_rank_max']}) |")
     lines += ["", f"Teacher's own head: loss {one.reference['loss']:.4f}, output clr rank "
-              f"{one.families['teacher_output_rank']['numerical_rank']} on the same rows.", ""]
+              f"{one.families['teacher_output_rank']['resolved_rank']} on the same rows.", ""]
     name = teacher.name.replace("/", "_")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

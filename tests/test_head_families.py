@@ -19,7 +19,7 @@ from rankest import UserError, fit_heads
 from rankest.heads import HeadsResult
 from rankest.heads.families import FamilySpec, make_head, parse_families, rank_for_params
 from rankest.heads.intervals import knee, knee_index, mean_interval
-from rankest.heads.output_rank import output_spectrum
+from rankest.heads.output_rank import output_spectrum, resolved_rank
 from rankest.runtime.run import Interrupted
 
 SEQ = 32
@@ -132,7 +132,8 @@ def test_output_spectrum_equals_fp64_svd(n):
         np.testing.assert_allclose(got.sigma[:len(sv)], sv, rtol=1e-9, atol=4 * math.sqrt(2.2e-16 * max(n, v)) * sv[0])
         assert got.energy == pytest.approx((t ** 2).sum(), rel=1e-12)
         assert got.n_rows == n and got.n_cols == v and got.space == "clr"
-        assert rank_ok(got.numerical_rank), (spec, got.numerical_rank)
+        assert rank_ok(got.numerical_rank) and rank_ok(resolved_rank(got)), (spec, got.numerical_rank)
+        assert resolved_rank(got) == int((sv > 1e-6 * sv[0]).sum())
     assert got.numerical_rank == min(n, v - 1)  # a generic MoS matrix: full clr rank (centring removes one)
 
 
@@ -172,10 +173,10 @@ def test_families_run_ranks_counts_and_intervals(neox64, corpus_file, tmp_path):
         assert g["seeds"] == 3 and g["val_loss_ci95"] > 0 and math.isfinite(g["val_loss"])
         assert g["n_params"] <= linear[g["label"]]["n_params"]  # equal-or-below the linear head's count
         if g["family"] in ("linear", "mlp:16"):
-            assert g["output_numerical_rank_max"] <= g["rank"]
+            assert g["output_numerical_rank_max"] <= g["rank"] and g["output_resolved_rank_max"] <= g["rank"]
     mos = [g for g in fam["groups"] if g["family"] == "mos:4"]
-    assert max(g["output_numerical_rank_min"] for g in mos) > d  # MoS escapes the bottleneck
-    assert fam["teacher_output_rank"]["numerical_rank"] <= d
+    assert max(g["output_resolved_rank_min"] for g in mos) > d  # MoS escapes the bottleneck
+    assert fam["teacher_output_rank"]["resolved_rank"] <= d
     for h in fam["heads"]:
         assert h["gap_to_teacher"] == pytest.approx(h["val_loss"] - res.reference["loss"])
     assert set(fam["knees"]) == {"linear", "mos:4", "sigsoftmax", "mlp:16"}

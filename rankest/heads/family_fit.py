@@ -70,6 +70,7 @@ def family_table(specs: Sequence[FamilyHeadSpec], n_params: Sequence[int], evals
             loss, half = mean_interval([h["val_loss"] for h in g])
             kl = [h["val_kl"] for h in g if h["val_kl"] is not None]
             nr = [h["output_rank"]["numerical_rank"] for h in g]
+            tr = [h["output_rank"]["resolved_rank"] for h in g]
             groups.append({"family": fam, "label": lab, "nominal_rank": g[0]["nominal_rank"], "rank": g[0]["rank"],
                            "n_params": g[0]["n_params"], "seeds": len(g), "val_loss": loss, "val_loss_ci95": half,
                            "val_accuracy": float(np.mean([h["val_accuracy"] for h in g])),
@@ -77,7 +78,8 @@ def family_table(specs: Sequence[FamilyHeadSpec], n_params: Sequence[int], evals
                            "val_kl": float(np.mean(kl)) if kl else None,
                            "val_kl_ci95": mean_interval(kl)[1] if kl else None,
                            "output_numerical_rank": float(np.mean(nr)), "output_numerical_rank_min": int(min(nr)),
-                           "output_numerical_rank_max": int(max(nr))})
+                           "output_numerical_rank_max": int(max(nr)), "output_resolved_rank": float(np.mean(tr)),
+                           "output_resolved_rank_min": int(min(tr)), "output_resolved_rank_max": int(max(tr))})
             curve.append([h["val_loss"] for h in g])
         ranks = [next(h["nominal_rank"] for h in mine if h["label"] == lab) for lab in labels]
         knees[fam] = knee(ranks, np.array(curve).T, knee_threshold, seed=seed)

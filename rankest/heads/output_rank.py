@@ -21,7 +21,7 @@ import torch
 
 from rankest import ops
 from rankest.accumulate import Chunk, Gram
-from rankest.spectrum import Spectrum
+from rankest.spectrum import CLIFF_FLOOR, Spectrum
 
 
 @torch.no_grad()
@@ -67,8 +67,17 @@ def output_spectrum(log_probs: Callable[[torch.Tensor], torch.Tensor], h: torch.
     return dataclasses.replace(acc.finalize(energy), n_rows=n, n_cols=n_cols)
 
 
+def resolved_rank(spec: Spectrum) -> int:
+    """#{σ_i > 1e-6·σ_1}: the singular values the Gram route resolves (it squares the condition
+    number: an fp64 Gram resolves σ_i ≥ ~1e-7·σ_1), the floor of the numerical rank's candidates.
+    Unlike the largest-gap numerical rank it counts a full-rank spectrum without a cliff as full."""
+    s = spec.sigma
+    return int((s > CLIFF_FLOOR * s[0]).sum()) if s.size and s[0] > 0 else 0
+
+
 def output_rank_summary(spec: Spectrum) -> dict:
     """The scalar measures of an output spectrum stored per head (``estimate``'s result names)."""
-    return {"numerical_rank": spec.numerical_rank, "threshold_rank": spec.threshold_rank,
+    return {"numerical_rank": spec.numerical_rank, "resolved_rank": resolved_rank(spec),
+            "threshold_rank": spec.threshold_rank,
             "rank_at_0.1": spec.rank_at(0.1), "rank_at_0.01": spec.rank_at(0.01),
             "effective_rank": spec.effective_rank}

@@ -3,7 +3,7 @@
 * loss vs parameter count, one line per family (mean over seeds, 95 % interval as error bars);
 * loss vs rank with the same error bars and each family's knee (vertical line, its interval
   shaded), the paper's Fig. 6 points beside ours for Pythia-410M / 1B;
-* the measured clr rank of every head's own output distribution vs its parameter count, with
+* the clr resolved rank (σ > 1e-6·σ₁) of every head's own output distribution vs its parameter count, with
   the feature width d: a linear head stays ≤ r ≤ d; a head above d has broken the bottleneck.
 """
 
@@ -75,16 +75,16 @@ def plot_output_rank(fam: dict, d: int, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, groups in _by_family(fam["groups"]).items():
         x = [g["n_params"] for g in groups]
-        y = np.array([g["output_numerical_rank"] for g in groups])
-        lo = y - [g["output_numerical_rank_min"] for g in groups]
-        hi = np.array([g["output_numerical_rank_max"] for g in groups]) - y
+        y = np.array([g["output_resolved_rank"] for g in groups])
+        lo = y - [g["output_resolved_rank_min"] for g in groups]
+        hi = np.array([g["output_resolved_rank_max"] for g in groups]) - y
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=name)
     ax.axhline(d, color="C3", ls="--", lw=0.9, label=f"feature width d = {d}")
     ax.axhline(fam["rank_rows"], color="0.5", ls=":", lw=0.9, label=f"rows measured = {fam['rank_rows']}")
     ax.set_xscale("log")
     ax.set_yscale("log", base=2)
     ax.set_xlabel("head parameters")
-    ax.set_ylabel("clr numerical rank of the head's log-probs")
+    ax.set_ylabel("clr resolved rank (σ > 1e-6·σ₁) of the head's log-probs")
     ax.set_title(f"output rank vs parameters · {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -98,13 +98,18 @@ def families_markdown(fam: dict, d: int, objective: str) -> list[str]:
     lines = ["## Head families", "",
              f"Every family × rank trained on the same batches as the rank sweep, {seeds} seed(s) each "
              f"(replicates differ in their init only; ± is the 95% Student-t interval over seeds). "
-             f"Output rank: the clr numerical rank of the head's own log-prob matrix on the first "
-             f"{fam['rank_rows']} validation rows (exact Gram route; min–max over seeds). d = {d}: a linear "
-             f"or MLP head stays ≤ its rank r; a value above d means the family escapes the softmax bottleneck. "
-             f"The teacher's own head measures {fam['teacher_output_rank']['numerical_rank']} on these rows.", "",
+             f"Output rank: the spectrum of the clr matrix of the head's own log-probs on the first "
+             f"{fam['rank_rows']} validation rows (exact Gram route; mean, min–max over seeds): the resolved rank "
+             f"(#σ_i > 1e-6·σ_1: what the Gram route resolves, whatever the rows' precision), the numerical rank (largest gap σ_i/σ_i+1: "
+             f"the cliff of a low-rank head; a full-rank spectrum has no cliff and its largest gap is often the "
+             f"first) and rank_at(0.1). d = {d}: a linear or MLP head stays ≤ its rank r; a rank above d means "
+             f"the family escapes the softmax bottleneck. The teacher's own head: resolved rank "
+             f"{fam['teacher_output_rank']['resolved_rank']}, numerical rank "
+             f"{fam['teacher_output_rank']['numerical_rank']} on these rows.", "",
              "| family | rank (own) | parameters | val loss ± 95% CI | gap to teacher | accuracy | "
-             + ("KL(teacher‖head) | " if kl else "") + "output clr rank (min–max) | output rank_at(0.1) |",
-             "|---|---|---|---|---|---|" + ("---|" if kl else "") + "---|---|"]
+             + ("KL(teacher‖head) | " if kl else "") + "output resolved rank | output numerical rank | "
+             "output rank_at(0.1) |",
+             "|---|---|---|---|---|---|" + ("---|" if kl else "") + "---|---|---|"]
     ra = {}
     for h in fam["heads"]:
         ra.setdefault((h["family"], h["label"]), []).append(h["output_rank"]["rank_at_0.1"])
@@ -113,7 +118,9 @@ def families_markdown(fam: dict, d: int, objective: str) -> list[str]:
         lines.append(f"| {g['family']} | {g['label']} ({g['rank']}) | {g['n_params']:,} | {fmt(g['val_loss'])} ± "
                      f"{fmt(g['val_loss_ci95'], 2)} | {fmt(g['gap_to_teacher'], 3)} | {fmt(g['val_accuracy'], 3)} | "
                      + (f"{fmt(g['val_kl'])} ± {fmt(g['val_kl_ci95'], 2)} | " if kl else "")
-                     + f"{fmt(g['output_numerical_rank'], 4)} ({g['output_numerical_rank_min']}–"
+                     + f"{fmt(g['output_resolved_rank'], 4)} ({g['output_resolved_rank_min']}–"
+                     f"{g['output_resolved_rank_max']}) | "
+                     f"{fmt(g['output_numerical_rank'], 4)} ({g['output_numerical_rank_min']}–"
                      f"{g['output_numerical_rank_max']}) | {fmt(float(np.mean(r01)), 4) if r01 else '—'} |")
     lines += ["", "Knee of loss vs rank (the rank beyond which a doubling improves the loss by less than "
               f"{fmt(next(iter(fam['knees'].values()))['threshold'])} nats; interval: 2.5–97.5% of 1,000 bootstrap "
