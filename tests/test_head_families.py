@@ -241,3 +241,33 @@ def test_option_errors():
                dict(family="mos:0")):
         with pytest.raises(UserError):
             fit_heads(teacher="none", **kw)
+
+
+@pytest.mark.slow  # torchrun: 2 gloo processes
+def test_families_two_gloo_processes_equal_one(neox64, corpus_file, tmp_path):
+    """torchrun --nproc_per_node=2 of the real CLI: every family head's loss and output rank as in one process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rankest.testing import subprocess_env
+
+    kw = dict(family="linear,mos:2,sigsoftmax", seeds=2, rank_rows=200)
+    want = run(neox64, corpus_file, **kw)
+    out = tmp_path / "run"
+    args = ["heads", "--teacher", neox64.source.split(":", 1)[1], "--corpus", corpus_file, "--dtype", "fp64",
+            "--seq-len", str(SEQ), "--tokens", "512", "--val-tokens", "256", "--batch-size", "4", "--seed", "3",
+            "--ranks", "4,8,full", "--init", "scaled", "--lr", "1e-2", "--steps", "6", "--family", kw["family"],
+            "--seeds", "2", "--rank-rows", "200", "--device", "cpu", "--quiet", "--out", str(out),
+            "--checkpoint-every", "3"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "rankest", *args], env=subprocess_env(root), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = HeadsResult.load(out / "heads.h5")
+    assert got.meta["world_size"] == 2
+    np.testing.assert_allclose([h["val_loss"] for h in got.families["heads"]],
+                               [h["val_loss"] for h in want.families["heads"]], rtol=1e-10)
+    assert [h["output_rank"]["resolved_rank"] for h in got.families["heads"]] == \
+        [h["output_rank"]["resolved_rank"] for h in want.families["heads"]]
