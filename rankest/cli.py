@@ -200,8 +200,8 @@ def cmd_heads(args) -> int:
               f"{res.head_w_error_feature[i]:9.3f}")
     print(f"  teacher {res.reference['loss']:9.4f} {res.reference['accuracy']:9.4f}")
     if res.families is not None:
-        print(f"  {'family':>10} {'rank':>6} {'params':>10} {'val loss':>9} {'± 95%':>7} {'out rank':>8} "
-              f"{'num rank':>8}   (output clr resolved rank (σ > 1e-6·σ₁); largest-gap numerical rank)")
+        print("  head families (out rank: clr rank of the head's log-probs, σ > 1e-6·σ₁; num rank: largest gap)")
+        print(f"  {'family':>10} {'rank':>6} {'params':>10} {'val loss':>9} {'± 95%':>7} {'out rank':>8} {'num rank':>8}")
         for g in res.families["groups"]:
             print(f"  {g['family']:>10} {g['label']:>6} {g['n_params']:>10,} {g['val_loss']:9.4f} "
                   f"{g['val_loss_ci95']:7.3f} {g['output_resolved_rank']:8.1f} {g['output_numerical_rank']:8.1f}")
