@@ -413,8 +413,9 @@ def _warn_short(steps: int, cfg: HeadsConfig) -> None:
         lr = f"--lr {cfg.lr:g}" if cfg.lr else "the paper's peak LRs (2e-2 … 2e-3)"
         warnings.warn(f"{steps} optimiser steps are far too short for the schedule (1% warm-up, cosine decay) "
                       f"at {lr}: AdamW's first steps move every weight by about the LR and can undo the init; "
-                      f"train ≥ {MIN_SCHEDULE_STEPS} steps (--steps, --tokens) or lower --lr (e.g. 1e-4 with "
-                      f"--init svd)", stacklevel=3)
+                      f"train ≥ {MIN_SCHEDULE_STEPS} steps (--steps, --tokens)"
+                      + (" or lower --lr (e.g. 1e-4 with --init svd)" if not cfg.lr or cfg.lr > 1e-4 else ""),
+                      stacklevel=3)
 
 
 def _warn_worse(labels, evals, init_evals) -> list[str]:
