@@ -98,6 +98,8 @@ def families_markdown(fam: dict, d: int, objective: str) -> list[str]:
     lines = ["## Head families", "",
              f"Every family × rank trained on the same batches as the rank sweep, {seeds} seed(s) each "
              f"(replicates differ in their init only; ± is the 95% Student-t interval over seeds). "
+             f"`linear` heads follow `--init`; the non-linear families start from a variance-preserving init "
+             f"(weights N(0, 1/fan-in)) whatever `--init`. "
              f"Output rank: the spectrum of the clr matrix of the head's own log-probs on the first "
              f"{fam['rank_rows']} validation rows (exact Gram route; mean, min–max over seeds): the resolved rank "
              f"(#σ_i > 1e-6·σ_1: what the Gram route resolves, whatever the rows' precision), the numerical rank (largest gap σ_i/σ_i+1: "
