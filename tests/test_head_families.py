@@ -271,3 +271,25 @@ def test_families_two_gloo_processes_equal_one(neox64, corpus_file, tmp_path):
                                [h["val_loss"] for h in want.families["heads"]], rtol=1e-10)
     assert [h["output_rank"]["resolved_rank"] for h in got.families["heads"]] == \
         [h["output_rank"]["resolved_rank"] for h in want.families["heads"]]
+
+
+def test_schema_1_heads_file_still_reads_and_renders(neox64, corpus_file, tmp_path):
+    """A heads.h5 of schema 1 (no init_loss, no families) loads and renders its report."""
+    import json
+
+    import h5py
+
+    from rankest.report.heads import write_heads_report
+
+    out = tmp_path / "old"
+    run(neox64, corpus_file, out=str(out))
+    with h5py.File(out / "heads.h5", "r+") as f:
+        assert int(f.attrs["schema_version"]) == 2
+        summary = json.loads(f.attrs["summary"])
+        del summary["init_loss"]
+        f.attrs["summary"] = json.dumps(summary)
+        f.attrs["schema_version"] = 1
+    back = HeadsResult.load(out / "heads.h5")
+    assert back.init_loss is None and back.families is None
+    write_heads_report(out, back)
+    assert "| loss at init |" in (out / "heads.md").read_text()
