@@ -55,7 +55,8 @@ EPILOG_HEAD_SPECTRUM = """examples:
 
 
 EPILOG_HEADS = """examples:
-  python -m rankest heads --ranks 8,32,128,full --init svd --lr 1e-4 --steps 200 --out runs/heads   # embedded, CPU
+  python -m rankest heads --ranks 8,32,128,full --init svd --lr 1e-4 --steps 200 --tokens 2048 --seq-len 128 \
+      --batch-size 2 --val-tokens 1024 --cache-features feats.h5 --out runs/heads    # embedded teacher, CPU
   python -m rankest heads --ranks 8,32,128,full --family linear,mos:4,sigsoftmax,mlp:64 --match-params --seeds 3 \
       --init svd --lr 1e-4 --steps 200 --out runs/families    # families at equal parameters, with intervals
   python -m rankest heads --teacher pythia-1b --corpus wikitext-103 --tokens 2000000 --batch-size 64 \\

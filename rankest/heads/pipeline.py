@@ -311,12 +311,13 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
         bar.close()
     train_src.memo.clear()
     evals = sweep.evaluate(val_h, val_t, n_rows=n_val, **teacher_kw)
-    warned = _warn_worse(labels, evals, init_evals)
+    epochs = steps / max(1, train_src.n_batches)
+    warned = _warn_worse(labels, evals, init_evals, epochs)
     table = None
     if fam:
         fam_evals = fam.evaluate(val_h, val_t, n_rows=n_val, **teacher_kw)
         fam_labels = [f"{sp.family.label} {sp.label} seed {sp.replicate}" for sp in fam.specs]
-        warned += _warn_worse(fam_labels, fam_evals, fam_init)
+        warned += _warn_worse(fam_labels, fam_evals, fam_init, epochs)
         if world.main:  # the output ranks: rank 0 alone, on the gathered rows
             wt, bt = weight.to(head_dtype), None if bias is None else bias.to(head_dtype)
             spectra, teacher_spec = output_spectra(
@@ -418,13 +419,14 @@ def _warn_short(steps: int, cfg: HeadsConfig) -> None:
                       stacklevel=3)
 
 
-def _warn_worse(labels, evals, init_evals) -> list[str]:
+def _warn_worse(labels, evals, init_evals, epochs: float) -> list[str]:
     """Warn (and return the message) when training raised heads' validation loss above their init's."""
     worse = worse_than_init(labels, evals, init_evals)
     if not worse:
         return []
     msg = (f"training raised the validation loss above the init's for {len(worse)} head(s): {', '.join(worse[:8])}"
-           f"{' …' if len(worse) > 8 else ''}; lower --lr or train for more steps")
+           f"{' …' if len(worse) > 8 else ''}; lower --lr, or train on more rows (--tokens: this run made "
+           f"{epochs:.3g} passes over its training rows, a large head overfits them)")
     warnings.warn(msg, stacklevel=3)
     return [msg]
 
