@@ -12,6 +12,15 @@ report gives the largest difference. Goal: sweep ≤ 40% of the eight runs.
 
 Writes benchmarks/reports/heads_<teacher>.md and heads_<teacher>.png (loss and accuracy versus
 rank, with the zero-training truncations and the teacher's own head) naming the machine.
+
+Head families (``--families``): every family × rank × seed in one ``fit_heads`` call against one
+call per family × seed (each paying the teacher forward, the truncations and the rank sweep
+again), and the cost of one AdamW step of each family's heads alone on random features of the
+teacher's width (median of ``--family-steps`` steps), with its parameter / optimiser-state bytes:
+
+    python benchmarks/bench_heads.py --families linear,mos:4,sigsoftmax,mlp:64 --seeds 2 --ranks 8,64 \
+        --tokens 512 --val-tokens 256
+Writes benchmarks/reports/head_families_<teacher>.md.
 """
 
 from __future__ import annotations
@@ -40,8 +49,13 @@ def main() -> int:
     ap.add_argument("--init", default="svd")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default=str(REPORTS))
+    ap.add_argument("--families", default=None, help="benchmark these head families instead of the rank sweep")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--family-steps", type=int, default=5, help="timed steps per family for the cost per step")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.families:
+        return families_main(args)
 
     from rankest import fit_heads
     from rankest.heads.pipeline import parse_ranks
@@ -136,6 +150,124 @@ def main() -> int:
         "val_loss": sweep.val_loss, "truncation_loss_feature": sweep.truncation_loss_feature,
         "truncation_loss": sweep.truncation_loss, "reference": ref, "machine": prov["cpu"]}, indent=2))
     print(f"ratio {ratio:.3f}; wrote {out / f'heads_{name}.md'}")
+    return 0
+
+
+def _step_cost(fam, ranks, d, n_cols, rows, steps, seed=0):
+    """Median seconds of one AdamW step of one family's heads (one per rank) on random features."""
+    import statistics
+
+    import torch
+
+    from rankest.heads.family_sweep import FamilyHeadSpec, FamilySweep
+
+    specs = [FamilyHeadSpec(fam, str(r), r, r, 0, 1e-3) for r in ranks]
+    sweep = FamilySweep(specs, d=d, n_cols=n_cols, init="scaled", seed=seed, steps=steps + 1,
+                        device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    h, t = torch.randn(rows, d, generator=g), torch.randint(0, n_cols, (rows,), generator=g)
+    sweep.step(h, t)  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sweep.step(h, t)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), sweep.state_bytes(), sum(sweep.n_params())
+
+
+def families_main(args) -> int:
+    from rankest import fit_heads
+    from rankest.heads.families import parse_families
+    from rankest.heads.pipeline import parse_ranks
+    from rankest.io.results import provenance
+    from rankest.sources.teachers import load_teacher
+
+    t0 = time.perf_counter()
+    teacher = load_teacher(args.teacher, device="cpu", dtype="fp32")
+    t_load = time.perf_counter() - t0
+    d, v = teacher.hidden_size, teacher.n_cols
+    ranks, labels = parse_ranks(args.ranks, min(d, v))
+    fams = parse_families(args.families)
+    common = dict(teacher=teacher, tokens=args.tokens, val_tokens=args.val_tokens, seq_len=args.seq_len,
+                  batch_size=args.batch_size, steps=args.steps, init=args.init, lr=args.lr, quiet=True, seed=0,
+                  ranks=",".join(labels), rank_rows=args.val_tokens)
+    t0 = time.perf_counter()
+    one = fit_heads(family=args.families, seeds=args.seeds, **common)
+    t_one = time.perf_counter() - t0
+    print(f"one pass, {len(one.families['heads'])} family heads: {t_one:.1f} s", flush=True)
+    sep, t_sep = {}, {}
+    for fam in fams:
+        for s in range(args.seeds):
+            t0 = time.perf_counter()
+            # seed index s alone: the same init as replicate s of the one-pass run needs seeds=s+1; the
+            # cost is that of a run holding s+1 replicates, so time seeds=1 runs (replicate 0) instead.
+            r = fit_heads(family=fam.label, seeds=1, **common)
+            t_sep[(fam.label, s)] = time.perf_counter() - t0
+            sep[(fam.label, s)] = r
+            print(f"  {fam.label} seed {s}: {t_sep[(fam.label, s)]:.1f} s", flush=True)
+    total_sep = sum(t_sep.values())
+    # replicate 0 of each family: the separate run trains the same head on the same batches
+    diffs = []
+    for fam in fams:
+        a = [h for h in one.families["heads"] if h["family"] == fam.label and h["replicate"] == 0]
+        b = sep[(fam.label, 0)].families["heads"]
+        diffs += [abs(x["val_loss"] - y["val_loss"]) for x, y in zip(a, b)]
+    rows = int(round(one.meta["rows_per_step"]))
+    costs = {fam.label: _step_cost(fam, ranks, d, v, rows, args.family_steps) for fam in fams}
+
+    prov = provenance("cpu")
+    cmd = "python benchmarks/bench_heads.py " + " ".join(sys.argv[1:])
+    m = one.meta
+    lines = [
+        f"# heads --family: every family × rank × seed in one pass against separate runs — {teacher.name}, CPU",
+        "",
+        f"Machine: {prov['cpu']} (2 cores shared with 7 other sessions: timings are noisy), torch "
+        f"{prov['torch_version']}, git {prov['git_hash']}. Teacher {teacher.name} (d = {d}, V' = {v:,}) fp32, "
+        f"loaded once in {t_load:.0f} s (not counted).",
+        "",
+        f"Reproduce: `{cmd.strip()}`",
+        "",
+        f"Families {args.families}, ranks {','.join(labels)}, {args.seeds} seeds; {m['n_train_rows']:,} training "
+        f"rows ({m['steps']} steps of ≈ {rows} rows), {m['n_val_rows']:,} validation rows (all of them for the "
+        f"output ranks), init `{args.init}`, LR {args.lr}. Each side is whole `fit_heads` calls (teacher forward, "
+        f"truncations, the linear rank sweep, families, evaluation, output ranks).",
+        "",
+        "## One pass against separate runs",
+        "",
+        "| | wall (s) | features (s) | heads training (s) |",
+        "|---|---|---|---|",
+        f"| one pass, {len(one.families['heads'])} family heads | {t_one:.1f} | {m['seconds_features']:.1f} | "
+        f"{m['seconds_heads']:.1f} |",
+        f"| {len(t_sep)} separate runs (one family × seed each, sum) | {total_sep:.1f} | "
+        f"{sum(r.meta['seconds_features'] for r in sep.values()):.1f} | "
+        f"{sum(r.meta['seconds_heads'] for r in sep.values()):.1f} |",
+        "",
+        f"**One pass / separate = {t_one / total_sep:.3f}.** Replicate 0 of every family in the one pass equals "
+        f"its separate run to {max(diffs):.1e} nats of validation loss (same init seed, same batches). Peak RSS "
+        f"of the process {m['peak_rss_bytes'] / 2**30:.2f} GiB; head parameters + gradients + AdamW moments of "
+        f"the one pass {m['head_state_bytes'] / 2**20:.1f} MiB.",
+        "",
+        f"## Cost of one AdamW step per family ({rows} rows, heads at ranks {','.join(labels)}, random features)",
+        "",
+        "| family | seconds per step | parameters | parameters + grads + AdamW moments (MiB) |",
+        "|---|---|---|---|",
+    ]
+    for lab, (sec, nbytes, npar) in costs.items():
+        lines.append(f"| {lab} | {sec:.3f} | {npar:,} | {nbytes / 2**20:.1f} |")
+    lines += ["", "## The one-pass result", "",
+              "| family | rank (own) | parameters | val loss ± 95% CI | output clr resolved rank (σ > 1e-6·σ₁) (min–max) |",
+              "|---|---|---|---|---|"]
+    for g in one.families["groups"]:
+        lines.append(f"| {g['family']} | {g['label']} ({g['rank']}) | {g['n_params']:,} | {g['val_loss']:.4f} ± "
+                     f"{g['val_loss_ci95']:.3f} | {g['output_resolved_rank']:.0f} ({g['output_resolved_rank_min']}–"
+                     f"{g['output_resolved_rank_max']}) |")
+    lines += ["", f"Teacher's own head: loss {one.reference['loss']:.4f}, output clr rank "
+              f"{one.families['teacher_output_rank']['resolved_rank']} on the same rows.", ""]
+    name = teacher.name.replace("/", "_")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"head_families_{name}.md").write_text("\n".join(lines))
+    print(f"wrote {out / f'head_families_{name}.md'}")
     return 0
 
 

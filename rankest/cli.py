@@ -58,7 +58,10 @@ EPILOG_HEAD_SPECTRUM = """examples:
 
 
 EPILOG_HEADS = """examples:
-  python -m rankest heads --ranks 8,32,128,full --init svd --steps 200 --out runs/heads     # embedded teacher, CPU
+  python -m rankest heads --ranks 8,32,128,full --init svd --lr 1e-4 --steps 200 --tokens 2048 --seq-len 128 \
+      --batch-size 2 --val-tokens 1024 --cache-features feats.h5 --out runs/heads    # embedded teacher, CPU
+  python -m rankest heads --ranks 8,32,128,full --family linear,mos:4,sigsoftmax,mlp:64 --match-params --seeds 3 \
+      --init svd --lr 1e-4 --steps 200 --out runs/families    # families at equal parameters, with intervals
   python -m rankest heads --teacher pythia-1b --corpus wikitext-103 --tokens 2000000 --batch-size 64 \\
       --ranks 32,64,128,256,512,1024,2048,full --cache-features feats.h5 --out runs/heads-p1b
 """
@@ -270,6 +273,15 @@ def cmd_heads(args) -> int:
               f"{res.head_w_error_weight[i]:8.3f} {res.truncation_loss_feature[i]:9.4f} "
               f"{res.head_w_error_feature[i]:9.3f}")
     print(f"  teacher {res.reference['loss']:9.4f} {res.reference['accuracy']:9.4f}")
+    if res.families is not None:
+        print("  head families (out rank: clr rank of the head's log-probs, σ > 1e-6·σ₁; num rank: largest gap)")
+        print(f"  {'family':>10} {'rank':>6} {'params':>10} {'val loss':>9} {'± 95%':>7} {'out rank':>8} {'num rank':>8}")
+        for g in res.families["groups"]:
+            print(f"  {g['family']:>10} {g['label']:>6} {g['n_params']:>10,} {g['val_loss']:9.4f} "
+                  f"{g['val_loss_ci95']:7.3f} {g['output_resolved_rank']:8.1f} {g['output_numerical_rank']:8.1f}")
+        for name, k in res.families["knees"].items():
+            print(f"  knee of {name}: " + ("none within the ranks" if k["rank"] is None else f"r = {k['rank']}")
+                  + ("" if k["low"] is None else f" [{k['low']}, {k['high']}]"))
     if args.out:
         print(f"  wrote {args.out}/heads.h5, heads.json, heads.md")
     else:

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from rankest.errors import UserError
+from rankest.heads.families import parse_families
 from rankest.options import (check_numbers, checkpoint_every_option, option, positive_int, resume_option,
                              shared_option)
 from rankest.runtime.run import check_checkpoint_options
@@ -64,6 +65,21 @@ class HeadsConfig:
                                            help="compute the teacher's features once into this HDF5 file, or reuse "
                                                 "it if it exists (refused when written for another teacher, "
                                                 "tokenizer or rows)")
+    family: Optional[str] = option(None, metavar="LIST", group=HEADS,
+                                   help="head families trained beside the rank sweep, on the same batches: linear, "
+                                        "mos:K (mixture of K softmaxes), sigsoftmax, mlp:H (hidden width H), "
+                                        "comma-separated, e.g. linear,mos:4,sigsoftmax,mlp:64 (default: none)")
+    seeds: int = option(1, type=positive_int, group=HEADS,
+                        help="replicates (init seeds) of every family head: loss ± a 95%% interval, and the knee's "
+                             "interval (default 1)")
+    match_params: bool = option(False, group=HEADS,
+                                help="size every family's heads to the parameter count of the linear head of each "
+                                     "rank (default: every family at the ranks themselves)")
+    knee_threshold: float = option(0.05, type=float, group=HEADS,
+                                   help="the knee of loss vs rank: the rank beyond which the loss improves by less "
+                                        "than this many nats per doubling (default 0.05)")
+    rank_rows: int = option(1024, type=positive_int, group=HEADS,
+                            help="validation rows of each family head's output-rank measurement (default 1024)")
     device: str = shared_option("device")
     dtype: str = shared_option("dtype")
     device_map: Optional[str] = shared_option("device_map")  # spread the teacher over the visible GPUs
@@ -93,5 +109,14 @@ class HeadsConfig:
             raise UserError(f"--steps must be a positive integer, got {self.steps}.")
         if self.tokens is not None and int(self.tokens) < 1:
             raise UserError(f"--tokens must be a positive integer or all, got {self.tokens}.")
+        if self.family is not None:
+            parse_families(self.family)
+        if int(self.seeds) < 1 or int(self.rank_rows) < 1:
+            raise UserError("--seeds and --rank-rows must be positive integers.")
+        if not (float(self.knee_threshold) > 0 and math.isfinite(float(self.knee_threshold))):
+            raise UserError(f"--knee-threshold must be a positive number of nats per doubling, "
+                            f"got {self.knee_threshold}.")
+        if (int(self.seeds) > 1 or self.match_params) and self.family is None:
+            raise UserError("--seeds and --match-params apply to --family heads; add e.g. --family linear,mos:4.")
         if self.gram_rows is not None and int(self.gram_rows) < 1:
             raise UserError(f"gram_rows must be a positive integer, got {self.gram_rows}.")

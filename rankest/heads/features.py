@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from rankest.errors import UserError
 from rankest.heads.config import MIN_VAL_ROWS, HeadsConfig
 from rankest.heads.sweep import _head_seed
-from rankest.sources.finite import check_finite_tensor
 from rankest.io.h5 import check_digest, check_sizes, write_h5
+from rankest.runtime import distributed
+from rankest.sources.finite import check_finite_tensor
 from rankest.sources.corpus import Batch
 
 #: Format tag of the feature cache.
@@ -228,3 +229,25 @@ def split_windows(n_windows: int, cfg: HeadsConfig, per_window: int) -> tuple[to
     gen = torch.Generator().manual_seed(_head_seed(cfg.seed, -1))
     perm = torch.randperm(n_windows, generator=gen)
     return perm[:n_val_w], perm[n_val_w:]
+
+
+def global_rows(src: FeatureSource, n_max: int, world=None) -> torch.Tensor:
+    """The first ``n_max`` feature rows of a split in its global order, on every process.
+
+    Under torchrun each batch's shards (contiguous, in process order) are gathered through one
+    zero-padded sum; the batches stay in the source's memo for :meth:`FeatureSource.all_rows`.
+    """
+    parts, got = [], 0
+    for k in range(src.n_batches):
+        if got >= n_max:
+            break
+        h, _ = src.batch(k, keep=True)
+        if world is not None and world.active:
+            counts = distributed.all_sum(world, np.eye(world.size)[world.rank] * h.shape[0]).astype(int)
+            buf = h.new_zeros(world.size, int(counts.max()), h.shape[1])
+            buf[world.rank, :h.shape[0]] = h
+            distributed.all_sum_(world, [buf])
+            h = torch.cat([buf[p, :counts[p]] for p in range(world.size)])
+        parts.append(h)
+        got += h.shape[0]
+    return torch.cat(parts)[:n_max]

@@ -12,8 +12,11 @@ from tqdm.auto import tqdm
 
 from rankest.errors import UserError
 from rankest.heads.config import LR_SEARCH_FACTORS, MIN_VAL_ROWS, HeadsConfig
-from rankest.heads.evaluate import evaluate_heads
-from rankest.heads.features import FeatureSource, Split, cache_attrs, check_cache, split_windows, write_cache
+from rankest.heads.evaluate import _logits, evaluate_heads
+from rankest.heads.family_fit import family_specs, family_table, families_of, output_spectra, worse_than_init
+from rankest.heads.family_sweep import FamilySweep
+from rankest.heads.features import (FeatureSource, Split, cache_attrs, check_cache, global_rows, split_windows,
+                                    write_cache)
 from rankest.heads.result import HeadsResult, write_heads_run
 from rankest.heads.sweep import HeadSpec, HeadSweep, paper_lr, parse_ranks
 from rankest.heads.truncation import feature_truncations, head_moments, weight_truncations
@@ -212,6 +215,7 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
 
 
     d = weight.shape[1]
+    families = families_of(cfg.family)
     n_train = int(train_src.offsets[-1])
     n_val = int(val_src.offsets[-1])
     steps = int(cfg.steps) if cfg.steps else train_src.n_batches
@@ -223,6 +227,7 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
     if n_val < MIN_VAL_ROWS:
         raise UserError(f"the validation split holds {n_val} rows, fewer than the {MIN_VAL_ROWS} needed "
                         f"to measure loss and accuracy; raise --val-tokens or use a bigger corpus.")
+    rank_h = global_rows(val_src, int(cfg.rank_rows), world) if families else None
     val_h, val_t = val_src.all_rows()
 
     # The feature metric: fp64 Gram of the first training rows (kept for training, not recomputed).
@@ -264,25 +269,42 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
     sweep = HeadSweep(specs, n_cols=weight.shape[0], d=d, init=cfg.init, seed=cfg.seed, steps=steps, device=device,
                       dtype=head_dtype, svd_factors=feat_f, bias=bias, objective=cfg.objective,
                       weight_decay=cfg.weight_decay, world=world)
+    fam = None
+    if families:
+        fam = FamilySweep(family_specs(families, ranks, labels, lrs, seeds=int(cfg.seeds), match_params=cfg.match_params,
+                                       d=d, n_cols=weight.shape[0], bias=bias is not None),
+                          d=d, n_cols=weight.shape[0], init=cfg.init, seed=cfg.seed, steps=steps, device=device,
+                          dtype=head_dtype, svd_factors=feat_f, bias=bias, objective=cfg.objective,
+                          weight_decay=cfg.weight_decay, world=world)
     del feat_f, weight_f
+    # Every head's loss at its init (the svd init's is the feature-metric truncation's): training
+    # that raises a head above it is reported, never silent.
+    init_evals = trunc_f if cfg.init == "svd" else sweep.evaluate(val_h, val_t, n_rows=n_val, **teacher_kw)
+    fam_init = fam.evaluate(val_h, val_t, n_rows=n_val, **teacher_kw) if fam else None
+    _warn_short(steps, cfg)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history = np.zeros((steps, len(specs)))
+    fam_history = np.zeros((steps, len(fam.heads) if fam else 0))
     s0 = 0 if run.position is None else int(run.position["step"])
     if run.position is not None:  # collective: rank 0 checks, every process raises
         distributed.on_main(world, lambda: _check_position(run, s0, steps, len(specs)))
     if s0 > 0:
-        _restore(run, sweep, history)
+        _restore(run, sweep, history, fam, fam_history)
         for k in [k for k in train_src.memo if s0 >= train_src.n_batches or k < s0]:
             del train_src.memo[k]  # kept by the Gram for steps already taken
     t_heads = 0.0
-    bar = tqdm(total=steps, initial=s0, unit="step", desc=f"heads ×{len(specs)}", disable=cfg.quiet or not world.main,
+    n_heads = len(specs) + (len(fam.heads) if fam else 0)
+    bar = tqdm(total=steps, initial=s0, unit="step", desc=f"heads ×{n_heads}", disable=cfg.quiet or not world.main,
                dynamic_ncols=True)
 
     def save(done: int) -> None:  # every process holds the same heads after each all-reduced step
-        run.save(states={"sweep": sweep.state(), "history": {"train_loss": history[:done]}}, device=device,
-                 position={"step": done, "steps": steps, "lrs": lrs, "lr_search": search})
+        states = {"sweep": sweep.state(), "history": {"train_loss": history[:done]}}
+        if fam:
+            states["families"] = fam.state()
+            states["family_history"] = {"train_loss": fam_history[:done]}
+        run.save(states=states, device=device, position={"step": done, "steps": steps, "lrs": lrs, "lr_search": search})
 
     # SIGINT/SIGTERM: checkpoint at the end of the current step, then stop (only with a run folder).
     try:
@@ -291,6 +313,8 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
             h, t = train_src.batch(k)
             t1 = time.perf_counter()
             history[s] = sweep.step(h, t, n_rows=train_src.rows(k), **teacher_kw)
+            if fam:
+                fam_history[s] = fam.step(h, t, n_rows=train_src.rows(k), **teacher_kw)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t_heads += time.perf_counter() - t1
@@ -300,8 +324,23 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
         bar.close()
     train_src.memo.clear()
     evals = sweep.evaluate(val_h, val_t, n_rows=n_val, **teacher_kw)
+    epochs = steps / max(1, train_src.n_batches)
+    warned = _warn_worse(labels, evals, init_evals, epochs)
+    table = None
+    if fam:
+        fam_evals = fam.evaluate(val_h, val_t, n_rows=n_val, **teacher_kw)
+        fam_labels = [f"{sp.family.label} {sp.label} seed {sp.replicate}" for sp in fam.specs]
+        warned += _warn_worse(fam_labels, fam_evals, fam_init, epochs)
+        if world.main:  # the output ranks: rank 0 alone, on the gathered rows
+            wt, bt = weight.to(head_dtype), None if bias is None else bias.to(head_dtype)
+            spectra, teacher_spec = output_spectra(
+                fam, rank_h, weight.shape[0], lambda x: torch.log_softmax(_logits(x, wt, None, bt), -1))
+            table = family_table(fam.specs, fam.n_params(), fam_evals, fam_init, reference, spectra, teacher_spec,
+                                 knee_threshold=float(cfg.knee_threshold), seed=cfg.seed)
+            table["w_error"] = _pad_curves([sp.w_error() for sp in spectra])
+            table["train_loss"] = fam_history
 
-    mem = {"head_state_bytes": sweep.state_bytes(),
+    mem = {"head_state_bytes": sweep.state_bytes() + (fam.state_bytes() if fam else 0),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
         mem["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
@@ -317,13 +356,14 @@ def _fit(cfg: HeadsConfig, teacher, weight, bias, ranks, labels, train_src: Feat
         head_w_error_feature=[float(w_err_feat[r - 1]) for r in ranks],
         w_error_weight_curve=w_err_weight, w_error_feature_curve=w_err_feat, train_loss=history,
         val_kl=[e["kl"] for e in evals] if cfg.objective == "kl" else None, lr_search=search,
+        init_loss=[e["loss"] for e in init_evals], families=table,
         meta={"steps": steps, "n_train_rows": n_train, "n_val_rows": n_val, "gram_rows": n_gram,
               "rows_per_step": n_train / max(1, train_src.n_batches), "batch_size": cfg.batch_size,
               "epochs": steps / max(1, train_src.n_batches),
               "seconds_features": train_src.seconds + val_src.seconds, "seconds_heads": t_heads,
               "seconds_per_step": (train_src.seconds + t_heads) / n_steps_here,
               "seconds_heads_per_step": t_heads / n_steps_here, "seconds_truncation": t_trunc,
-              "resumed_at_step": s0, **mem})
+              "resumed_at_step": s0, "warnings": warned, **mem})
     return res
 
 
@@ -376,14 +416,54 @@ def _check_position(run: Run, step: int, steps: int, n_heads: int) -> None:
                         f"--overwrite instead of --resume) to start afresh.")
 
 
-def _restore(run: Run, sweep: HeadSweep, history: np.ndarray) -> None:
+def _restore(run: Run, sweep: HeadSweep, history: np.ndarray, fam: Optional[FamilySweep] = None,
+             fam_history: Optional[np.ndarray] = None) -> None:
     """Load the checkpoint's heads, AdamW states and loss history on every process."""
-    states = run.saved_states(["sweep", "history"])
-    try:
-        sweep.load_state(distributed.broadcast_arrays(run.world, None if states is None else states["sweep"]))
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # heads of another shape or kind
-        raise UserError(f"the checkpoint {run.out} holds heads this sweep cannot continue ({type(e).__name__}); "
-                        f"delete it (or pass --overwrite instead of --resume) to start afresh.") from e
-    done = distributed.broadcast(run.world, None if states is None else states["history"]["train_loss"])
-    history[:len(done)] = done
+    names = ["sweep", "history"] + (["families", "family_history"] if fam else [])
+    states = run.saved_states(names)
+    pairs = [(sweep, "sweep", history, "history")] + ([(fam, "families", fam_history, "family_history")] if fam else [])
+    for heads, key, hist, hkey in pairs:
+        try:
+            heads.load_state(distributed.broadcast_arrays(run.world, None if states is None else states[key]))
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # heads of another shape or kind
+            raise UserError(f"the checkpoint {run.out} holds heads this sweep cannot continue ({type(e).__name__}); "
+                            f"delete it (or pass --overwrite instead of --resume) to start afresh.") from e
+        done = distributed.broadcast(run.world, None if states is None else states[hkey]["train_loss"])
+        hist[:len(done)] = done
     run.restore_rng(sweep.A[0].device)
+
+
+#: Optimiser steps below which Pythia's schedule cannot play out: the warm-up is a single step
+#: and AdamW's first steps, which move every weight by about the peak LR, dominate the run.
+MIN_SCHEDULE_STEPS = 100
+
+
+def _warn_short(steps: int, cfg: HeadsConfig) -> None:
+    if steps < MIN_SCHEDULE_STEPS:
+        lr = f"--lr {cfg.lr:g}" if cfg.lr else "the paper's peak LRs (2e-2 … 2e-3)"
+        warnings.warn(f"{steps} optimiser steps are far too short for the schedule (1% warm-up, cosine decay) "
+                      f"at {lr}: AdamW's first steps move every weight by about the LR and can undo the init; "
+                      f"train ≥ {MIN_SCHEDULE_STEPS} steps (--steps, --tokens)"
+                      + (" or lower --lr (e.g. 1e-4 with --init svd)" if not cfg.lr or cfg.lr > 1e-4 else ""),
+                      stacklevel=3)
+
+
+def _warn_worse(labels, evals, init_evals, epochs: float) -> list[str]:
+    """Warn (and return the message) when training raised heads' validation loss above their init's."""
+    worse = worse_than_init(labels, evals, init_evals)
+    if not worse:
+        return []
+    msg = (f"training raised the validation loss above the init's for {len(worse)} head(s): {', '.join(worse[:8])}"
+           f"{' …' if len(worse) > 8 else ''}; lower --lr, or train on more rows (--tokens: this run made "
+           f"{epochs:.3g} passes over its training rows, a large head overfits them)")
+    warnings.warn(msg, stacklevel=3)
+    return [msg]
+
+
+def _pad_curves(curves) -> np.ndarray:
+    """W-error curves of different lengths as one (heads, k_max) array, NaN-padded."""
+    k = max((len(c) for c in curves), default=0)
+    out = np.full((len(curves), k), np.nan)
+    for i, c in enumerate(curves):
+        out[i, :len(c)] = c
+    return out

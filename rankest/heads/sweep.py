@@ -137,30 +137,6 @@ def _head_seed(seed: int, rank: int) -> int:
     return (int(seed) * 1_000_003 + int(rank) * 7919) % (2**63 - 1)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ---- the sweep: every head, one optimiser step per shared batch ------------------------------
 @dataclass
 class HeadSpec:
@@ -171,7 +147,81 @@ class HeadSpec:
     label: str
 
 
-class HeadSweep:
+class AdamWHeads:
+    """What every set of heads trained side by side shares: one AdamW over all of them (a param
+    group per head and parameter kind: AdamW is elementwise, so one optimiser over all heads
+    equals one per head), Pythia's LR schedule, the torchrun gradient sum, and the checkpoint
+    state. Subclasses build ``self.optimizer`` with :meth:`_build_optimizer`."""
+
+    world = None
+    steps: int
+    dtype: torch.dtype
+
+    def _build_optimizer(self, groups: list[dict], weight_decay: float, betas: tuple[float, float]) -> None:
+        self.optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.steps))
+
+    def params(self) -> list[torch.nn.Parameter]:
+        """Every parameter, in the optimiser's order (the checkpoint's and the all-reduce's order)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def state_bytes(self) -> int:
+        """Parameters + gradients + AdamW's two moments, in bytes."""
+        return 4 * sum(p.numel() for p in self.params()) * torch.finfo(self.dtype).bits // 8
+
+    def _apply_step(self, losses: np.ndarray) -> np.ndarray:
+        """Sum the gradients (and ``losses``) over a torchrun job, then one AdamW and schedule step."""
+        if self.world is not None and self.world.active:
+            params = self.params()
+            for p in params:  # a process without rows this step still joins the sum (with zeros)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_sum_(self.world, [p.grad for p in params])
+            losses = distributed.all_sum(self.world, losses)
+        self.optimizer.step()
+        self.scheduler.step()
+        return losses
+
+    # ---- checkpoints: the whole training state as arrays, restored bit for bit ------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters (``p{j}``), AdamW's moments and step counts (``exp_avg{j}``, ``exp_avg_sq{j}``,
+        ``adam_step{j}``) of parameter j in :meth:`params` order, and the scheduler's step."""
+        out: dict[str, np.ndarray] = {"scheduler_step": np.asarray(self.scheduler.last_epoch, dtype=np.int64)}
+        for j, p in enumerate(self.params()):
+            out[f"p{j}"] = p.detach().cpu().numpy().copy()
+            st = self.optimizer.state.get(p, {})
+            for key, name in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "adam_step")):
+                if key in st:
+                    out[f"{name}{j}"] = torch.as_tensor(st[key]).detach().cpu().numpy().copy()
+        return out
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state` into a sweep built with the same specs: the next :meth:`step`
+        is the one the saved sweep would have taken (same parameters, moments and LR)."""
+        params = self.params()
+        if sum(1 for k in state if k.startswith("p") and k[1:].isdigit()) != len(params):
+            raise UserError("the checkpoint holds another set of heads than this run builds; delete it and start afresh.")
+        # AdamW keeps its step count as a CPU scalar tensor, on the parameter's device when fused/capturable.
+        on_device = {id(p): bool(g.get("fused") or g.get("capturable"))
+                     for g in self.optimizer.param_groups for p in g["params"]}
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                p.copy_(torch.from_numpy(np.asarray(state[f"p{j}"])).to(p.device, p.dtype))
+                if f"exp_avg{j}" in state:
+                    self.optimizer.state[p] = {
+                        "step": torch.from_numpy(np.array(state[f"adam_step{j}"])).to(
+                            p.device if on_device[id(p)] else "cpu"),
+                        "exp_avg": torch.from_numpy(np.array(state[f"exp_avg{j}"])).to(p.device, p.dtype),
+                        "exp_avg_sq": torch.from_numpy(np.array(state[f"exp_avg_sq{j}"])).to(p.device, p.dtype)}
+        # The LR LambdaLR would have set after that many steps: base_lr · factor(step), as it computes it.
+        s = int(state["scheduler_step"])
+        self.scheduler.last_epoch = s
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = base * lr_factor(s, self.steps)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+class HeadSweep(AdamWHeads):
     """Heads W_i = A_i·B_i (+ b_i) of different ranks trained side by side on shared batches.
 
     Each head has its own parameters and AdamW param group (its own LR; AdamW is elementwise,
@@ -229,18 +279,8 @@ class HeadSweep:
             groups.append({"params": [pa, pb], "lr": spec.lr, "weight_decay": weight_decay})
             if pbias is not None:  # no decay on biases (GPT-NeoX convention)
                 groups.append({"params": [pbias], "lr": spec.lr, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.steps))
         self.dtype = dtype
-
-    def state_bytes(self) -> int:
-        """Parameters + gradients + AdamW's two moments, in bytes."""
-        n = sum(p.numel() for p in self.A + self.B) + sum(p.numel() for p in self.b if p is not None)
-        return 4 * n * torch.finfo(self.dtype).bits // 8
-
-    def params(self) -> list[torch.nn.Parameter]:
-        """Every parameter, in the optimiser's order (the checkpoint's and the all-reduce's order)."""
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._build_optimizer(groups, weight_decay, betas)
 
     def step(self, h: torch.Tensor, targets: torch.Tensor, teacher_weight: Optional[torch.Tensor] = None,
              teacher_bias: Optional[torch.Tensor] = None, *, n_rows: Optional[int] = None) -> np.ndarray:
@@ -269,17 +309,7 @@ class HeadSweep:
                     loss = F.kl_div(torch.log_softmax(z, -1), logp, log_target=True, reduction="sum")
                 (loss / n).backward()
                 losses[i] += float(loss.detach()) / n
-        if self.world is not None and self.world.active:
-
-            params = self.params()
-            for p in params:  # a process without rows this step still joins the sum (with zeros)
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            distributed.all_sum_(self.world, [p.grad for p in params])
-            losses = distributed.all_sum(self.world, losses)
-        self.optimizer.step()
-        self.scheduler.step()
-        return losses
+        return self._apply_step(losses)
 
     def evaluate(self, h: torch.Tensor, targets: torch.Tensor, *, n_rows: Optional[int] = None,
                  **teacher) -> list[dict[str, float]]:
@@ -287,87 +317,3 @@ class HeadSweep:
         heads = [(self.A[i].detach(), self.B[i].detach(), None if self.b[i] is None else self.b[i].detach())
                  for i in range(len(self.specs))]
         return evaluate_heads(heads, h, targets, world=self.world, n_rows=n_rows, **teacher)
-
-    # ---- checkpoints: the whole training state as arrays, restored bit for bit ------------------
-    def state(self) -> dict[str, np.ndarray]:
-        """Parameters (``p{j}``), AdamW's moments and step counts (``exp_avg{j}``, ``exp_avg_sq{j}``,
-        ``adam_step{j}``) of parameter j in :meth:`params` order, and the scheduler's step."""
-        out: dict[str, np.ndarray] = {"scheduler_step": np.asarray(self.scheduler.last_epoch, dtype=np.int64)}
-        for j, p in enumerate(self.params()):
-            out[f"p{j}"] = p.detach().cpu().numpy().copy()
-            st = self.optimizer.state.get(p, {})
-            for key, name in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "adam_step")):
-                if key in st:
-                    out[f"{name}{j}"] = torch.as_tensor(st[key]).detach().cpu().numpy().copy()
-        return out
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore :meth:`state` into a sweep built with the same specs: the next :meth:`step`
-        is the one the saved sweep would have taken (same parameters, moments and LR)."""
-        params = self.params()
-        if sum(1 for k in state if k.startswith("p") and k[1:].isdigit()) != len(params):
-            raise UserError("the checkpoint holds another set of heads than this run builds; delete it and start afresh.")
-        # AdamW keeps its step count as a CPU scalar tensor, on the parameter's device when fused/capturable.
-        on_device = {id(p): bool(g.get("fused") or g.get("capturable"))
-                     for g in self.optimizer.param_groups for p in g["params"]}
-        with torch.no_grad():
-            for j, p in enumerate(params):
-                p.copy_(torch.from_numpy(np.asarray(state[f"p{j}"])).to(p.device, p.dtype))
-                if f"exp_avg{j}" in state:
-                    self.optimizer.state[p] = {
-                        "step": torch.from_numpy(np.array(state[f"adam_step{j}"])).to(
-                            p.device if on_device[id(p)] else "cpu"),
-                        "exp_avg": torch.from_numpy(np.array(state[f"exp_avg{j}"])).to(p.device, p.dtype),
-                        "exp_avg_sq": torch.from_numpy(np.array(state[f"exp_avg_sq{j}"])).to(p.device, p.dtype)}
-        # The LR LambdaLR would have set after that many steps: base_lr · factor(step), as it computes it.
-        s = int(state["scheduler_step"])
-        self.scheduler.last_epoch = s
-        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            g["lr"] = base * lr_factor(s, self.steps)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rankest.io.files import write_text_atomic
+from rankest.report.head_families import families_markdown, write_family_plots
 from rankest.report.plots import _plt, _save, run_title
 from rankest.report.text import fmt
 
@@ -134,17 +135,20 @@ def render_heads_markdown(res, plots: dict[str, str]) -> str:
         "",
         "## Validation loss and accuracy by rank",
         "",
-        "| rank | peak LR | val loss | val accuracy | val perplexity | truncated loss (feature metric) | "
+        "| rank | peak LR | loss at init | val loss | val accuracy | val perplexity | truncated loss (feature metric) | "
         "W-error H·W_cᵀ | truncated loss (weight space) | W-error W |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    init = res.init_loss or [None] * len(res.labels)
     for i, lab in enumerate(res.labels):
-        lines.append(f"| {lab} ({res.ranks[i]}) | {res.lr[i]:.3g} | {fmt(res.val_loss[i])} | "
+        lines.append(f"| {lab} ({res.ranks[i]}) | {res.lr[i]:.3g} | {fmt(init[i])} | {fmt(res.val_loss[i])} | "
                      f"{fmt(res.val_accuracy[i])} | {fmt(res.val_perplexity[i])} | "
                      f"{fmt(res.truncation_loss_feature[i])} | {fmt(res.head_w_error_feature[i], 3)} | "
                      f"{fmt(res.truncation_loss[i])} | {fmt(res.head_w_error_weight[i], 3)} |")
-    lines.append(f"| teacher's head (reference) | — | {fmt(ref['loss'])} | {fmt(ref['accuracy'])} | "
+    lines.append(f"| teacher's head (reference) | — | | {fmt(ref['loss'])} | {fmt(ref['accuracy'])} | "
                  f"{fmt(ref['perplexity'])} | | 0 | | 0 |")
+    for w in m.get("warnings") or []:
+        lines += ["", f"**Warning**: {w}."]
     if res.val_kl is not None:
         lines += ["", "KL(teacher ‖ head) on the validation rows (nats): "
                   + ", ".join(f"{lab}: {fmt(k)}" for lab, k in zip(res.labels, res.val_kl))]
@@ -157,6 +161,8 @@ def render_heads_markdown(res, plots: dict[str, str]) -> str:
         lines += ["", f"Paper Fig. 6 ({key}, ~150M Pile tokens, N(0,1) init): "
                   + ", ".join(f"r = {r}: {v}" for r, v in sorted(PAPER_FIG6[key].items()))
                   + ". Drawn beside ours; corpus, tokens and steps differ."]
+    if res.families is not None:
+        lines += [""] + families_markdown(res.families, m.get("hidden_size"), m.get("objective"))
     lines += ["", "## Cost", "",
               f"* features (teacher forward or cache reads): {fmt(m.get('seconds_features'), 3)} s; heads: "
               f"{fmt(m.get('seconds_heads'), 3)} s; {fmt(m.get('seconds_per_step'), 3)} s per step for all "
@@ -194,6 +200,10 @@ def write_heads_report(out: Path, res) -> Path:
              "loss versus W-error of the truncated head": "heads_loss_vs_w_error.png"}
     plot_loss_vs_rank(res, out / plots["loss and accuracy versus rank"], title)
     plot_loss_vs_w_error(res, out / plots["loss versus W-error of the truncated head"], title)
+    if res.families is not None:
+        key = paper_key(res.meta.get("teacher"))
+        paper = {"name": key, "points": PAPER_FIG6[key]} if key else None
+        plots.update(write_family_plots(out, res.families, res, paper, title))
     text = render_heads_markdown(res, plots)
     write_text_atomic(out / "heads.md", text)
     if not (out / "report.md").exists():
