@@ -889,9 +889,12 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         ``passes="auto"``: target of the estimated relative error of σ_1…σ_k (default 1e-3:
         σ to three digits, ten times finer than the W-error tolerance of ``trusted_d``, and the
         accuracy at which randomized SVDs are usually compared — Halko et al. 2011 §7, Musco &
-        Musco 2015 §6 measure per-vector errors of 1e-3 to 1e-2). The estimate is an upper
-        bound to first order, 40 to 15,000 times the true error where the defaults stopped in
-        benchmarks/reports/svd_accuracy.md, so the values returned are far more accurate than ``tol``. Values below the products' round-off floor
+        Musco 2015 §6 measure per-vector errors of 1e-3 to 1e-2). The estimate is the
+        first-order bound of :func:`sigma_error` (40 to 15,000 times the true error where it
+        stopped), sharpened from the second check on by its per-pass contraction
+        (:func:`contracted_error`: Ritz values converge with sin²θ, the first-order bound with
+        sin θ) — empirical, checked against fp64 SVDs (benchmarks/reports/svd_accuracy.md,
+        tests). Values below the products' round-off floor
         (σ_i < √(u/tol)·σ_1, u the unit round-off of the products) are refined until they stop
         improving instead (``below_roundoff`` counts them; fp64 products resolve them).
     max_passes : int
@@ -916,7 +919,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     Every value is a lower bound up to the round-off of the products: σ̂_i ≤ σ_i (Â ≼ A).
     Cost: 4·N·V'·l flops per pass (two GEMMs per chunk); memory O(V'·l) (plus N·l for U), Krylov
     O(V'·passes·l) (plus N·passes·l for U); a Krylov finish O(V'·(passes·l)²) (``passes="auto"``
-    finishes only on the passes where the estimate's geometric rate predicts convergence).
+    finishes only on the passes where the estimate's geometric rate predicts convergence, and
+    stops on the contracted estimate, one pass before the first-order one would).
 
     References
     ----------
@@ -927,6 +931,10 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     Tropp, Yurtsever, Udell & Cevher (2017), "Fixed-rank approximation of a positive-
     semidefinite matrix from streaming data", NeurIPS, Alg. 3 (shifted Nyström).
     Tropp, Yurtsever, Udell & Cevher (2019), SIAM J. Sci. Comput. 41(4), §6 (error probes).
+    Saad (2011), "Numerical methods for large eigenvalue problems", 2nd ed., SIAM, §4.3 and §6.6
+    (Ritz values: error quadratic in the subspace angle; Krylov convergence rates).
+    Li & Li (2005), "A note on eigenvalues of perturbed Hermitian matrices", Linear Algebra Appl.
+    395 (quadratic residual bounds).
     """
     src = _Source(A_or_stream, chunk_rows=chunk_rows, device=device)
     if reduce is not None and src.in_memory:
@@ -1121,7 +1129,7 @@ def contracted_error(err: dict, previous: tuple[int, float], passes: int, *, flo
     singular subspace and the Krylov space), while the error of a Ritz value falls with sin² θ_q
     (Saad 2011, "Numerical methods for large eigenvalue problems", §4.3; Li & Li 2005: the
     residual enters squared): the error is about e_q times sin θ_q. On Krylov's superlinear
-    convergence (Musco & Musco 2015, §4; Saad 1980) each pass contracts θ by at least as much
+    convergence (Musco & Musco 2015, §4; Saad 2011, §6.6) each pass contracts θ by at least as much
     as the passes before, so ρ = (e_q / e_p)^{1/(q−p)} (p an earlier check) bounds the next
     contraction, and e_q·ρ stands for the error once the asymptotic regime is reached: ρ ≤
     CONTRACTION_MAX and e_q ≤ CONTRACTION_START (sin θ small; on earlier passes the contracted
@@ -1129,8 +1137,8 @@ def contracted_error(err: dict, previous: tuple[int, float], passes: int, *, flo
     otherwise e_q is kept. Never below e_q^{3/2} (on fast decays ρ falls to 1e-2 and e_q·ρ fell
     below the truth by up to 1.6×: the contraction of the next pass is not that of the last one
     there) nor below ``floor``. Not a bound: an empirical estimate, checked against the
-    fp64 SVD on fresh matrices (tests/test_linalg.py: test_contracted_estimate_is_conservative;
-    benchmarks/reports/svd_accuracy.md, where it stays 3 to 4000 times the true error). It
+    fp64 SVD on fresh matrices (tests/test_linalg.py: test_contracted_estimate_is_conservative,
+    worst truth/estimate 0.27 over 111 stops; benchmarks/reports/svd_accuracy.md). It
     replaces ``sigma_rel_error`` in place; the first-order one is kept as
     ``sigma_rel_error_first_order`` and the contraction as ``contraction``.
     """
