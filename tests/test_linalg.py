@@ -449,6 +449,36 @@ def test_auto_is_within_its_tolerance_on_fresh_matrices(kind):
     assert info["below_roundoff"] == 0  # fp64 products resolve every value here
 
 
+def _power_law(exponent: float, seed: int, n: int = 1000, v: int = 300) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    sigma = np.arange(1, v + 1, dtype=np.float64) ** -exponent
+    u = np.linalg.qr(rng.standard_normal((n, v)))[0]
+    w = np.linalg.qr(rng.standard_normal((v, v)))[0]
+    return torch.from_numpy((u * sigma) @ w.T)
+
+
+@pytest.mark.parametrize("kind", ["sklearn tail 0.8", "i^-0.5", "i^-0.3", "i^-1", "exp"])
+def test_contracted_estimate_is_conservative(kind):
+    """The estimate passes="auto" stops on (the first-order one times its per-pass contraction,
+    contracted_error) is above the true worst relative error of σ̂_1…σ̂_k (fp64 SVD), and the
+    truth is within tol, at three tolerances (so the stop falls on different passes), on fresh
+    slowly and fast decaying matrices."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    a = {"i^-0.3": lambda: _power_law(0.3, seed), "i^-1": lambda: _power_law(1.0, seed)}.get(
+        kind, lambda: _fresh(kind, seed))()
+    k = 25
+    s = np.linalg.svd(a.numpy(), compute_uv=False)[:k]
+    for tol in (1e-2, 1e-3, 1e-5):
+        res = randomized_svd(a, k, seed=seed, tol=tol, return_vectors=False)
+        rel = float((np.abs(res.S.numpy() - s) / s).max())
+        info = res.info
+        assert info["sigma_rel_error"] <= tol and rel <= tol, (seed, tol, rel, info["sigma_rel_error"])
+        # conservative wherever the estimate is above the products' noise (the floor of contracted_error)
+        assert info["sigma_rel_error"] >= rel or rel <= 1e-12, (seed, tol, rel, info["sigma_rel_error"])
+        if "contraction" in info and info["contraction"] <= 0.25 and info["sigma_rel_error_first_order"] <= 1e-2:
+            assert info["sigma_rel_error"] <= info["sigma_rel_error_first_order"]
+
+
 def test_auto_in_fp32_and_on_a_stream_counts_its_passes():
     """fp32 input (fp32 products) on the slow decay: still within tol; a stream is read once per
     pass reported, and gives the in-memory passes and values."""
@@ -512,12 +542,14 @@ def test_fixed_passes_are_reported_and_tol_is_checked():
 
 def test_auto_vectors_are_orthonormal_and_match():
     """U rebuilt block by block from the Krylov passes' T·Q: orthonormal, and each uᵢ, vᵢ within
-    1e-6 (1 − |cos|) of the fp64 SVD's on the slow decay."""
+    1e-4 (1 − |cos|) of the fp64 SVD's on the slow decay: a Ritz value's relative error is about
+    sin²θ times the relative gap, 1 − |cos θ| ≈ sin²θ/2, so tol = 1e-3 on σ gives vectors to about
+    tol/10 here (1.6e-5 measured; the passes are chosen for σ, not for the vectors)."""
     a = _fresh("i^-0.5", 3)
     res = randomized_svd(a, 20, seed=4)
     u, vt = res.U, res.Vt
     u0, _, vt0 = np.linalg.svd(a.numpy(), full_matrices=False)
     eye = torch.eye(20, dtype=torch.float64)
     assert float((u.T @ u - eye).abs().max()) < 1e-8 and float((vt @ vt.T - eye).abs().max()) < 1e-8
-    assert np.max(1 - np.abs(np.sum(u.numpy() * u0[:, :20], axis=0))) < 1e-6
-    assert np.max(1 - np.abs(np.sum(vt.numpy() * vt0[:20], axis=1))) < 1e-6
+    assert np.max(1 - np.abs(np.sum(u.numpy() * u0[:, :20], axis=0))) < 1e-4
+    assert np.max(1 - np.abs(np.sum(vt.numpy() * vt0[:20], axis=1))) < 1e-4

@@ -303,7 +303,7 @@ def spectrum_from_svd(result, *, space: str, energy: float = float("nan")) -> Sp
     keys = ("energy", "unexplained_energy", "unexplained_fraction", "residual_fro", "residual_bound",
             "roundoff_energy", "n_probes", "confidence", "sigma_upper", "sigma_k_rel_error", "w_error_lower",
             "w_error_width_max", "trusted_d_certified", "trust_tol", "shift", "sigma_rel_error", "below_roundoff",
-            "tol")
+            "tol", "sigma_rel_error_first_order", "contraction")
     err = {key: (np.asarray(info[key]).tolist() if isinstance(info[key], (np.ndarray, torch.Tensor)) else info[key])
            for key in keys if key in info}
     err["energy_source"] = "randomized_svd_rows"
