@@ -46,10 +46,11 @@ class Factor(Accumulator):
     summed = "g_h"
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *,
-                 precision: str = "fp64", device="cpu") -> None:
+                 precision: str = "fp64", device="cpu", g_w: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.n_cols, self.precision = n_cols, precision
-        self.g_w = centred_head_gram(weight, bias, n_cols).to(device)
+        # g_w: centred_head_gram(weight, bias, n_cols) when the caller already has it (read only).
+        self.g_w = (centred_head_gram(weight, bias, n_cols) if g_w is None else g_w).to(device)
         self.with_ones = self.g_w.shape[0] == weight.shape[1] + 1
         self.g_h = torch.zeros_like(self.g_w)
         self._r_w: Optional[torch.Tensor] = None

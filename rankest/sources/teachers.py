@@ -848,5 +848,44 @@ def check_linear_head(teacher, input_ids: torch.Tensor, *, max_windows: int = 2,
     full = teacher.full_logits(ids).float()
     mine = teacher.logits(teacher.features(ids)).float()
     err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-30))
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(teacher.dtype, 3e-2)
-    return err <= tol, err
+    return err <= _head_check_tol(teacher.dtype), err
+
+
+def features_with_head_check(teacher, input_ids: torch.Tensor, *, n_check: int = 16) -> tuple[torch.Tensor, bool, float]:
+    """The features of a batch and :func:`check_linear_head`'s verdict from ONE forward pass.
+
+    The model's own forward runs with a hook on its base model (the features, exactly as
+    :meth:`Teacher.features` returns them) and ``logits_to_keep=n_check`` (its logits at the last
+    ``n_check`` positions of every window only), so the check costs the head on B·n_check rows
+    instead of a second and third forward of the windows. Models whose forward takes no
+    ``logits_to_keep`` fall back to :func:`check_linear_head` and :meth:`Teacher.features`.
+
+    input_ids : (B, L) int64 → (features (B, L, d), linear, relative max error).
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = teacher._base.register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            full = teacher.model(input_ids=input_ids.to(teacher.input_device), use_cache=False,
+                                 logits_to_keep=int(n_check)).logits
+    except TypeError:  # a forward without logits_to_keep
+        handle.remove()
+        linear, err = check_linear_head(teacher, input_ids)
+        return teacher.features(input_ids), linear, err
+    finally:
+        handle.remove()
+    h = captured[-1]
+    k = min(int(n_check), h.shape[1])
+    mine = teacher.logits(h[:, -k:]).float()
+    full = full[:, -k:].to(mine.device).float()
+    err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-30))
+    return h, err <= _head_check_tol(teacher.dtype), err
+
+
+def _head_check_tol(dtype: torch.dtype) -> float:
+    """A few units of the teacher dtype: the head check's tolerance."""
+    return {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
