@@ -33,14 +33,18 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 import pathlib
+import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import save_model
 
 from rankest.errors import UserError
 from rankest.sources.assets import package_file
@@ -524,6 +528,64 @@ def _load_gguf(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
     return _prepare(model, place), tokenizer
 
 
+def gguf_cache_dir(file: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
+    """Where the dequantised copy of a GGUF teacher lives (:func:`_load_gguf_cached`).
+
+    ``$RANKEST_CACHE/gguf/<stem>-<key>-<dtype>`` (default ``~/.cache/rankest``); the key hashes
+    the file's size, modification time and first and last MiB, so a changed file misses.
+    """
+    st = file.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(file, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    base = os.environ.get("RANKEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rankest")
+    return pathlib.Path(base) / "gguf" / f"{file.stem}-{h.hexdigest()[:16]}-{str(dtype).replace('torch.', '')}"
+
+
+def _load_gguf_cached(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
+    """:func:`_load_gguf` through a safetensors copy of the dequantised model and its tokenizer
+    (:func:`gguf_cache_dir`): dequantising and parsing the GGUF metadata is most of the embedded
+    teacher's load time; the copy loads the same tensors bit for bit. Written on the first load
+    (replacing the copies of an older version of the file), skipped with ``RANKEST_GGUF_CACHE=0``
+    or a device map; an unreadable copy is rebuilt, an unwritable cache only warns."""
+    if place.device_map is not None or os.environ.get("RANKEST_GGUF_CACHE", "1") == "0":
+        return _load_gguf(file, place)
+    folder = gguf_cache_dir(file, place.dtype)
+    if (folder / "config.json").is_file():
+        try:
+            return _load_folder(folder, place)
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)
+    model, tokenizer = _load_gguf(file, place)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    try:
+        _save_dequantised(model, tokenizer, tmp)
+        for old in folder.parent.glob(f"{file.stem}-*-{folder.name.rsplit('-', 1)[1]}"):  # older versions
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, folder)
+    except (OSError, ValueError, RuntimeError) as exc:
+        warnings.warn(f"could not cache the dequantised teacher in {folder} ({exc}); the next run "
+                      "dequantises the GGUF file again", stacklevel=2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def _save_dequantised(model: Any, tokenizer: Any, folder: pathlib.Path) -> None:
+    """A save_pretrained-style folder of a GGUF-loaded model (transformers refuses to save a model
+    it marks as GGUF-quantised, although its tensors are plain dequantised ones): config.json
+    without the quantisation entry, model.safetensors (tied weights once), the tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(folder))
+
+
 def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -640,7 +702,7 @@ def load_teacher(
                 f"--revision {revision} is ignored for the local teacher {target}", stacklevel=2
             )
         if target.suffix == ".gguf":
-            model, tokenizer = _load_gguf(target, place)
+            model, tokenizer = _load_gguf_cached(target, place)
             return Teacher(model, tokenizer, name=str(target), source=f"gguf:{target}")
         model, tokenizer = _load_folder(target, place)
         return Teacher(model, tokenizer, name=str(target), source=f"path:{target}")
@@ -652,7 +714,7 @@ def load_teacher(
                 f"drop --revision, or download {info.hf_id} at that revision and pass its folder"
             )
         file = _gguf_location(*info.gguf)
-        model, tokenizer = _load_gguf(file, place)
+        model, tokenizer = _load_gguf_cached(file, place)
         return Teacher(model, tokenizer, name=info.name, source=f"gguf:{file}", info=info)
     model, tokenizer, source = _load_hf(info.hf_id, revision, place, cache_dir)
     return Teacher(model, tokenizer, name=info.name, source=source, info=info, revision=revision)
