@@ -1,5 +1,6 @@
 from typing import Optional
 
+import numpy as np
 import torch
 
 from rankest import ops
@@ -31,6 +32,23 @@ def centred_head_gram(weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols
             wb = torch.cat([wb, b[start:stop, None]], dim=1)
         g += wb.T @ wb
     return g
+
+
+def gram_factor(g_lower: torch.Tensor) -> torch.Tensor:
+    """A factor R with RᵀR = G of the PSD matrix whose lower triangle ``g_lower`` holds (d×d fp64).
+
+    Cholesky (R = Lᵀ, d³/3 flops) when G is numerically positive definite, else the eigh square
+    root :func:`~rankest.linalg.psd_sqrt` (rank-deficient G: LayerNorm features on a hyperplane).
+    Any R with RᵀR = G gives σ(R·R_W) = σ(H̃W̃ᵀ); both are backward stable on G, and Cholesky is
+    ~10× cheaper than eigh, which the convergence snapshots pay at every milestone.
+    """
+    if g_lower.device.type == "cpu":  # numpy's LAPACK on CPU, as rankest.linalg.eigh_lower
+        try:
+            return torch.from_numpy(np.linalg.cholesky(g_lower.numpy()).T.copy())  # lower triangle only
+        except np.linalg.LinAlgError:
+            return psd_sqrt(g_lower)
+    chol, info = torch.linalg.cholesky_ex(g_lower)
+    return chol.T if int(info) == 0 else psd_sqrt(g_lower)
 
 
 class Factor(Accumulator):
@@ -72,7 +90,6 @@ class Factor(Accumulator):
     def finalize(self, energy: float = float("nan")) -> Spectrum:
         if self._r_w is None:
             self._r_w = psd_sqrt(self.g_w)
-        r_h = psd_sqrt(self.g_h)
-        sigma = svdvals(r_h @ self._r_w)
+        sigma = svdvals(gram_factor(self.g_h) @ self._r_w)
         return Spectrum(sigma=sigma, energy=energy, n_rows=self.n_rows, n_cols=self.n_cols, space="clr",
                         route="factor", exact=True, precision=row_precision(self.precision))
