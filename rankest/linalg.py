@@ -408,10 +408,12 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64", n
         nu = max(nu * 10.0, float(np.finfo(np.float64).eps) * y_norm)
     else:  # pragma: no cover - only a NaN Y gets here, and callers reject those first
         raise FloatingPointError("the Nyström core could not be factorised (non-finite sketch?)")
-    y_nu = y.add_(q, alpha=nu) if overwrite_y else y + nu * q
-    # F = Y_ν L⁻ᵀ, i.e. solve F·Lᵀ = Y_ν (right-hand side as it lies: no transposed copy).
-    f = torch.linalg.solve_triangular(chol.T, y_nu, upper=True, left=False)
-    del y_nu
+    # F = Y_ν L⁻ᵀ, i.e. solve F·Lᵀ = Y_ν (right-hand side as it lies: no transposed copy); with
+    # overwrite_y, Y_ν and then F take y's memory (the solve runs in place).
+    if overwrite_y:
+        f = torch.linalg.solve_triangular(chol.T, y.add_(q, alpha=nu), upper=True, left=False, out=y)
+    else:
+        f = torch.linalg.solve_triangular(chol.T, y + nu * q, upper=True, left=False)
     g = f.T @ f
     mu, w = sym_eigh(g)
     lam = (mu - nu).clamp_min(0.0)
@@ -419,7 +421,7 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64", n
     if n_vectors:
         # Right singular vectors of F: F·w·μ^{-1/2}; re-normalised so round-off in μ does not scale them.
         vecs = f @ w[:, :n_vectors]
-        vecs = vecs / torch.linalg.vector_norm(vecs, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+        vecs /= torch.linalg.vector_norm(vecs, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     return lam, vecs, {"shift": nu, "l_chol": chol, "w": w}
 
 

@@ -51,7 +51,7 @@ def test_components_are_the_tensors_sizes(precision):
     m, l = sk.y.shape[1], sk.l
     item = block.element_size()
     assert parts["chunk"] == rows * (v + m) * item + (0 if item == 8 else v * min(256, m) * item)
-    assert parts["finalize"] == 3 * v * l * 8 + 2 * v * k * 8
+    assert parts["finalize"] == 3 * v * l * 8 + v * k * 8
     assert Sketch.peak_bytes(parts) == parts["state"] + max(parts["test_block"] + parts["chunk"], parts["finalize"])
 
 
@@ -60,7 +60,7 @@ def test_components_are_the_tensors_sizes(precision):
 def test_finalize_stays_within_its_accounted_workspace(precision):
     """V' = 20,000, l = 400: every V'×l fp64 array is 61 MiB, so a copy too many shows. Before the
     accounting, finalize held the cached test block, Ω beside its Q, Y_ν beside Y·R⁻¹ and a
-    transposed copy for the solve: ~6 arrays (395 MiB here for fp64) against the 3 + 2k/l counted."""
+    transposed copy for the solve: ~6 arrays (395 MiB here for fp64) against the 3 + k/l counted."""
     torch.manual_seed(0)
     v, k = 20_000, 200
     sk = Sketch(v, k, space="prob", precision=precision)

@@ -132,9 +132,9 @@ class Sketch(Accumulator):
           when finalize is not run at the convergence milestones);
         * ``chunk`` — a chunk of ``chunk_rows`` rows in the product dtype, T·X, and the V'×256 block of
           Tᵀ·(T·X) added to Y (fp32 products; fp64 products add straight into Y);
-        * ``finalize`` — Ω orthonormalised (Q), Y·R⁻¹ shifted in place (Y_ν), F = Y_ν·L⁻ᵀ: three V'·l
-          fp64 arrays, and the k eigenvectors for the error estimate (V'·k fp64, twice while
-          normalised); l×l cores are negligible.
+        * ``finalize`` — Ω and its orthonormal Q (while the QR runs), Y·R⁻¹, shifted and solved in
+          place into F = Y_ν·L⁻ᵀ: three V'·l fp64 arrays at most, and the k eigenvectors for the
+          error estimate (V'·k fp64); l×l cores are negligible.
 
         The peak is state + max(test_block + chunk, finalize).
         """
@@ -144,7 +144,7 @@ class Sketch(Accumulator):
         block = 0 if item == 8 else n_cols * min(256, m) * item
         return {"state": n_cols * m * 8, "test_block": n_cols * m * item,
                 "chunk": chunk_rows * (n_cols + m) * item + block,
-                "finalize": 3 * n_cols * l * 8 + 2 * n_cols * min(k, l) * 8}
+                "finalize": 3 * n_cols * l * 8 + n_cols * min(k, l) * 8}
 
     @staticmethod
     def peak_bytes(parts: dict[str, int]) -> int:
