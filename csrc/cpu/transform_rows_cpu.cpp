@@ -1,6 +1,6 @@
 // CPU kernel of rankest::transform_rows (contract: csrc/ops/transform_rows.h).
-// One row per task. float32 logits without inf/NaN take the fast path (fast_row): lane-wise
-// passes the compiler vectorises, a float32 exp (exp_nonpos) and float64 sums; every other row
+// One row per task. float32 logits without inf/NaN take the fast path (fast_row): 8-wide
+// vector passes, a float32 exp (exp_nonpos) and float64 sums; every other row
 // (float64 / float16 / bfloat16 logits, or a row with an inf or NaN) is read into float64
 // RowSummary groups (the exact path). Either way the row is re-read while it is still in cache
 // to write the output row.
@@ -27,17 +27,21 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
 constexpr int64_t kBlock = 512;  // fast path: float32 partial sums go into float64 every kBlock
 
-inline v8f load8(const float* p) {
+__attribute__((always_inline)) inline v8f load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline v8f splat8(float x) { return v8f{} + x; }
+__attribute__((always_inline)) inline v8f splat8(float x) { return v8f{} + x; }
+// mask ? a : b lane by lane, as bit operations: GCC scalarises the vector ?: on some targets.
+__attribute__((always_inline)) inline v8f select8(v8i mask, v8f a, v8f b) {
+  return reinterpret_cast<v8f>((reinterpret_cast<v8i>(a) & mask) | (reinterpret_cast<v8i>(b) & ~mask));
+}
 
 // e^x for x <= 0 in float32, 8 at a time, without a libm call: Cephes' expf (round-to-nearest
 // range reduction x = n·ln2 + r, |r| <= ln2/2, degree-5 polynomial), within 1e-7 relative;
 // 0 below -87.3 (e^x < 2^-126, negligible beside the row maximum's e^0 = 1).
-inline v8f exp_nonpos(v8f x) {
+__attribute__((always_inline)) inline v8f exp_nonpos(v8f x) {
   const v8f magic = splat8(12582912.0f);  // 1.5·2^23: adding and subtracting it rounds
   const v8f fx = (x * 1.44269504088896341f + magic) - magic;
   const v8f r = (x - fx * 0.693359375f) + fx * 2.12194440e-4f;
@@ -48,9 +52,9 @@ inline v8f exp_nonpos(v8f x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  const v8f fc = fx < -126.0f ? splat8(-126.0f) : fx;
+  const v8f fc = select8(fx < -126.0f, splat8(-126.0f), fx);
   const v8i bits = (__builtin_convertvector(fc, v8i) + 127) << 23;
-  return x < -87.3f ? splat8(0.0f) : y * reinterpret_cast<const v8f&>(bits);
+  return select8(x < -87.3f, splat8(0.0f), y * reinterpret_cast<const v8f&>(bits));
 }
 inline float exp_nonpos(float x) { return exp_nonpos(splat8(x))[0]; }
 
@@ -65,7 +69,7 @@ bool fast_row(const float* z, int64_t n_cols, RowSummary<double>& out) {
   v8d tot = {};
   for (int64_t j = 0; j < body; j += 8) {
     const v8f v = load8(z + j);
-    mx = v > mx ? v : mx;
+    mx = select8(v > mx, v, mx);
     tot += __builtin_convertvector(v, v8d);
     bad += v - v;  // NaN for an inf or a NaN
   }
