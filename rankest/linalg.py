@@ -298,7 +298,7 @@ def gram_apply(rows: torch.Tensor, x: torch.Tensor, *, precision: str, out: torc
     r = rows.to(x.dtype)
     if precision != "fast":
         z = r @ x
-        out += r.T @ z
+        _add_t_product(out, r, z)
         return z
     m = x.shape[1]
     with _fast_matmul(r.device):
@@ -308,6 +308,16 @@ def gram_apply(rows: torch.Tensor, x: torch.Tensor, *, precision: str, out: torc
     out += y2[:, :m]
     out += y2[:, m:]
     return z
+
+
+def _add_t_product(out: torch.Tensor, r: torch.Tensor, z: torch.Tensor, *, block: int = 256) -> None:
+    """out += rᵀ·z without a V'×m temporary: a GEMM into the carry when the dtypes agree (fp64),
+    else column blocks of ``block`` (a V'×block temporary in z's dtype)."""
+    if out.dtype == z.dtype:
+        out.addmm_(r.T, z)
+        return
+    for c0 in range(0, z.shape[1], block):
+        out[:, c0:c0 + block] += r.T @ z[:, c0:c0 + block]
 
 
 #: torch.mm(a, b, out_dtype=...) (bf16 inputs, fp32 output) exists from PyTorch 2.9 on.
@@ -369,8 +379,8 @@ def _check_finite(z: torch.Tensor, rows: torch.Tensor, index: int, start: int) -
 # ---------------------------------------------------------------------------------------------
 # the Nyström core and the a-posteriori error estimate
 # ---------------------------------------------------------------------------------------------
-def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64",
-                 n_vectors: int = 0) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
+def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64", n_vectors: int = 0,
+                 overwrite_y: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
     """Shifted Nyström approximation Â = Y(QᵀY)⁺Yᵀ of a PSD A from Y = A·Q (all fp64).
 
     Tropp, Yurtsever, Udell & Cevher (2017), Alg. 3: Y_ν = Y + νQ, B = QᵀY_ν = LLᵀ
@@ -386,6 +396,7 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64",
     y : (V', L) float64, A·q.
     precision : product precision of ``y`` (for the starting shift).
     n_vectors : eigenvectors of Â to return (0: none).
+    overwrite_y : y may be overwritten with Y_ν (no V'×L copy; the caller's own temporary).
 
     Returns
     -------
@@ -401,9 +412,9 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64",
     # where QᵀAQ is that small (captured energy above the truth): shift by 10·u·‖Y‖₂ at least.
     nu = max(math.sqrt(n) * float(np.spacing(max(y_norm, np.finfo(np.float64).tiny))),
              10.0 * UNIT_ROUNDOFF[precision] * y_norm)
+    qty = q.T @ y  # B(ν) = QᵀY + ν·I: the core for every trial shift from one GEMM
     for _ in range(40):
-        y_nu = y + nu * q
-        b = q.T @ y_nu
+        b = qty + nu * torch.eye(width, dtype=qty.dtype, device=qty.device)
         b = 0.5 * (b + b.T)  # symmetrise: Cholesky reads one triangle, round-off differs by triangle
         chol, info = torch.linalg.cholesky_ex(b)
         if int(info) == 0:
@@ -412,8 +423,12 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64",
         nu = max(nu * 10.0, float(np.finfo(np.float64).eps) * y_norm)
     else:  # pragma: no cover - only a NaN Y gets here, and callers reject those first
         raise FloatingPointError("the Nyström core could not be factorised (non-finite sketch?)")
-    # F = Y_ν L⁻ᵀ, i.e. solve L·Fᵀ = Y_νᵀ.
-    f = torch.linalg.solve_triangular(chol, y_nu.T, upper=False).T
+    # F = Y_ν L⁻ᵀ, i.e. solve F·Lᵀ = Y_ν (right-hand side as it lies: no transposed copy); with
+    # overwrite_y, Y_ν and then F take y's memory (the solve runs in place).
+    if overwrite_y:
+        f = torch.linalg.solve_triangular(chol.T, y.add_(q, alpha=nu), upper=True, left=False, out=y)
+    else:
+        f = torch.linalg.solve_triangular(chol.T, y + nu * q, upper=True, left=False)
     g = f.T @ f
     mu, w = sym_eigh(g)
     lam = (mu - nu).clamp_min(0.0)
@@ -421,7 +436,7 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64",
     if n_vectors:
         # Right singular vectors of F: F·w·μ^{-1/2}; re-normalised so round-off in μ does not scale them.
         vecs = f @ w[:, :n_vectors]
-        vecs = vecs / torch.linalg.vector_norm(vecs, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+        vecs /= torch.linalg.vector_norm(vecs, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     return lam, vecs, {"shift": nu, "l_chol": chol, "w": w}
 
 
@@ -1269,11 +1284,12 @@ def nystrom_finalize(y: torch.Tensor, probe_y: Optional[torch.Tensor], *, n_cols
     """
     dev = y.device
     l = y.shape[1]
-    omega = round_test(gaussian_test_matrix(n_cols, l, seed=seed, stream=STREAM_OMEGA, device=dev), precision)
     n_probes = 0 if probe_y is None else probe_y.shape[1]
     nv = min(max(n_vectors, k if n_probes else 0), l)
-    lam, vecs, core = nystrom(omega, y, precision=precision, orthonormal=False, n_vectors=nv)
-    del omega
+    # Ω is handed over, not kept: nystrom frees it once it is orthonormalised (V'·l·8 bytes).
+    lam, vecs, core = nystrom(
+        round_test(gaussian_test_matrix(n_cols, l, seed=seed, stream=STREAM_OMEGA, device=dev), precision), y,
+        precision=precision, orthonormal=False, n_vectors=nv)
     probes = probe_matrix(n_cols, n_probes, seed=seed, precision=precision, device=dev) if n_probes else None
     err = nystrom_error(lam, vecs, energy, min(k, l), probes=probes, probe_images=probe_y, confidence=confidence,
                         roundoff=core["shift"] * l)
@@ -1293,11 +1309,11 @@ def nystrom(x: torch.Tensor, y: torch.Tensor, *, precision: str, orthonormal: bo
     of Tropp et al. (2017), who orthonormalise their test matrix. Returns
     :func:`nystrom_eigh`'s (lam, vecs, core) with ``core["r"]`` (None when X was orthonormal).
     """
-    r = None
+    r, own = None, False
     if not orthonormal:
         x, r = torch.linalg.qr(x)
-        y = torch.linalg.solve_triangular(r, y, upper=True, left=False)
-    lam, vecs, core = nystrom_eigh(x, y, precision=precision, n_vectors=n_vectors)
+        y, own = torch.linalg.solve_triangular(r, y, upper=True, left=False), True
+    lam, vecs, core = nystrom_eigh(x, y, precision=precision, n_vectors=n_vectors, overwrite_y=own)
     core["r"] = r
     return lam, vecs, core
 

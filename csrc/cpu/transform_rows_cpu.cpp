@@ -1,12 +1,17 @@
 // CPU kernel of rankest::transform_rows (contract: csrc/ops/transform_rows.h).
-// One row per task; the row is read once into float64 RowSummary groups, then (write_rows)
-// read again while it is still in cache to write the output row.
+// One row per task. float32 logits without inf/NaN take the fast path (fast_row): 8-wide
+// vector passes, a float32 exp (exp_nonpos) and float64 sums; every other row
+// (float64 / float16 / bfloat16 logits, or a row with an inf or NaN) is read into float64
+// RowSummary groups (the exact path). Either way the row is re-read while it is still in cache
+// to write the output row.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../ops/transform_rows.h"
@@ -15,6 +20,129 @@ namespace rankest {
 namespace {
 
 constexpr int kGroup = 16;  // elements summarised exactly before each merge
+#if defined(__GNUC__)  // GCC / Clang vector extensions: 8-wide code for any x86-64 / ARM target
+#define RANKEST_FAST_ROWS 1
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+constexpr int64_t kBlock = 512;  // fast path: float32 partial sums go into float64 every kBlock
+
+__attribute__((always_inline)) inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline v8f splat8(float x) { return v8f{} + x; }
+// mask ? a : b lane by lane, as bit operations: GCC scalarises the vector ?: on some targets.
+__attribute__((always_inline)) inline v8f select8(v8i mask, v8f a, v8f b) {
+  return reinterpret_cast<v8f>((reinterpret_cast<v8i>(a) & mask) | (reinterpret_cast<v8i>(b) & ~mask));
+}
+
+// e^x for x <= 0 in float32, 8 at a time, without a libm call: Cephes' expf (round-to-nearest
+// range reduction x = n·ln2 + r, |r| <= ln2/2, degree-5 polynomial), within 1e-7 relative;
+// 0 below -87.3 (e^x < 2^-126, negligible beside the row maximum's e^0 = 1).
+__attribute__((always_inline)) inline v8f exp_nonpos(v8f x) {
+  const v8f magic = splat8(12582912.0f);  // 1.5·2^23: adding and subtracting it rounds
+  const v8f fx = (x * 1.44269504088896341f + magic) - magic;
+  const v8f r = (x - fx * 0.693359375f) + fx * 2.12194440e-4f;
+  v8f y = splat8(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const v8f fc = select8(fx < -126.0f, splat8(-126.0f), fx);
+  const v8i bits = (__builtin_convertvector(fc, v8i) + 127) << 23;
+  return select8(x < -87.3f, splat8(0.0f), y * reinterpret_cast<const v8f&>(bits));
+}
+inline float exp_nonpos(float x) { return exp_nonpos(splat8(x))[0]; }
+
+// The RowSummary of a float32 row without inf or NaN, or false (the caller takes the exact
+// path). Two 8-wide passes over the row (it stays in L2): the max, the sum of z (float64) and
+// the inf/NaN test; then e = e^(z-max) in float32 with Σe, Σe·(z-max), Σe² summed in float32
+// over blocks of kBlock and in float64 across them, and Σ(z-mean)² in float64. Fixed order:
+// bitwise deterministic and independent of the thread count.
+bool fast_row(const float* z, int64_t n_cols, RowSummary<double>& out) {
+  const int64_t body = n_cols / 8 * 8;
+  v8f mx = splat8(z[0]), bad = {};
+  v8d tot = {};
+  for (int64_t j = 0; j < body; j += 8) {
+    const v8f v = load8(z + j);
+    mx = select8(v > mx, v, mx);
+    tot += __builtin_convertvector(v, v8d);
+    bad += v - v;  // NaN for an inf or a NaN
+  }
+  float m = mx[0], b = 0.0f;
+  double total = 0.0;
+  for (int l = 0; l < 8; ++l) {
+    m = mx[l] > m ? mx[l] : m;
+    total += tot[l];
+    b += bad[l];
+  }
+  for (int64_t j = body; j < n_cols; ++j) {
+    m = z[j] > m ? z[j] : m;
+    total += static_cast<double>(z[j]);
+    b += z[j] - z[j];
+  }
+  if (!(b == 0.0f)) return false;
+  const double mean = total / static_cast<double>(n_cols);
+  const v8f vm = splat8(m);
+  double sum = 0.0, tsum = 0.0, sqsum = 0.0, m2 = 0.0;
+  for (int64_t b0 = 0; b0 < n_cols; b0 += kBlock) {
+    const int64_t b1 = std::min<int64_t>(n_cols, b0 + kBlock), bb = b0 + (b1 - b0) / 8 * 8;
+    v8f s = {}, t = {}, q = {};
+    v8d c2 = {};
+    for (int64_t j = b0; j < bb; j += 8) {
+      const v8f v = load8(z + j);
+      const v8f d = v - vm;
+      const v8f e = exp_nonpos(d);
+      s += e;
+      t += e * d;
+      q += e * e;
+      const v8d c = __builtin_convertvector(v, v8d) - mean;
+      c2 += c * c;
+    }
+    for (int l = 0; l < 8; ++l) {
+      sum += s[l];
+      tsum += t[l];
+      sqsum += q[l];
+      m2 += c2[l];
+    }
+    for (int64_t j = bb; j < b1; ++j) {
+      const float d = z[j] - m, e = exp_nonpos(d);
+      const double c = static_cast<double>(z[j]) - mean;
+      sum += e;
+      tsum += e * d;
+      sqsum += e * e;
+      m2 += c * c;
+    }
+  }
+  out = RowSummary<double>::empty();
+  out.max = m;
+  out.sum = sum;
+  out.tsum = tsum;
+  out.sqsum = sqsum;
+  out.mean = mean;
+  out.m2 = m2;
+  out.count = static_cast<int>(n_cols);
+  return true;
+}
+
+// The prob row of a fast-path row: z - lse in float64, its exp in float32 (exp_nonpos).
+template <typename out_t>
+void fast_prob_row(const float* z, int64_t n_cols, double lse, out_t* o) {
+  const int64_t body = n_cols / 8 * 8;
+  for (int64_t j = 0; j < body; j += 8) {
+    const v8d d = __builtin_convertvector(load8(z + j), v8d) - lse;
+    const v8f e = exp_nonpos(__builtin_convertvector(d, v8f));
+    for (int l = 0; l < 8; ++l) o[j + l] = static_cast<out_t>(e[l]);
+  }
+  for (int64_t j = body; j < n_cols; ++j) {
+    o[j] = static_cast<out_t>(exp_nonpos(static_cast<float>(static_cast<double>(z[j]) - lse)));
+  }
+}
+#endif
 
 template <typename in_t, typename out_t>
 void transform_rows_kernel(
@@ -39,10 +167,16 @@ void transform_rows_kernel(
     for (int64_t r = begin; r < end; ++r) {
       const in_t* z = x_ptr + r * x_stride;
       RowSummary<acc_t> s = RowSummary<acc_t>::empty();
-      for (int64_t j0 = 0; j0 < n_cols; j0 += kGroup) {
-        const int k = static_cast<int>(std::min<int64_t>(kGroup, n_cols - j0));
-        for (int i = 0; i < k; ++i) buf[i] = static_cast<acc_t>(z[j0 + i]);
-        s = merge(s, summarize<acc_t, kGroup>(buf, k));
+      bool fast = false;
+#ifdef RANKEST_FAST_ROWS
+      if constexpr (std::is_same_v<in_t, float>) fast = fast_row(z, n_cols, s);
+#endif
+      if (!fast) {
+        for (int64_t j0 = 0; j0 < n_cols; j0 += kGroup) {
+          const int k = static_cast<int>(std::min<int64_t>(kGroup, n_cols - j0));
+          for (int i = 0; i < k; ++i) buf[i] = static_cast<acc_t>(z[j0 + i]);
+          s = merge(s, summarize<acc_t, kGroup>(buf, k));
+        }
       }
       const int64_t t = t_ptr[r];
       const RowStats<acc_t> st =
@@ -54,6 +188,14 @@ void transform_rows_kernel(
       so[3] = static_cast<stat_t>(st.sq_norm);
       if (r_ptr != nullptr) {
         out_t* o = r_ptr + r * n_cols;
+#ifdef RANKEST_FAST_ROWS
+        if constexpr (std::is_same_v<in_t, float> && !std::is_same_v<out_t, double>) {
+          if (fast && space == Space::kProb) {
+            fast_prob_row(z, n_cols, st.center, o);
+            continue;
+          }
+        }
+#endif
         for (int64_t j = 0; j < n_cols; ++j) {
           o[j] = static_cast<out_t>(transform_value(space, static_cast<acc_t>(z[j]), st.center));
         }

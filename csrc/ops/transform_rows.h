@@ -27,7 +27,10 @@
 // running sums that give the entropy and the sum of squares, count/mean/M2 of the logits);
 // groups of a few elements are summarised exactly and merged (Chan et al. 1979 for mean/M2,
 // Milakov & Gimelshein 2018 for the online softmax), so no sum ever cancels catastrophically.
-//   CPU : float64 accumulation for every input dtype, one row per task (at::parallel_for).
+//   CPU : one row per task (at::parallel_for). float32 rows without inf/NaN: 8-wide vector
+//         passes, e^(z-max) in float32 (Cephes polynomial, ~1e-7 relative) summed in float32
+//         over blocks of 512 and in float64 across them, Σ(z-mean)² in float64; every other
+//         row: float64 accumulation of exact 16-element summaries.
 //   CUDA: one block per row, float32 accumulation (float64 for float64 logits): pass 1 is an
 //         online softmax (one exp per element), pass 2 re-reads the row (from shared memory
 //         when it fits, else L2), writes it and sums Σ(z − c)² around the row's own centre.

@@ -1,5 +1,6 @@
 from typing import Optional
 
+import numpy as np
 import torch
 
 from rankest import ops
@@ -33,6 +34,23 @@ def centred_head_gram(weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols
     return g
 
 
+def gram_factor(g_lower: torch.Tensor) -> torch.Tensor:
+    """A factor R with RᵀR = G of the PSD matrix whose lower triangle ``g_lower`` holds (d×d fp64).
+
+    Cholesky (R = Lᵀ, d³/3 flops) when G is numerically positive definite, else the eigh square
+    root :func:`~rankest.linalg.psd_sqrt` (rank-deficient G: LayerNorm features on a hyperplane).
+    Any R with RᵀR = G gives σ(R·R_W) = σ(H̃W̃ᵀ); both are backward stable on G, and Cholesky is
+    ~10× cheaper than eigh, which the convergence snapshots pay at every milestone.
+    """
+    if g_lower.device.type == "cpu":  # numpy's LAPACK on CPU, as rankest.linalg.eigh_lower
+        try:
+            return torch.from_numpy(np.linalg.cholesky(g_lower.numpy()).T.copy())  # lower triangle only
+        except np.linalg.LinAlgError:
+            return psd_sqrt(g_lower)
+    chol, info = torch.linalg.cholesky_ex(g_lower)
+    return chol.T if int(info) == 0 else psd_sqrt(g_lower)
+
+
 class Factor(Accumulator):
     """Exact spectrum of a linear-head teacher's ``clr`` matrix from two small factors.
 
@@ -47,10 +65,11 @@ class Factor(Accumulator):
     fixed_state_keys = ("row_precision",)
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *,
-                 precision: str = "fp64", device="cpu") -> None:
+                 precision: str = "fp64", device="cpu", g_w: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.n_cols, self.precision = n_cols, precision
-        self.g_w = centred_head_gram(weight, bias, n_cols).to(device)
+        # g_w: centred_head_gram(weight, bias, n_cols) when the caller already has it (read only).
+        self.g_w = (centred_head_gram(weight, bias, n_cols) if g_w is None else g_w).to(device)
         self.with_ones = self.g_w.shape[0] == weight.shape[1] + 1
         self.g_h = torch.zeros_like(self.g_w)
         self._r_w: Optional[torch.Tensor] = None
@@ -87,8 +106,7 @@ class Factor(Accumulator):
         if self._r_w is None:
             self._r_w = psd_sqrt(self.g_w)
             self._lam_w = _top_eigenvalue(self.g_w)
-        r_h = psd_sqrt(self.g_h)
-        sigma = svdvals(r_h @ self._r_w)
+        sigma = svdvals(gram_factor(self.g_h) @ self._r_w)  # any F with FᵀF = G_H: Cholesky when definite
         precision = row_precision(self.precision)
         # TᵀT has the eigenvalues of G_W^½·G_H·G_W^½: an error δ in G_H (resolved to d'·u·λ_1(G_H))
         # moves them by at most λ_1(G_W)·δ (Weyl), so that is the floor of σ², whatever σ_1(T) is.

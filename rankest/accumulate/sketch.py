@@ -131,6 +131,37 @@ class Sketch(Accumulator):
         return (f"a Nyström finalize of V'·l² = {self.n_cols:,}·{self.l:,}² ≈ {self.n_cols * self.l ** 2:.1e} flops "
                 f"(snapshots are taken up to {SNAPSHOT_MAX_FLOPS:.1e}: a smaller --rank-max brings them back)")
 
+    # ---- memory --------------------------------------------------------------------------------
+    @staticmethod
+    def memory(n_cols: int, k: int, *, precision: str, device="cpu", n_probes: int = DEFAULT_PROBES,
+               l: Optional[int] = None, chunk_rows: int = 0) -> dict[str, int]:
+        """Bytes of each component of a sketch of ``n_cols`` columns and ``k`` values (``--max-memory``'s
+        accounting; ``l`` = 2k capped at V' by default), with m = l + s columns:
+
+        * ``state`` — Y = TᵀT·[Ω Θ], V'·m fp64 (checkpoints hold it too);
+        * ``test_block`` — the cached [Ω Θ], V'·m in the product dtype (dropped before finalize
+          when finalize is not run at the convergence milestones);
+        * ``chunk`` — a chunk of ``chunk_rows`` rows in the product dtype, T·X, and the V'×256 block of
+          Tᵀ·(T·X) added to Y (fp32 products; fp64 products add straight into Y);
+        * ``finalize`` — Ω and its orthonormal Q (while the QR runs), Y·R⁻¹, shifted and solved in
+          place into F = Y_ν·L⁻ᵀ: three V'·l fp64 arrays at most, and the k eigenvectors for the
+          error estimate (V'·k fp64); l×l cores are negligible.
+
+        The peak is state + max(test_block + chunk, finalize).
+        """
+        l = min(2 * k, n_cols) if l is None else l
+        m = l + n_probes
+        item = torch.finfo(product_dtype(precision, device)).bits // 8
+        block = 0 if item == 8 else n_cols * min(256, m) * item
+        return {"state": n_cols * m * 8, "test_block": n_cols * m * item,
+                "chunk": chunk_rows * (n_cols + m) * item + block,
+                "finalize": 3 * n_cols * l * 8 + n_cols * min(k, l) * 8}
+
+    @staticmethod
+    def peak_bytes(parts: dict[str, int]) -> int:
+        """The peak of :meth:`memory`'s components: state + max(test block + chunk, finalize)."""
+        return parts["state"] + max(parts["test_block"] + parts["chunk"], parts["finalize"])
+
     # ---- test matrix ---------------------------------------------------------------------------
     def test_block(self) -> torch.Tensor:
         """[Ω Θ] (V' × (l+s)) as the products see it (product dtype, rounded for ``fast``)."""
@@ -237,6 +268,9 @@ class Sketch(Accumulator):
             e, e_source = float(self.row_energy), "sketch_rows"
         if self.n_rows == 0:
             raise ValueError("the sketch has seen no rows; update it with at least one chunk before finalize")
+        if not self.cheap_finalize:
+            # Finalized once, at the end: the cached [Ω Θ] (V'·(l+s) values) goes before its workspace.
+            self._x = None
         y = self.y[:, : self.l]
         probe_y = self.y[:, self.l:] if self.n_probes else None
         lam, _, err, core = nystrom_finalize(y, probe_y, n_cols=self.n_cols, k=self.k, seed=self.seed, energy=e,

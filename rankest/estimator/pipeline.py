@@ -45,6 +45,7 @@ from rankest.io.rowcache import cache_nbytes
 from rankest.report.estimate import write_report
 from rankest.runtime import distributed
 from rankest.runtime.memory import _fmt_bytes, available_memory, parse_size
+from rankest.runtime.progress import status
 from rankest.runtime.run import EXECUTION_OPTIONS, Run, release_run_folder, result_config, run_config
 from rankest.sources.corpus import corpus_name
 from rankest.spectrum import Spectrum
@@ -303,8 +304,9 @@ class Estimate:
             return None
         # (a checkpoint of non-finite states is refused when read: rankest.io.checkpoint)
         self.stats.check_finite(f"in the {self.stats.n_rows:,} rows")
-        if self.cache is None:
-            spec = self.acc.finalize(energy=self.stats.energy)
+        if self.cache is None:  # one LAPACK-bound call, no bar: a status line when it takes a while
+            with status(f"finalize of the {self.route} route ({self.acc.n_rows:,} rows)", quiet=self.cfg.quiet):
+                spec = self.acc.finalize(energy=self.stats.energy)
         spec = t.finish(spec)
         _sync(t.device)
         self.seconds["finalize"] = time.perf_counter() - t_fin

@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from rankest.accumulate.sketch import Sketch
 from rankest.errors import UserError
 from rankest.estimator.config import EstimateConfig
 from rankest.linalg import DEFAULT_METHOD, DEFAULT_TOL, MAX_PASSES
@@ -53,7 +54,7 @@ def choose_route(cfg: EstimateConfig, target: Target, *, budget: int) -> tuple[s
             warnings.warn(f"--rank-max {k} >= V' = {n_cols}: a sketch cannot beat the exact Gram here; "
                           f"using the exact gram route instead", stacklevel=2)
             return "gram", f"sketch requested with k = {k} >= V' = {n_cols}: the exact gram route instead"
-        return "sketch", f"requested, k = {k}"
+        return "sketch", f"requested, k = {k}; {sketch_memory_text(cfg, target, k, budget)}"
     # auto
     if cfg.space == "clr" and target.linear:
         return "factor", "auto: clr rows of a linear head (checked on the first batch) — exact, O(N·d²)"
@@ -61,8 +62,25 @@ def choose_route(cfg: EstimateConfig, target: Target, *, budget: int) -> tuple[s
         why = "auto: " + ("logits are not head(features); " if cfg.space == "clr" and target.linear is False
                           else "") + gram_why
         return "gram", why
-    return "sketch", (f"auto: {gram_why}; a single-pass Nyström sketch of TᵀT with k = "
-                      f"{sketch_rank(cfg, n_cols)} instead")
+    k = sketch_rank(cfg, n_cols)
+    return "sketch", (f"auto: {gram_why}; a single-pass Nyström sketch of TᵀT with k = {k} instead; "
+                      f"{sketch_memory_text(cfg, target, k, budget)}")
+
+
+def sketch_memory_text(cfg: EstimateConfig, target: Target, k: int, budget: int) -> str:
+    """The sketch's memory, component by component (:meth:`Sketch.memory`), against the budget;
+    a warning when the peak is over it."""
+    precision = sketch_precision(target.precision or cfg.gram_precision, target.row_dtype)
+    rows = target.rows_before(1) - target.rows_before(0) if target.n_units else 0
+    parts = Sketch.memory(target.n_cols, k, precision=precision, device=target.device, chunk_rows=rows)
+    peak = Sketch.peak_bytes(parts)
+    text = (f"sketch memory {_fmt_bytes(peak)} at peak ({precision} products): state {_fmt_bytes(parts['state'])}, "
+            f"test block {_fmt_bytes(parts['test_block'])}, chunk {_fmt_bytes(parts['chunk'])}, finalize "
+            f"{_fmt_bytes(parts['finalize'])}")
+    if peak > budget:
+        warnings.warn(f"the sketch needs {_fmt_bytes(peak)} at peak, over the memory budget of {_fmt_bytes(budget)}; "
+                      f"lower --rank-max (memory grows with V'·k) or raise --max-memory", stacklevel=3)
+    return text
 
 
 def resolve_passes(cfg: EstimateConfig, route: str, *, rows_stored: bool = False) -> tuple[Union[int, str], Optional[str]]:

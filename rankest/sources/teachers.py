@@ -33,10 +33,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 import pickle
+import shutil
 import socket
 import struct
 import threading
@@ -46,6 +49,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import torch
+from safetensors.torch import save_model
 
 from rankest.errors import UserError
 from rankest.sources.finite import check_finite_weights
@@ -614,6 +618,64 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def gguf_cache_dir(file: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
+    """Where the dequantised copy of a GGUF teacher lives (:func:`_load_gguf_cached`).
+
+    ``$RANKEST_CACHE/gguf/<stem>-<key>-<dtype>`` (default ``~/.cache/rankest``); the key hashes
+    the file's size, modification time and first and last MiB, so a changed file misses.
+    """
+    st = file.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(file, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    base = os.environ.get("RANKEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rankest")
+    return pathlib.Path(base) / "gguf" / f"{file.stem}-{h.hexdigest()[:16]}-{str(dtype).replace('torch.', '')}"
+
+
+def _load_gguf_cached(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
+    """:func:`_load_gguf` through a safetensors copy of the dequantised model and its tokenizer
+    (:func:`gguf_cache_dir`): dequantising and parsing the GGUF metadata is most of the embedded
+    teacher's load time; the copy loads the same tensors bit for bit. Written on the first load
+    (replacing the copies of an older version of the file), skipped with ``RANKEST_GGUF_CACHE=0``
+    or a device map; an unreadable copy is rebuilt, an unwritable cache only warns."""
+    if place.device_map is not None or os.environ.get("RANKEST_GGUF_CACHE", "1") == "0":
+        return _load_gguf(file, place)
+    folder = gguf_cache_dir(file, place.dtype)
+    if (folder / "config.json").is_file():
+        try:
+            return _load_folder(folder, place)
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)
+    model, tokenizer = _load_gguf(file, place)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    try:
+        _save_dequantised(model, tokenizer, tmp)
+        for old in folder.parent.glob(f"{file.stem}-*-{folder.name.rsplit('-', 1)[1]}"):  # older versions
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, folder)
+    except (OSError, ValueError, RuntimeError) as exc:
+        warnings.warn(f"could not cache the dequantised teacher in {folder} ({exc}); the next run "
+                      "dequantises the GGUF file again", stacklevel=2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def _save_dequantised(model: Any, tokenizer: Any, folder: pathlib.Path) -> None:
+    """A save_pretrained-style folder of a GGUF-loaded model (transformers refuses to save a model
+    it marks as GGUF-quantised, although its tensors are plain dequantised ones): config.json
+    without the quantisation entry, model.safetensors (tied weights once), the tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(folder))
+
+
 def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -750,7 +812,7 @@ def load_teacher(
                 f"--revision {revision} is ignored for the local teacher {target}", stacklevel=2
             )
         if target.suffix == ".gguf":
-            model, tokenizer = _load_gguf(target, place)
+            model, tokenizer = _load_gguf_cached(target, place)
             return Teacher(model, tokenizer, name=str(target), source=f"gguf:{target}")
         model, tokenizer = _load_folder(target, place)
         return Teacher(model, tokenizer, name=str(target), source=f"path:{target}")
@@ -762,7 +824,7 @@ def load_teacher(
                 f"drop --revision, or download {info.hf_id} at that revision and pass its folder"
             )
         file = _gguf_location(*info.gguf)
-        model, tokenizer = _load_gguf(file, place)
+        model, tokenizer = _load_gguf_cached(file, place)
         return Teacher(model, tokenizer, name=info.name, source=f"gguf:{file}", info=info)
     model, tokenizer, source = _load_hf(info.hf_id, revision, place, cache_dir)
     return Teacher(model, tokenizer, name=info.name, source=source, info=info, revision=revision)
@@ -958,5 +1020,44 @@ def check_linear_head(teacher, input_ids: torch.Tensor, *, max_windows: int = 2,
     full = teacher.full_logits(ids).float()
     mine = teacher.logits(teacher.features(ids)).float()
     err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-30))
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(teacher.dtype, 3e-2)
-    return err <= tol, err
+    return err <= _head_check_tol(teacher.dtype), err
+
+
+def features_with_head_check(teacher, input_ids: torch.Tensor, *, n_check: int = 16) -> tuple[torch.Tensor, bool, float]:
+    """The features of a batch and :func:`check_linear_head`'s verdict from ONE forward pass.
+
+    The model's own forward runs with a hook on its base model (the features, exactly as
+    :meth:`Teacher.features` returns them) and ``logits_to_keep=n_check`` (its logits at the last
+    ``n_check`` positions of every window only), so the check costs the head on B·n_check rows
+    instead of a second and third forward of the windows. Models whose forward takes no
+    ``logits_to_keep`` fall back to :func:`check_linear_head` and :meth:`Teacher.features`.
+
+    input_ids : (B, L) int64 → (features (B, L, d), linear, relative max error).
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = teacher._base.register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            full = teacher.model(input_ids=input_ids.to(teacher.input_device), use_cache=False,
+                                 logits_to_keep=int(n_check)).logits
+    except TypeError:  # a forward without logits_to_keep
+        handle.remove()
+        linear, err = check_linear_head(teacher, input_ids)
+        return teacher.features(input_ids), linear, err
+    finally:
+        handle.remove()
+    h = captured[-1]
+    k = min(int(n_check), h.shape[1])
+    mine = teacher.logits(h[:, -k:]).float()
+    full = full[:, -k:].to(mine.device).float()
+    err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-30))
+    return h, err <= _head_check_tol(teacher.dtype), err
+
+
+def _head_check_tol(dtype: torch.dtype) -> float:
+    """A few units of the teacher dtype: the head check's tolerance."""
+    return {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
