@@ -27,6 +27,17 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
 constexpr int64_t kBlock = 512;  // fast path: float32 partial sums go into float64 every kBlock
 
+// The fast path compiled three times on x86-64 Linux (GCC's ifunc dispatch at load time): for
+// AVX-512 (8 doubles in a register) and AVX2 (8 floats), and for the baseline x86-64 that every
+// wheel must run on, where the same 8-wide code spills to the stack (2x slower per element;
+// benchmarks/reports/estimate_cpu.md). Neither target enables FMA: no multiply-add is
+// contracted, so every clone gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RANKEST_WIDE __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RANKEST_WIDE
+#endif
+
 __attribute__((always_inline)) inline v8f load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof v);
@@ -63,7 +74,7 @@ inline float exp_nonpos(float x) { return exp_nonpos(splat8(x))[0]; }
 // the inf/NaN test; then e = e^(z-max) in float32 with Σe, Σe·(z-max), Σe² summed in float32
 // over blocks of kBlock and in float64 across them, and Σ(z-mean)² in float64. Fixed order:
 // bitwise deterministic and independent of the thread count.
-bool fast_row(const float* z, int64_t n_cols, RowSummary<double>& out) {
+RANKEST_WIDE bool fast_row(const float* z, int64_t n_cols, RowSummary<double>& out) {
   const int64_t body = n_cols / 8 * 8;
   v8f mx = splat8(z[0]), bad = {};
   v8d tot = {};
@@ -131,7 +142,7 @@ bool fast_row(const float* z, int64_t n_cols, RowSummary<double>& out) {
 
 // The prob row of a fast-path row: z - lse in float64, its exp in float32 (exp_nonpos).
 template <typename out_t>
-void fast_prob_row(const float* z, int64_t n_cols, double lse, out_t* o) {
+RANKEST_WIDE void fast_prob_row(const float* z, int64_t n_cols, double lse, out_t* o) {
   const int64_t body = n_cols / 8 * 8;
   for (int64_t j = 0; j < body; j += 8) {
     const v8d d = __builtin_convertvector(load8(z + j), v8d) - lse;
