@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from rankest.errors import UserError
 from rankest.options import checkpoint_every_option, option, positive_int, resume_option, shared_option
+from rankest.runtime.run import check_checkpoint_options
 from rankest.saturation.params import config_counts
 
 INPUTS = "inputs"
@@ -134,8 +135,4 @@ class SaturationConfig:
             raise UserError(f"--confidence must lie strictly between 0 and 1, got {self.confidence}")
         if float(self.onset_sigma) < 0:
             raise UserError(f"--onset-sigma must be non-negative, got {self.onset_sigma}")
-        for flag, on in (("--checkpoint-every", self.checkpoint_every is not None), ("--resume", self.resume)):
-            if on and not self.out:
-                raise UserError(f"{flag} needs a run folder for the checkpoint; add --out DIR")
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out while --overwrite starts it afresh; pass only one")
+        check_checkpoint_options(self, unit="batches")
