@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rankest.io.files import cache_home
+
 _MARKER = "rankest.cpp"  # a folder holding this file is rankest's csrc
 _result: tuple[str | None, str] | None = None
 
@@ -54,9 +56,7 @@ def cache_dir(root: Path, cuda: bool) -> Path:
     h = hashlib.sha256(b"cuda" if cuda else b"cpu")
     for p in sorted(q for q in root.rglob("*") if q.suffix in {".h", ".cpp", ".cu", ".cuh"}):
         h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
-    base = os.environ.get("RANKEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rankest")
-    return Path(base) / f"ext-{torch.__version__}-{h.hexdigest()[:16]}"
+    return cache_home() / f"ext-{torch.__version__}-{h.hexdigest()[:16]}"
 
 
 def _jit_build() -> str:

@@ -98,6 +98,14 @@ def check_writable_file(path: os.PathLike | str, flag: str) -> Path:
     return path
 
 
+def cache_home() -> Path:
+    """rankest's cache folder: ``$RANKEST_CACHE``, else ``$XDG_CACHE_HOME/rankest``, else
+    ``~/.cache/rankest`` (the compiled ops, the dequantised GGUF teacher, offline tokenizers)."""
+    base = os.environ.get("RANKEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rankest")
+    return Path(base)
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -52,6 +52,7 @@ import torch
 from safetensors.torch import save_model
 
 from rankest.errors import UserError
+from rankest.io.files import cache_home
 from rankest.sources.finite import check_finite_weights
 from rankest.sources.assets import package_file
 from rankest.sources.model_folder import check_gguf, check_model_folder
@@ -630,9 +631,7 @@ def gguf_cache_dir(file: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
         h.update(f.read(1 << 20))
         f.seek(max(0, st.st_size - (1 << 20)))
         h.update(f.read(1 << 20))
-    base = os.environ.get("RANKEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rankest")
-    return pathlib.Path(base) / "gguf" / f"{file.stem}-{h.hexdigest()[:16]}-{str(dtype).replace('torch.', '')}"
+    return cache_home() / "gguf" / f"{file.stem}-{h.hexdigest()[:16]}-{str(dtype).replace('torch.', '')}"
 
 
 def _load_gguf_cached(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:

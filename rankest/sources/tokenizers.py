@@ -26,7 +26,7 @@ import zlib
 from typing import Any
 
 from rankest.errors import UserError
-from rankest.io.files import check_writable_folder
+from rankest.io.files import cache_home, check_writable_folder
 from rankest.sources.teachers import DEFAULT_TEACHER, TEACHERS, _gguf_location
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -35,9 +35,7 @@ ALIASES = {"pythia": "pythia", "gpt-neox": "pythia", "neox": "pythia", "gpt2": "
 
 
 def cache_root() -> pathlib.Path:
-    base = os.environ.get("RANKEST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rankest")
-    return pathlib.Path(base) / "tokenizers"
+    return cache_home() / "tokenizers"
 
 
 def load_tokenizer(spec) -> tuple[Any, str]:
