@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rankest.errors import UserError
+from rankest.errors import UserError, first_line
 from rankest.sources.assets import package_file
 from rankest.sources.rows import Batch, RowPlan, iter_batches, plan_rows
 
@@ -251,7 +251,7 @@ def _load_local(files: list[pathlib.Path]) -> Iterator[str]:
                                                 keep_in_memory=True)
         except Exception as exc:  # datasets raises many types for a malformed file
             raise UserError(
-                f"cannot read the corpus file {path} as {builder} ({_first_line(exc)}); check "
+                f"cannot read the corpus file {path} as {builder} ({first_line(exc, typed=True)}); check "
                 "its format (.jsonl needs one JSON object per line with a text field)"
             ) from exc
         yield from _column(dataset, None, str(path))
@@ -268,11 +268,6 @@ def _datasets_errors_silenced():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _column(dataset: Any, column: str | None, where: str) -> Iterator[str]:
@@ -322,7 +317,7 @@ def _load_hf(name: str, config: str | None, split: str | None, column: str | Non
             for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
         )
         raise UserError(
-            f"{prefix} ({_first_line(exc)}" + ("; offline mode is on" if offline else "")
+            f"{prefix} ({first_line(exc, typed=True)}" + ("; offline mode is on" if offline else "")
             + "); download it where there is network, use local .txt/.jsonl/.parquet files, "
             f"or the embedded corpus {DEFAULT_CORPUS}"
         ) from exc

@@ -40,7 +40,7 @@ import h5py
 import numpy as np
 import torch
 
-from rankest.errors import UserError
+from rankest.errors import UserError, first_line
 
 __all__ = ["LogitsFile"]
 
@@ -447,7 +447,7 @@ def _open_hdf5(cls: type[LogitsFile], path: pathlib.Path, key: str | None) -> Lo
         if "truncated" in str(exc).lower():
             raise UserError(f"{path} is truncated: the HDF5 file is shorter than its superblock declares; "
                             "copy or write it again") from None
-        raise UserError(f"{path} is not a readable HDF5 file ({_first_line(exc)}); "
+        raise UserError(f"{path} is not a readable HDF5 file ({first_line(exc)}); "
                         "write the logits with h5py") from None
     try:
         datasets: dict[str, h5py.Dataset] = {}
@@ -550,11 +550,6 @@ def _is_float(dtype: np.dtype) -> bool:
 def _dtype_error(where: str, dtype: str) -> UserError:
     return UserError(f"{where} has dtype {dtype}, but logits must be floating point (fp16, bf16, fp32 or fp64); "
                      "convert them with .astype('float32') and save again")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _runs(unique: np.ndarray) -> list[tuple[int, int]]:

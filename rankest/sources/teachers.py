@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 import torch
 from safetensors.torch import save_model
 
-from rankest.errors import UserError
+from rankest.errors import UserError, first_line
 from rankest.io.files import cache_home
 from rankest.sources.finite import check_finite_weights
 from rankest.sources.assets import package_file
@@ -591,7 +591,7 @@ def _load_gguf(file: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
         raise
     except _load_errors() as exc:
         raise UserError(
-            f"cannot load the GGUF teacher {file} ({type(exc).__name__}: {_first_line(exc)}); it is damaged, "
+            f"cannot load the GGUF teacher {file} ({type(exc).__name__}: {first_line(exc, limit=200)}); it is damaged, "
             "truncated or of an architecture transformers cannot read: download it again or pass a model folder"
         ) from exc
     return _prepare(model, place), tokenizer
@@ -612,11 +612,6 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return _LOAD_ERRORS
     return _LOAD_ERRORS + (StrictDataclassError,)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def gguf_cache_dir(file: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
@@ -683,7 +678,7 @@ def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
         raise UserError(
-            f"cannot read the tokenizer of the teacher folder {folder} ({type(exc).__name__}: {_first_line(exc)}); "
+            f"cannot read the tokenizer of the teacher folder {folder} ({type(exc).__name__}: {first_line(exc, limit=200)}); "
             "save the model's own tokenizer into it again (tokenizer.save_pretrained(folder))"
         ) from exc
     try:
@@ -700,7 +695,7 @@ def _load_folder(folder: pathlib.Path, place: _Placement) -> tuple[Any, Any]:
                 "were made (model.save_pretrained(folder, safe_serialization=True))"
             ) from exc
         raise UserError(
-            f"cannot load the teacher folder {folder} ({type(exc).__name__}: {_first_line(exc)}); it "
+            f"cannot load the teacher folder {folder} ({type(exc).__name__}: {first_line(exc, limit=200)}); it "
             "needs config.json, the weights and the tokenizer as written by save_pretrained"
         ) from exc
     return _prepare(model, place), tokenizer
