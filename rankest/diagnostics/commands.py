@@ -53,14 +53,14 @@ from rankest.diagnostics.head_spectrum import (
 )
 from rankest.diagnostics.in_estimate import EstimateDiagnostics
 from rankest.errors import UserError
-from rankest.io.files import check_writable_folder, jsonable, now_iso, write_text_atomic
+from rankest.io.files import jsonable, now_iso, write_text_atomic
 from rankest.io.h5 import os_error_text
 from rankest.io.results import provenance
 from rankest.io.sweep_results import KINDS, _append, _summary_json, read_results
 from rankest.options import keyword_options
 from rankest.report.diagnostics import write_diagnostics_report
 from rankest.runtime import distributed
-from rankest.runtime.run import EXECUTION_OPTIONS, Run, lock_run_folder, release_run_folder
+from rankest.runtime.run import EXECUTION_OPTIONS, Run, create_run_folder, release_run_folder
 from rankest.sources import teachers
 from rankest.sources.corpus import DEFAULT_CORPUS, check_seq_len, load_documents, pack_windows, plan_rows
 from rankest.sources.revisions import Checkpoint, _summarise, resolve_checkpoints
@@ -183,15 +183,7 @@ def sweep_checkpoints(kind: str, checkpoints: list[Checkpoint], compute: Callabl
     path = None
     done: dict[str, dict[str, Any]] = {}
     if out is not None:
-        if not str(out).strip():
-            raise UserError("--out is empty; give the run folder a name, or leave --out out to save nothing.")
-        folder = check_writable_folder(out, "--out")
-        existed = folder.exists()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the run folder {folder} ({e.strerror}); choose a writable --out.") from e
-        lock_run_folder(folder, created=not existed)  # one writer (released by the caller, _sweep, or at exit)
+        folder = create_run_folder(out)  # one writer (released by the caller, _sweep, or at exit)
         path = folder / f"{kind}.h5"
         for p in (path, path.with_suffix(".json"), folder / "report.md"):
             if p.is_dir():

@@ -190,20 +190,25 @@ def result_config(cfg) -> dict:
 
 
 # ---- run folder --------------------------------------------------------------------------------
-def prepare_run_folder(out, *, overwrite: bool = False) -> Path:
-    """Create (or, with ``overwrite``, reuse) a run folder and lock it (:func:`lock_run_folder`);
-    refuse an existing non-empty one otherwise.
-
-    Checked before any expensive work, so a bad ``--out`` fails in a second, not after an hour.
-    """
-    out = Path(out)
-    check_writable_folder(out, "--out")  # names, a file in the way, permissions: before creating anything
+def create_run_folder(out) -> Path:
+    """Create (or reuse) the run folder ``out`` and lock it for this process
+    (:func:`lock_run_folder`); its writability is checked before anything is created, so a bad
+    ``--out`` fails in a second, not after an hour. Each failure is a sentence (UserError)."""
+    if not str(out).strip():
+        raise UserError("--out is empty; give the run folder a name, or leave --out out to save nothing.")
+    out = check_writable_folder(out, "--out")  # names, a file in the way, permissions
     existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the run folder {out} ({os_error_text(e)}); choose a writable --out.") from e
     lock_run_folder(out, created=not existed)
+    return out
+
+
+def prepare_run_folder(out, *, overwrite: bool = False) -> Path:
+    """:func:`create_run_folder`, refusing an existing non-empty folder unless ``overwrite``."""
+    out = create_run_folder(out)
     if any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         release_run_folder(out)
         raise UserError(f"the run folder {out} already exists and is not empty; pass --overwrite to replace "
