@@ -1013,8 +1013,7 @@ def check_linear_head(teacher, input_ids: torch.Tensor, *, max_windows: int = 2,
     ids = input_ids[:max_windows, :max_len]
     full = teacher.full_logits(ids).float()
     mine = teacher.logits(teacher.features(ids)).float()
-    err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-30))
-    return err <= _head_check_tol(teacher.dtype), err
+    return _head_verdict(teacher, full, mine)
 
 
 def features_with_head_check(teacher, input_ids: torch.Tensor, *, n_check: int = 16) -> tuple[torch.Tensor, bool, float]:
@@ -1048,10 +1047,11 @@ def features_with_head_check(teacher, input_ids: torch.Tensor, *, n_check: int =
     k = min(int(n_check), h.shape[1])
     mine = teacher.logits(h[:, -k:]).float()
     full = full[:, -k:].to(mine.device).float()
+    return (h, *_head_verdict(teacher, full, mine))
+
+
+def _head_verdict(teacher, full: torch.Tensor, mine: torch.Tensor) -> tuple[bool, float]:
+    """(linear, relative max error) of the model's logits ``full`` against its head applied to its
+    features ``mine``; the tolerance is a few units of the teacher dtype."""
     err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-30))
-    return h, err <= _head_check_tol(teacher.dtype), err
-
-
-def _head_check_tol(dtype: torch.dtype) -> float:
-    """A few units of the teacher dtype: the head check's tolerance."""
-    return {torch.float64: 1e-10, torch.float32: 1e-4}.get(dtype, 3e-2)
+    return err <= {torch.float64: 1e-10, torch.float32: 1e-4}.get(teacher.dtype, 3e-2), err
