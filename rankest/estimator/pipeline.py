@@ -371,7 +371,7 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     cfg = EstimateConfig.from_kwargs(kwargs)
     # Under torchrun (WORLD_SIZE > 1) join the process group; one process: nothing happens.
     world, run_device = distributed.setup(cfg.device)
-    target = None
+    target, ended = None, True
     try:
         run = Run.open("estimate", out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, results_file="results.h5",
                        config=run_config(cfg, skip=EXECUTION_OPTIONS), world=world, every=cfg.checkpoint_every)
@@ -403,12 +403,15 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
         if return_summary:
             return spec, summary if summary is not None else spec.summary()
         return spec
+    except BaseException:
+        ended = False
+        raise
     finally:
         if target is not None:
             target.close()
         if cfg.out:
             release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
-        distributed.shutdown(world)
+        distributed.shutdown(world, ended_normally=ended)
 
 
 def fraction_summary(sweep: dict) -> dict[str, Any]:

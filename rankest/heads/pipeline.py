@@ -49,12 +49,16 @@ def run_heads(**kwargs) -> Optional[HeadsResult]:
     if isinstance(cfg.ranks, str):  # syntax errors before anything is loaded
         parse_ranks(cfg.ranks, 1 << 30)
     world, run_device = distributed.setup(cfg.device)
+    ended = True
     try:
         return _heads(cfg, world, run_device)
+    except BaseException:
+        ended = False
+        raise
     finally:
         if cfg.out:
             release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
-        distributed.shutdown(world)
+        distributed.shutdown(world, ended_normally=ended)
 
 
 def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:

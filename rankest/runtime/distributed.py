@@ -84,11 +84,18 @@ def setup(device: str = "auto") -> tuple[World, str]:
     return World(size, rank, local_rank, backend, comm, owns), run_device
 
 
-def shutdown(world: World) -> None:
-    """Leave the process group this module created (a no-op for one process)."""
-    if world.owns_group:
+def shutdown(world: World, ended_normally: bool = True) -> None:
+    """Leave the process group this module created (a no-op for one process).
 
+    After a run that ended normally every process first waits at a barrier for the others
+    (rank 0 last, once its results are written), so that no process tears its connections down
+    while a peer still holds them: a gloo worker that left early has died with SIGABRT at exit.
+    After a failure there is no barrier (the others may never reach it); torchrun stops them.
+    """
+    if world.owns_group:
         if dist.is_initialized():
+            if ended_normally:
+                dist.barrier()
             dist.destroy_process_group()
         world.owns_group = False
 
