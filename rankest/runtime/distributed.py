@@ -18,6 +18,7 @@ a state is summed except the accumulator's ``fixed_state_keys`` (seed, shapes: e
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -91,12 +92,15 @@ def shutdown(world: World, ended_normally: bool = True) -> None:
     (rank 0 last, once its results are written), so that no process tears its connections down
     while a peer still holds them: a gloo worker that left early has died with SIGABRT at exit.
     After a failure there is no barrier (the others may never reach it); torchrun stops them.
+    A collection follows, so that the group's last work objects (tensors the gloo threads may
+    still hold) are freed while the interpreter is whole, not during its teardown.
     """
     if world.owns_group:
         if dist.is_initialized():
             if ended_normally:
                 dist.barrier()
             dist.destroy_process_group()
+            gc.collect()
         world.owns_group = False
 
 
