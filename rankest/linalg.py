@@ -1081,8 +1081,8 @@ class _Iterate:
         self.basis: list[torch.Tensor] = []
         self.used: list[torch.Tensor] = []  # the same blocks as the products saw them (round_test)
         self.images: list[torch.Tensor] = []
-        # Krylov on orthonormal blocks: the Nyström core XᵀY, one block column per pass
-        # (V'·L·l flops then, instead of V'·L² at every finish).
+        # Krylov: XᵀY of the blocks that have images, one block column per pass (V'·L·l flops
+        # then, instead of V'·L² at every finish): the Nyström core, and Rayleigh–Ritz's.
         self.core: Optional[torch.Tensor] = None
         self.zs: list[torch.Tensor] = []
         self.last_gram = None
@@ -1124,7 +1124,8 @@ class _Iterate:
         self.basis.append(q), self.used.append(qr_)
         if y is not None:
             self.images.append(y)
-            if self.method == "krylov" and self.precision != "fast" and len(self.images) == len(self.used):
+            # (not for `fast`: Nyström re-orthonormalises its rounded blocks, a core of another basis)
+            if len(self.images) == len(self.used) and self.precision != "fast":
                 self._grow_core(y)
         if self.keep:
             self.zs.append(z)
@@ -1147,7 +1148,7 @@ class _Iterate:
         n_vec = kk if (self.vectors or self.probes is not None) else 0
         if self.method == "krylov-rr" or self.last_gram is not None:
             lam, vecs, core = rayleigh_ritz(self.used, self.images, self.last_gram, precision=self.precision,
-                                            n_vectors=n_vec)
+                                            n_vectors=n_vec, xty=self.core)
             roundoff = core["roundoff"]
         else:
             # The blocks are orthonormal unless `fast` rounded them (then nystrom() re-orthonormalises).
@@ -1241,7 +1242,7 @@ def sigma_error(lam: torch.Tensor, sigma_upper: np.ndarray, k: int, *, precision
 
 
 def rayleigh_ritz(used: list[torch.Tensor], images: list[torch.Tensor], last_gram: Optional[torch.Tensor], *,
-                  precision: str, n_vectors: int = 0):
+                  precision: str, n_vectors: int = 0, xty: Optional[torch.Tensor] = None):
     """Ritz pairs of A = TᵀT on span of the Krylov blocks X = [X_1 … X_m] (Musco & Musco 2015,
     Alg. 2, steps 5–7), without A·X_m.
 
@@ -1255,6 +1256,7 @@ def rayleigh_ritz(used: list[torch.Tensor], images: list[torch.Tensor], last_gra
     ----------
     used : m blocks (V', l_j) float64, as the products saw them; images : the m − 1 (or m) A·X_j.
     last_gram : (l_m, l_m) float64 or None.
+    xty : XᵀAX of the blocks with images, when the caller assembled it already (:class:`_Iterate`).
 
     Returns
     -------
@@ -1264,13 +1266,14 @@ def rayleigh_ritz(used: list[torch.Tensor], images: list[torch.Tensor], last_gra
     """
     x = torch.cat(used, dim=1)
     if last_gram is None:
-        g = x.T @ torch.cat(images, dim=1)
+        g = x.T @ torch.cat(images, dim=1) if xty is None else xty
     elif len(used) == 1:
         g = last_gram
     else:
-        prev, ay = torch.cat(used[:-1], dim=1), torch.cat(images, dim=1)  # X_{<m} and A·X_{<m}
+        ay = torch.cat(images, dim=1)  # A·X_{<m}
+        core = torch.cat(used[:-1], dim=1).T @ ay if xty is None else xty  # X_{<m}ᵀ A X_{<m}
         cross = ay.T @ used[-1]  # X_{<m}ᵀ A X_m
-        g = torch.cat([torch.cat([prev.T @ ay, cross], dim=1), torch.cat([cross.T, last_gram], dim=1)], dim=0)
+        g = torch.cat([torch.cat([core, cross], dim=1), torch.cat([cross.T, last_gram], dim=1)], dim=0)
     mu, w = sym_eigh(g)
     lam = mu.clamp_min(0.0)
     vecs = None
