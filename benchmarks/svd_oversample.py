@@ -76,6 +76,7 @@ def write(out: dict, path: Path, command: str) -> None:
         ax.set_title(m, fontsize=8)
         ax.set_xlabel("oversample p (l = k + p)")
         ax.set_ylabel("time (s), fastest call")
+        ax.margins(y=0.15)
         ax.grid(alpha=0.3)
     fig.suptitle("randomized_svd(T, k, oversample=p): passes='auto', tol = 1e-3", fontsize=10)
     fig.tight_layout()
