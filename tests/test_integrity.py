@@ -672,7 +672,7 @@ def test_heads_forged_position_refused(forgery, heads_checkpoint, neox, corpus, 
     assert_sentence(*run_cli(argv, capsys), "inconsistent")
 
 
-@pytest.mark.parametrize("damage", ["attr", "declared", "no checksum"])
+@pytest.mark.parametrize("damage", ["attr", "declared", "no checksum", "older format"])
 def test_damaged_feature_cache_refused(damage, heads_checkpoint, neox, corpus, tmp_path, capsys):
     cache = tmp_path / "feats.h5"
     shutil.copy(heads_checkpoint[1], cache)
@@ -684,9 +684,13 @@ def test_damaged_feature_cache_refused(damage, heads_checkpoint, neox, corpus, t
             del f["val_features"]
             f.create_dataset("val_features", shape=(10**9, 32), dtype="f4", chunks=(1024, 32))
             needle = "declares shape"
-        else:
+        elif damage == "no checksum":
             del f.attrs[DIGEST_ATTR]
             needle = "no sha256"
+        else:  # what a cache of format 1 (before checksums) looks like
+            del f.attrs[DIGEST_ATTR]
+            f.attrs["version"] = 1
+            needle = "older rankest"
     argv = heads_args(neox, corpus, tmp_path / "run", "--cache-features", cache)
     assert_sentence(*run_cli(argv, capsys), needle)
 

@@ -155,6 +155,11 @@ def check_cache(path: Path, want: dict[str, Any]) -> None:
         if f.attrs.get("format") != CACHE_FORMAT:
             raise UserError(f"--cache-features {path} is not a rankest feature cache; choose another path.")
         fix = "delete it or choose another --cache-features path"
+        version = f.attrs.get("version")
+        if version is not None and int(version) < CACHE_VERSION:
+            raise UserError(f"--cache-features {path} was written by an older rankest (cache format {int(version)}, "
+                            f"this one writes {CACHE_VERSION}, with a checksum); {fix}: it is rewritten on the next "
+                            f"run.")
         check_sizes(f, path, what="feature cache", fix=fix)
         check_digest(f, path, what="feature cache", fix=fix, required=True)
         _check_cache_shapes(f, path, int(want["hidden_size"]), fix)

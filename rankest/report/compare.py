@@ -38,5 +38,5 @@ def compare_runs(folders: Sequence[Path], out: Path) -> Path:
     lines += ngram_compare_lines(specs, folders)
     path = out / "compare.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
-    (out / "compare.json").write_text(json.dumps({label: spec.summary() for label, spec in specs}, indent=2))
+    write_text_atomic(out / "compare.json", json.dumps({label: spec.summary() for label, spec in specs}, indent=2))
     return path
