@@ -339,3 +339,54 @@ def test_bad_inputs_are_refused_with_a_sentence(tmp_path, capsys, argv, words):
     rc = cli.main(["saturation", *argv, "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and words in err and err.count("\n") == 1, err
+
+
+# ---- saturation.h5 and `rankest report` ------------------------------------------------------------
+def test_report_redraws_a_saturation_folder_and_refuses_a_damaged_or_older_file(tmp_path, capsys):
+    """saturation.h5 is sealed and keeps the law's bootstrap: `rankest report OUT` writes the same
+    saturation.md and figures again; an edited file and one of the older schema (no samples) are
+    refused with one sentence."""
+    import h5py
+
+    from rankest.io.h5 import DIGEST_ATTR
+    from rankest.saturation.result import read_saturation_h5
+
+    rng = np.random.default_rng(7)
+    sizes = {"pythia-70m": 7e7, "pythia-160m": 1.6e8, "pythia-410m": 4.1e8, "pythia-1b": 1e9, "pythia-1.4b": 1.4e9}
+    for model, n in sizes.items():
+        final = law(n / 1e8, 2.0, 3.0, 0.4)
+        for step in (1000, 2000, 4000, 8000):
+            ppl = final * (1 + 2000 / step * 0.1) + 0.01 * rng.standard_normal()
+            _older(tmp_path / "evals" / f"{model}_step{step}.json", model, step, ppl, 0.4)
+    out = tmp_path / "out"
+    assert cli.main(["saturation", "--evals", str(tmp_path / "evals"), "--out", str(out), "--quiet",
+                     "--bootstrap", "200"]) == 0
+    written = (out / "saturation.md").read_text()
+    record, fit = read_saturation_h5(out / "saturation.h5")
+    assert record["fit"] == json.loads((out / "saturation.json").read_text())["fit"]
+    assert fit.samples.shape == (200, 3) and fit.predict([1e9])[0] == pytest.approx(
+        record["fit"]["E"] + record["fit"]["A_ref"] * (1e9 / record["fit"]["n_ref"]) ** -record["fit"]["alpha"])
+    for p in out.glob("saturation*.*"):
+        if p.suffix in (".md", ".png"):
+            p.unlink()
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "saturation.md").read_text() == written
+    assert all((out / name).stat().st_size > 0 for name in ("saturation_curves.png", "saturation_law.png",
+                                                            "saturation_deviation.png"))
+
+    def refused(words):
+        capsys.readouterr()
+        assert cli.main(["report", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") <= 2, err
+
+    good = (out / "saturation.h5").read_bytes()
+    with h5py.File(out / "saturation.h5", "a") as f:
+        f["fit/samples"][0, 0] += 1.0  # the band would move
+    refused("checksum does not match")
+    (out / "saturation.h5").write_bytes(good)
+    with h5py.File(out / "saturation.h5", "a") as f:  # what an older rankest wrote: no samples, no seal
+        del f["fit"], f.attrs[DIGEST_ATTR]
+        f.attrs["schema_version"] = 2
+    refused("older rankest")

@@ -10,6 +10,7 @@ result file              written by           rendered as
 ``head_spectrum.h5``     ``head-spectrum``,   the head-spectrum section of report.md, head_*.png
                          ``estimate --diagnostics``
 ``heads.h5``             ``heads``            heads.md (and report.md when nothing else is there)
+``saturation.h5``        ``saturation``       saturation.md and its PNGs
 =======================  ===================  =============================================
 
 Several folders are a comparison of estimate runs (:func:`rankest.report.compare.compare_runs`).
@@ -31,10 +32,12 @@ from rankest.io.sweep_results import KINDS, read_results
 from rankest.report.diagnostics import write_diagnostics_report
 from rankest.report.estimate import write_report
 from rankest.report.heads import write_heads_report
+from rankest.report.saturation import write_saturation_report
+from rankest.saturation.result import read_saturation_h5
 
 #: The result files ``report`` renders, and the command that writes each.
 RESULT_FILES = {"results.h5": "estimate", "anisotropy.h5": "anisotropy", "head_spectrum.h5": "head-spectrum",
-                "heads.h5": "heads"}
+                "heads.h5": "heads", "saturation.h5": "saturation"}
 
 
 def found_results(folder: Path) -> list[str]:
@@ -44,7 +47,7 @@ def found_results(folder: Path) -> list[str]:
 
 def render_folder(folder) -> Path:
     """Re-render every report of the run folder ``folder``; returns the path of report.md (heads.md
-    for a folder of a heads run only).
+    for a folder of a heads run only, saturation.md for a saturation run).
 
     Raises
     ------
@@ -61,7 +64,7 @@ def render_folder(folder) -> Path:
                         "command with --resume, then `rankest report` renders it")
     if not found:
         raise UserError(f"{folder} holds no rankest results ({', '.join(RESULT_FILES)}); give the --out folder of "
-                        "an estimate, anisotropy, head-spectrum or heads run")
+                        "an estimate, anisotropy, head-spectrum, heads or saturation run")
     path = folder / "report.md"
     if "results.h5" in found:
         spec = read_spectrum_h5(folder / "results.h5")
@@ -74,6 +77,9 @@ def render_folder(folder) -> Path:
             teacher = config.get("teacher", "")
     if diagnostics:
         path = write_diagnostics_report(folder, **diagnostics, teacher=teacher)
+    if "saturation.h5" in found:  # a saturation folder holds nothing else
+        record, fit = read_saturation_h5(folder / "saturation.h5")
+        return write_saturation_report(folder, record, fit)
     if "heads.h5" in found:
         heads_md = write_heads_report(folder, HeadsResult.load(folder / "heads.h5"))
         if found == ["heads.h5"]:  # the folder's report.md is the heads report: keep the two the same

@@ -115,6 +115,16 @@ class PowerLawFit:
         q = (1 - self.confidence) / 2
         return np.nanquantile(pred, q, axis=0), np.nanquantile(pred, 1 - q, axis=0)
 
+    @classmethod
+    def from_summary(cls, summary: dict, samples: np.ndarray) -> "PowerLawFit":
+        """The fit again from its :meth:`summary` and its bootstrap ``samples`` (B, 3)."""
+        return cls(e=summary["E"], a=summary["A"], alpha=summary["alpha"], a0=summary["A_ref"],
+                   n_ref=summary["n_ref"], rss=summary["rss"], n_points=summary["n_points"],
+                   weighted=summary["weighted"], bootstrap=summary["bootstrap"], confidence=summary["confidence"],
+                   intervals={k: tuple(v) for k, v in summary["intervals"].items()},
+                   alpha_at_bound=summary["alpha_at_bound"], samples=np.asarray(samples, dtype=np.float64),
+                   alpha_range=tuple(summary["alpha_range"]))
+
     def summary(self) -> dict:
         """The JSON record of the fit (``fit`` in saturation.json)."""
         return {"E": self.e, "A": self.a, "alpha": self.alpha, "A_ref": self.a0, "n_ref": self.n_ref,

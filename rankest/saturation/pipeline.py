@@ -16,14 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import h5py
 import numpy as np
 
 from rankest.errors import UserError
-from rankest.io.files import atomic_path, now_iso, to_json, write_text_atomic
-from rankest.io.h5 import checked_dataset, mark
+from rankest.io.files import now_iso, to_json, write_text_atomic
 from rankest.io.results import provenance
-from rankest.io.spectrum_file import SCHEMA_VERSION
 from rankest.options import keyword_options
 from rankest.report.saturation import write_saturation_report
 from rankest.runtime import distributed
@@ -32,6 +29,7 @@ from rankest.saturation.analysis import Curve, analyse
 from rankest.saturation.config import SaturationConfig
 from rankest.saturation.evals import collect_metric, eval_paths, lower_is_better, parse_metric, read_eval_file, read_map
 from rankest.saturation.params import param_counts
+from rankest.saturation.result import DIAGNOSTIC_KEYS, write_saturation_h5
 from rankest.saturation.stream import StreamedEval, resolve_stream
 from rankest.sources.corpus import DEFAULT_CORPUS, load_documents
 
@@ -39,9 +37,6 @@ __all__ = ["run_saturation", "STREAM_METRICS"]
 
 #: Metrics of rankest's own streamed evaluation.
 STREAM_METRICS = ("nll", "ppl", "acc")
-_DIAG_KEYS = ("last_layer_anisotropy", "head_singular_entropy_kl", "head_singular_entropy_kl_sq",
-              "head_singular_entropy_max", "head_effective_rank", "head_stable_rank", "head_sigma_ratio",
-              "freq_share_top1pct", "freq_share_top10pct")
 
 
 def _eval_curves(cfg, task: str, metric: str) -> dict[str, Curve]:
@@ -69,25 +64,11 @@ def _stream_curves(results: list[dict], metric: str, given: dict) -> dict[str, C
             raise UserError(f"two revisions of {model} name the same step; name each checkpoint stepN once")
         params = (param_counts(model, given=given) if model in given
                   else {"total": rs[-1]["params_total"], "non_embedding": rs[-1]["params_non_embedding"]})
-        diag = {k: [np.asarray(r[k]).tolist() for r in rs] for k in _DIAG_KEYS if k in rs[0]}
+        diag = {k: [np.asarray(r[k]).tolist() for r in rs] for k in DIAGNOSTIC_KEYS if k in rs[0]}
         diag.update({k: [r[k] for r in rs] for k in ("n_rows", "nll", "ppl", "acc", "entropy")})
         curves[model] = Curve(model, steps, np.array([r[metric] for r in rs]),
                               np.array([r[f"{metric}_stderr"] for r in rs]), params, "rankest", diag)
     return curves
-
-
-def _write_h5(path: Path, record: dict, config: dict, prov: dict) -> None:
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            mark(f, "rankest.saturation", SCHEMA_VERSION)
-            f.attrs["summary"] = to_json(record)
-            f.attrs["config"] = to_json(config)
-            f.attrs["provenance"] = to_json(prov)
-            for name, m in record["models"].items():
-                g = f.create_group(f"models/{name}")
-                for key in ("steps", "values", "stderr", *_DIAG_KEYS):
-                    if m.get(key) is not None:
-                        checked_dataset(g, key, np.asarray(m[key], dtype=np.float64))
 
 
 @keyword_options(SaturationConfig)
@@ -139,7 +120,7 @@ def run_saturation(**kwargs) -> Optional[dict[str, Any]]:
     def write(folder: Path) -> None:
         full = {**record, "config": config, "provenance": prov}
         write_text_atomic(folder / "saturation.json", to_json(full) + "\n")
-        _write_h5(folder / "saturation.h5", record, config, prov)
+        write_saturation_h5(folder / "saturation.h5", record, fit, config, prov)
         write_saturation_report(folder, record, fit)
 
     run.finish(write)
