@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(h, HeadsConfig, unused=("max_memory",))
     h.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    rp = sub.add_parser("report", help="re-render a run folder's report (estimate, heads, anisotropy, head-spectrum, saturation), "
-                                       "or compare several estimate run folders")
+    rp = sub.add_parser("report", help="re-render a run folder's report (estimate, heads, anisotropy, "
+                                       "head-spectrum, saturation), or compare several estimate run folders")
     rp.add_argument("folders", nargs="+", help="one run folder (any command's --out), or several `estimate` folders "
                                                "to compare")
     rp.add_argument("--out", help="folder for the comparison (default: the first folder)")
