@@ -1134,7 +1134,7 @@ class _Iterate:
     def _grow_core(self, y: torch.Tensor) -> None:
         """Append the new block's column to the core B = XᵀY: c = Xᵀy_new, and by the symmetry
         of A the new row is the old part of c transposed (x_newᵀ·A·X_old = (X_oldᵀ·A·x_new)ᵀ)."""
-        c = torch.cat(self.used, dim=1).T @ y
+        c = torch.cat([x.T @ y for x in self.used])  # block by block: no V'×L copy of X
         old = 0 if self.core is None else self.core.shape[0]
         if old == 0:
             self.core = c
