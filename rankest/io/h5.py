@@ -246,11 +246,11 @@ def os_error_text(e: OSError) -> str:
 
 # ---- reading -------------------------------------------------------------------------------
 @contextlib.contextmanager
-def open_checked(path, *, fmt: str, version: int, what: str, fix: str) -> Iterator[h5py.File]:
+def open_checked(path, *, fmt: str, version: int, what: str, fix: str, oldest: int = 0) -> Iterator[h5py.File]:
     """Open ``path`` (a ``what``, e.g. "heads results file") for reading, refusing (UserError) a
-    missing, unreadable, foreign or newer file, one whose datasets declare more than the file
-    holds, or whose checksum fails; a missing part while the caller reads inside the ``with``
-    block is refused too. ``fix`` says what to do."""
+    missing, unreadable, foreign, newer or older (schema below ``oldest``) file, one whose
+    datasets declare more than the file holds, or whose checksum fails; a missing part while the
+    caller reads inside the ``with`` block is refused too. ``fix`` says what to do."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no {what} at {path}; {fix}.")
@@ -269,6 +269,9 @@ def open_checked(path, *, fmt: str, version: int, what: str, fix: str) -> Iterat
             if schema > version:
                 raise UserError(f"{path} was written by a newer rankest (schema {schema}, this one reads {version}); "
                                 f"upgrade rankest.")
+            if schema < oldest:
+                raise UserError(f"{path} was written by an older rankest (schema {schema}, this one reads "
+                                f"{oldest} to {version}); {fix}.")
             check_sizes(f, path, what=what, fix=fix)
             check_digest(f, path, what=what, fix=fix, required=schema >= DIGEST_SINCE)
             yield f

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from rankest.errors import UserError
 from rankest.io.files import to_json
 from rankest.io.h5 import checked_dataset, mark, open_checked, write_h5
 from rankest.saturation.lawfit import PowerLawFit
@@ -50,19 +48,9 @@ def write_saturation_h5(path: Path, record: dict, fit: PowerLawFit, config: dict
 def read_saturation_h5(path: Path) -> tuple[dict, PowerLawFit]:
     """(record, fit) of a saturation.h5; a missing, foreign, older, newer or damaged file is
     refused with one sentence."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            schema = int(np.asarray(f.attrs.get("schema_version", -1)).item())
-            own = f.attrs.get("format") == FORMAT
-    except OSError:
-        schema, own = SCHEMA_VERSION, True  # open_checked below says what is wrong with it
-    if own and schema < SCHEMA_VERSION:
-        raise UserError(f"{path} was written by an older rankest (schema {schema}, without the law's bootstrap "
-                        f"samples), and its report cannot be redrawn; its saturation.md is as it was written, or "
-                        f"rerun the `rankest saturation` command to write it anew.")
+    # Schema 3 is the first with the bootstrap samples the report's band is drawn from.
     with open_checked(path, fmt=FORMAT, version=SCHEMA_VERSION, what="rankest saturation results file",
-                      fix=_FIX) as f:
+                      fix=_FIX, oldest=SCHEMA_VERSION) as f:
         record = json.loads(f.attrs["summary"])
         samples = np.asarray(f["fit/samples"][...])
     return record, PowerLawFit.from_summary(record["fit"], samples)
