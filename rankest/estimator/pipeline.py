@@ -370,48 +370,45 @@ def run_estimate(*, return_summary: bool = False, **kwargs):
     """
     cfg = EstimateConfig.from_kwargs(kwargs)
     # Under torchrun (WORLD_SIZE > 1) join the process group; one process: nothing happens.
-    world, run_device = distributed.setup(cfg.device)
-    target, ended = None, True
-    try:
-        run = Run.open("estimate", out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, results_file="results.h5",
-                       config=run_config(cfg, skip=EXECUTION_OPTIONS), world=world, every=cfg.checkpoint_every)
-        started, t0 = now_iso(), time.perf_counter()
-        target = make_target(cfg, device=run_device)
-        sweep = corpus_sweep(cfg, target)
-        spec = Estimate(cfg, target, run).compute()
-        if spec is None:
-            return None
-        spec.meta["seconds_total"] = time.perf_counter() - t0
-        if sweep:
-            sweep[1.0] = (spec, target.facts)
-            spec.meta["corpus_fractions"] = fraction_summary(sweep)
+    with distributed.joined(cfg.device) as (world, run_device):
+        target = None
+        try:
+            run = Run.open("estimate", out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
+                           results_file="results.h5", config=run_config(cfg, skip=EXECUTION_OPTIONS), world=world,
+                           every=cfg.checkpoint_every)
+            started, t0 = now_iso(), time.perf_counter()
+            target = make_target(cfg, device=run_device)
+            sweep = corpus_sweep(cfg, target)
+            spec = Estimate(cfg, target, run).compute()
+            if spec is None:
+                return None
+            spec.meta["seconds_total"] = time.perf_counter() - t0
+            if sweep:
+                sweep[1.0] = (spec, target.facts)
+                spec.meta["corpus_fractions"] = fraction_summary(sweep)
 
-        def write(out) -> dict:
-            prov = {**provenance(target.device), "started": started, "finished": now_iso()}
-            config = {**result_config(cfg), "teacher": target.name,
-                      "corpus": corpus_name(cfg.corpus) if target.uses_corpus else None}
-            if isinstance(target, NgramTarget):
-                config["tokenizer"] = target.tokenizer
-            summary = write_run(out, spec, config=config, prov=prov)
-            write_report(out, spec, config=config, prov=prov, sweep=sweep)
-            target.write(out, config=config, prov=prov)
-            return summary
+            def write(out) -> dict:
+                prov = {**provenance(target.device), "started": started, "finished": now_iso()}
+                config = {**result_config(cfg), "teacher": target.name,
+                          "corpus": corpus_name(cfg.corpus) if target.uses_corpus else None}
+                if isinstance(target, NgramTarget):
+                    config["tokenizer"] = target.tokenizer
+                summary = write_run(out, spec, config=config, prov=prov)
+                write_report(out, spec, config=config, prov=prov, sweep=sweep)
+                target.write(out, config=config, prov=prov)
+                return summary
 
-        summary = run.finish(write)
-        if run.out is not None:
-            spec.meta["out"] = str(run.out)
-        if return_summary:
-            return spec, summary if summary is not None else spec.summary()
-        return spec
-    except BaseException:
-        ended = False
-        raise
-    finally:
-        if target is not None:
-            target.close()
-        if cfg.out:
-            release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
-        distributed.shutdown(world, ended_normally=ended)
+            summary = run.finish(write)
+            if run.out is not None:
+                spec.meta["out"] = str(run.out)
+            if return_summary:
+                return spec, summary if summary is not None else spec.summary()
+            return spec
+        finally:
+            if target is not None:
+                target.close()
+            if cfg.out:
+                release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
 
 
 def fraction_summary(sweep: dict) -> dict[str, Any]:

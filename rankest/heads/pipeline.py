@@ -48,17 +48,12 @@ def run_heads(**kwargs) -> Optional[HeadsResult]:
     cfg.validate()
     if isinstance(cfg.ranks, str):  # syntax errors before anything is loaded
         parse_ranks(cfg.ranks, 1 << 30)
-    world, run_device = distributed.setup(cfg.device)
-    ended = True
-    try:
-        return _heads(cfg, world, run_device)
-    except BaseException:
-        ended = False
-        raise
-    finally:
-        if cfg.out:
-            release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
-        distributed.shutdown(world, ended_normally=ended)
+    with distributed.joined(cfg.device) as (world, run_device):
+        try:
+            return _heads(cfg, world, run_device)
+        finally:
+            if cfg.out:
+                release_run_folder(Path(cfg.out))  # done or failed, the folder is free again
 
 
 def _heads(cfg: HeadsConfig, world, run_device: str) -> Optional[HeadsResult]:

@@ -18,10 +18,11 @@ a state is summed except the accumulator's ``fixed_state_keys`` (seed, shapes: e
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -83,6 +84,21 @@ def setup(device: str = "auto") -> tuple[World, str]:
         dist.init_process_group(backend=backend)
         owns = True
     return World(size, rank, local_rank, backend, comm, owns), run_device
+
+
+@contextlib.contextmanager
+def joined(device: str = "auto", *, join: bool = True) -> Iterator[tuple[World, str]]:
+    """``with joined(device) as (world, run_device):`` a command's run inside the torchrun job:
+    :func:`setup` on entry, :func:`shutdown` on leaving — after the closing barrier when the
+    block ended normally (a return included), without it when it raised. ``join=False``: one
+    process's world whatever the environment (a command that needs no collectives)."""
+    world, run_device = setup(device) if join else (World(), device)
+    try:
+        yield world, run_device
+    except BaseException:
+        shutdown(world, ended_normally=False)
+        raise
+    shutdown(world)
 
 
 def shutdown(world: World, ended_normally: bool = True) -> None:

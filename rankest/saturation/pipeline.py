@@ -88,10 +88,15 @@ def run_saturation(**kwargs) -> Optional[dict[str, Any]]:
         raise UserError(f"--metric {spec}: rankest's own evaluation of --teachers measures {', '.join(STREAM_METRICS)}; "
                         "choose one of them")
     low = lower_is_better(metric, cfg.direction)
-    world = distributed.World()
-    if cfg.teachers:
-        world, device = distributed.setup(cfg.device)
+    # Only rankest's own evaluation of --teachers runs under torchrun; evaluation files need no collectives.
+    with distributed.joined(cfg.device, join=bool(cfg.teachers)) as (world, device):
         cfg.device = device
+        return _saturation(cfg, world, spec, task, metric, low)
+
+
+def _saturation(cfg: SaturationConfig, world, spec: str, task: Optional[str], metric: str,
+                low: bool) -> Optional[dict[str, Any]]:
+    """The body of :func:`run_saturation` for one process of ``world``."""
     config = run_config(cfg)
     run = Run.open("saturation", out=cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
                    results_file="saturation.json", config=config, world=world, every=cfg.checkpoint_every)
@@ -105,7 +110,6 @@ def run_saturation(**kwargs) -> Optional[dict[str, Any]]:
                                              "device", "dtype", "diagnostics", "quiet")}
         results = StreamedEval(checkpoints, docs, opts, run, world).compute()
         if not world.main:
-            distributed.shutdown(world)
             return None
         both = set(curves) & {r["model"] for r in results}
         if both:
@@ -124,5 +128,4 @@ def run_saturation(**kwargs) -> Optional[dict[str, Any]]:
         write_saturation_report(folder, record, fit)
 
     run.finish(write)
-    distributed.shutdown(world)
     return record
