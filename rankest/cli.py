@@ -174,8 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The last line of a command run without --out (its results were shown, not kept).
-NOTHING_SAVED = "  nothing was saved (no --out); pass --out DIR to keep {files}"
+def say_saved(out, files: str) -> None:
+    """A command's last line: where ``files`` were written, or, without --out, that its results
+    were shown and not kept."""
+    if out:
+        print(f"  wrote {out}/{files}")
+    else:
+        print(f"  nothing was saved (no --out); pass --out DIR to keep {files}")
 
 
 def cmd_estimate(args) -> int:
@@ -191,10 +196,7 @@ def cmd_estimate(args) -> int:
     if "contexts" in spec.meta:  # n-gram target
         print(f"  contexts C = {spec.meta['contexts']:,}, singleton share = {spec.meta['singleton_context_share']:.3f}, "
               f"smoothing {spec.meta['smoothing']}, weighting {spec.meta['weighting']}, tokenizer {spec.meta['tokenizer']}")
-    if args.out:
-        print(f"  wrote {args.out}/results.h5, results.json, report.md")
-    else:
-        print(NOTHING_SAVED.format(files="results.h5, results.json, report.md"))
+    say_saved(args.out, "results.h5, results.json, report.md")
     return 0
 
 
@@ -236,10 +238,7 @@ def cmd_anisotropy(args) -> int:
         a = r["anisotropy"]
         print(f"{label}: N = {int(r['n_rows']):,} rows, {len(a)} layers; anisotropy by depth: "
               + " ".join(f"{x:.3f}" for x in a))
-    if args.out:
-        print(f"  wrote {args.out}/anisotropy.h5, anisotropy.json, report.md, anisotropy.png")
-    else:
-        print(NOTHING_SAVED.format(files="anisotropy.h5, anisotropy.json, report.md, anisotropy.png"))
+    say_saved(args.out, "anisotropy.h5, anisotropy.json, report.md, anisotropy.png")
     return 0
 
 
@@ -251,10 +250,7 @@ def cmd_head_spectrum(args) -> int:
               f"singular entropy KL(σ/Σσ‖u) = {r['head_singular_entropy_kl']:.4f} nats "
               f"(σ²: {r['head_singular_entropy_kl_sq']:.4f}; max log k = {r['head_singular_entropy_max']:.4f}), "
               f"effective rank = {r['head_effective_rank']:.1f}")
-    if args.out:
-        print(f"  wrote {args.out}/head_spectrum.h5, head_spectrum.json, report.md, head_*.png")
-    else:
-        print(NOTHING_SAVED.format(files="head_spectrum.h5, head_spectrum.json, report.md, head_*.png"))
+    say_saved(args.out, "head_spectrum.h5, head_spectrum.json, report.md, head_*.png")
     return 0
 
 
@@ -282,10 +278,7 @@ def cmd_heads(args) -> int:
         for name, k in res.families["knees"].items():
             print(f"  knee of {name}: " + ("none within the ranks" if k["rank"] is None else f"r = {k['rank']}")
                   + ("" if k["low"] is None else f" [{k['low']}, {k['high']}]"))
-    if args.out:
-        print(f"  wrote {args.out}/heads.h5, heads.json, heads.md")
-    else:
-        print(NOTHING_SAVED.format(files="heads.h5, heads.json, heads.md"))
+    say_saved(args.out, "heads.h5, heads.json, heads.md")
     return 0
 
 
