@@ -435,6 +435,30 @@ def _shards(n, cuts):
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+@pytest.mark.parametrize("route", ["gram", "factor"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_reduced_state_keeps_the_inputs_precision(route, dtype):
+    """The distributed reduction sums every state entry but the fixed ones: the precision the
+    rows (gram) or features (factor) had must come through 4 shards as it is, not summed."""
+    rng = np.random.default_rng(11)
+    feats = torch.from_numpy(rng.standard_normal((40, 4))).to(dtype)
+    weight = torch.from_numpy(rng.standard_normal((9, 4)))
+    rows = (feats.double() @ weight.T).to(dtype)
+
+    def make():
+        return Gram(9, space="clr", precision="fp64") if route == "gram" else Factor(weight, None, 9, precision="fp64")
+
+    parts = []
+    for lo in range(0, 40, 10):
+        a = make()
+        a.update(Chunk(stats=torch.zeros(10, 4, dtype=torch.float64), rows=rows[lo:lo + 10], features=feats[lo:lo + 10]))
+        parts.append(a)
+    reduced = make()
+    reduced.load_state(sum_states([p.state() for p in parts], make().fixed_state_keys))
+    assert reduced.inputs.name == parts[0].inputs.name == {torch.float64: "fp64", torch.float32: "fp32",
+                                                           torch.bfloat16: "bf16"}[dtype]
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 40), v=st.integers(5, 12), cuts=st.lists(st.integers(0, 40), max_size=5),
        order_seed=st.integers(0, 2**31 - 1), scale=st.floats(-6, 6), route=st.sampled_from(["gram", "factor", "sketch"]))

@@ -16,8 +16,9 @@ teacher's NLL, entropy), :class:`~rankest.accumulate.gram.Gram` (exact V'×V' Gr
 :class:`~rankest.accumulate.factor.Factor` (exact, from two d×d factors),
 :class:`~rankest.accumulate.sketch.Sketch` (single-pass Nyström),
 :class:`~rankest.accumulate.sparse_gram.SparseGram` (exact Gram of sparse n-gram rows) and
-:class:`~rankest.accumulate.anisotropy.Anisotropy` (per-layer representation sums). A new
-route is a new accumulator, nothing else (docs/design.md, "Accumulators").
+:class:`~rankest.accumulate.anisotropy.Anisotropy` (per-layer representation sums). Gram and
+Factor share :class:`ExactRoute` (a plain sum plus the inputs' precision). A new route is a new
+accumulator, nothing else (docs/design.md, "Accumulators").
 """
 
 from __future__ import annotations
@@ -174,6 +175,30 @@ class InputPrecision:
     def load(self, code) -> None:
         c = int(np.asarray(code))
         self.name = INPUT_PRECISIONS[c] if 0 <= c < len(INPUT_PRECISIONS) else None
+
+
+class ExactRoute(Accumulator):
+    """An exact route whose state is one plain sum (``summed``): it also keeps the precision its
+    inputs had (:class:`InputPrecision`, ``self.inputs``; subclasses call ``self.inputs.saw``),
+    through merge, state and load_state — a fixed entry, equal on every shard, not summed."""
+
+    fixed_state_keys = ("row_precision",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs = InputPrecision()
+
+    def merge(self, other: "ExactRoute") -> None:
+        super().merge(other)
+        self.inputs.join(other.inputs.name)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**super().state(), "row_precision": self.inputs.code}
+
+    def load_state(self, state) -> None:
+        super().load_state(state)
+        if "row_precision" in state:  # states written before rankest kept it
+            self.inputs.load(state["row_precision"])
 
 
 def gram_noise_floor(lam_max: float, n: int, precision: str) -> float:

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from rankest import ops
-from rankest.accumulate.base import Accumulator, Chunk, InputPrecision, gram_noise_floor, row_precision
+from rankest.accumulate.base import Chunk, ExactRoute, gram_noise_floor, row_precision
 from rankest.linalg import psd_sqrt, svdvals
 from rankest.spectrum import Spectrum
 
@@ -51,7 +51,7 @@ def gram_factor(g_lower: torch.Tensor) -> torch.Tensor:
     return chol.T if int(info) == 0 else psd_sqrt(g_lower)
 
 
-class Factor(Accumulator):
+class Factor(ExactRoute):
     """Exact spectrum of a linear-head teacher's ``clr`` matrix from two small factors.
 
     T = H·Wcᵀ + 1·bcᵀ = H̃·W̃ᵀ with H̃ = [H 1] (N×(d+1)) and W̃ = [Wc bc] (V'×(d+1)).
@@ -62,7 +62,6 @@ class Factor(Accumulator):
     name = "factor"
     needs = "features"
     summed = "g_h"
-    fixed_state_keys = ("row_precision",)
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], n_cols: int, *,
                  precision: str = "fp64", device="cpu", g_w: Optional[torch.Tensor] = None) -> None:
@@ -73,7 +72,6 @@ class Factor(Accumulator):
         self.with_ones = self.g_w.shape[0] == weight.shape[1] + 1
         self.g_h = torch.zeros_like(self.g_w)
         self._r_w: Optional[torch.Tensor] = None
-        self.inputs = InputPrecision()
 
     def update(self, chunk: Chunk) -> None:
         if chunk.features is None:
@@ -84,18 +82,6 @@ class Factor(Accumulator):
         self.inputs.saw(chunk.features)
         ops.gram_update(self.g_h, h, self.precision)
         self.n_rows += chunk.n
-
-    def merge(self, other: "Factor") -> None:
-        super().merge(other)
-        self.inputs.join(other.inputs.name)
-
-    def state(self) -> dict:
-        return {**super().state(), "row_precision": self.inputs.code}
-
-    def load_state(self, state) -> None:
-        super().load_state(state)
-        if "row_precision" in state:
-            self.inputs.load(state["row_precision"])
 
     def model_energy(self) -> float:
         """‖H̃W̃ᵀ‖_F² = trace(G_H·G_W), from the factors alone."""

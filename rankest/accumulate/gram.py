@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from rankest import ops
-from rankest.accumulate.base import Accumulator, Chunk, InputPrecision, gram_noise_floor, row_precision
+from rankest.accumulate.base import Chunk, ExactRoute, gram_noise_floor, row_precision
 from rankest.linalg import eigvalsh_lower
 from rankest.spectrum import Spectrum
 
@@ -18,7 +18,7 @@ def gram_nbytes(n_cols: int, *, on_gpu: bool = False) -> int:
     return int(8 * n_cols * n_cols * (1 + workspace))
 
 
-class Gram(Accumulator):
+class Gram(ExactRoute):
     """Exact V'×V' Gram TᵀT, fp64 carry (lower triangle), eigvalsh at the end.
 
     precision ``fp64``: rows cast to fp64 before the products (σ_i ≥ ~1e-7·σ_1 resolved);
@@ -28,7 +28,6 @@ class Gram(Accumulator):
 
     name = "gram"
     summed = "gram"
-    fixed_state_keys = ("row_precision",)
 
     def __init__(self, n_cols: int, *, space: str, precision: str = "fp64", device="cpu",
                  convergence_max_cols: int = 4096) -> None:
@@ -37,7 +36,6 @@ class Gram(Accumulator):
         self.gram = torch.zeros(n_cols, n_cols, dtype=torch.float64, device=device)
         # eigvalsh of the Gram at each convergence milestone only while it is affordable.
         self.cheap_finalize = n_cols <= convergence_max_cols
-        self.inputs = InputPrecision()
 
     def update(self, chunk: Chunk) -> None:
         if chunk.rows is None:
@@ -45,18 +43,6 @@ class Gram(Accumulator):
         self.inputs.saw(chunk.rows)
         ops.gram_update(self.gram, chunk.rows, self.precision)
         self.n_rows += chunk.n
-
-    def merge(self, other: "Gram") -> None:
-        super().merge(other)
-        self.inputs.join(other.inputs.name)
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {**super().state(), "row_precision": self.inputs.code}
-
-    def load_state(self, state) -> None:
-        super().load_state(state)
-        if "row_precision" in state:
-            self.inputs.load(state["row_precision"])
 
     def finalize_cost(self) -> str:
         return (f"an eigvalsh of the {self.n_cols:,}×{self.n_cols:,} Gram (snapshots are taken up to 4096 columns; "
