@@ -380,7 +380,7 @@ def _check_finite(z: torch.Tensor, rows: torch.Tensor, index: int, start: int) -
 # the Nyström core and the a-posteriori error estimate
 # ---------------------------------------------------------------------------------------------
 def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64", n_vectors: int = 0,
-                 overwrite_y: bool = False, qty: Optional[torch.Tensor] = None
+                 overwrite_y: bool = False, qty: Optional[torch.Tensor] = None, y_norm: Optional[float] = None
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], dict]:
     """Shifted Nyström approximation Â = Y(QᵀY)⁺Yᵀ of a PSD A from Y = A·Q (all fp64).
 
@@ -400,6 +400,8 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64", n
     overwrite_y : y may be overwritten with Y_ν (no V'×L copy; the caller's own temporary).
     qty : (L, L) float64 or None — QᵀY when the caller has it already (block Krylov assembles it
         block by block as the passes arrive, see :class:`_Iterate`); else computed here.
+    y_norm : ‖Y‖₂ (or a value within a few per cent of it) when the caller has it; else estimated
+        here (:func:`_norm2`).
 
     Returns
     -------
@@ -409,7 +411,8 @@ def nystrom_eigh(q: torch.Tensor, y: torch.Tensor, *, precision: str = "fp64", n
         left singular vectors from T·q (see :func:`randomized_svd`).
     """
     n, width = q.shape
-    y_norm = _norm2(y) if width else 0.0
+    if y_norm is None:
+        y_norm = _norm2(y) if width else 0.0
     # Tropp et al. (2017), Alg. 3: ν = √n·eps(‖Y‖₂), for a Y exact to fp64 round-off. Products in
     # fp32/bf16 leave errors ~u·‖A‖ in Y that the core B⁻¹ would amplify in the directions
     # where QᵀAQ is that small (captured energy above the truth): shift by 10·u·‖Y‖₂ at least.
@@ -783,18 +786,21 @@ def _run_pass(src: _Source, blocks, plan: dict, *, pass_index: int, keep_z: bool
     return list(torch.split(y, widths, dim=1)), float(energy), n, (z_all if keep_z else None)
 
 
-def _orth(y: torch.Tensor, basis: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _orth(y: torch.Tensor, basis: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None
+          ) -> torch.Tensor:
     """Orthonormal basis of range(y), orthogonalised against ``basis`` (block Gram–Schmidt twice).
 
     Householder QR always returns orthonormal columns, even for a rank-deficient y; when y was
     (nearly) inside ``basis`` (block Krylov on a low-rank T) the QR's columns can lean back
     into it, so they are projected and factorised once more — only then: the check costs one
     small GEMM, the repair a projection and a QR (0.17 s of a 4 s run at V' = 8000, l = 400).
+    ``coef`` = basisᵀ·y when the caller has it (block Krylov: the new column of its core)
+    saves the first projection's GEMM.
     """
     if basis is None:
         return torch.linalg.qr(y).Q
-    for _ in range(2):
-        y = y - basis @ (basis.T @ y)
+    for step in range(2):
+        y = y - basis @ (coef if (step == 0 and coef is not None) else basis.T @ y)
     q = torch.linalg.qr(y).Q
     lean = basis.T @ q
     if float(lean.abs().max()) <= 64 * torch.finfo(q.dtype).eps:
@@ -1018,14 +1024,15 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
     done = 1
     for j in range(1, passes):
         last = j == passes - 1
-        prev = torch.cat(it.basis, dim=1) if (krylov and it.basis) else None
+        prev = it.span() if krylov else None
         room = v - (0 if prev is None else prev.shape[1])
         if room <= 0:
             break  # the Krylov space spans R^V' already: the Nyström below is exact
         if auto and krylov and it.basis and _krylov_bytes(v, (len(it.basis) + 1) * l) > max_memory:
             it.memory_stop = True
             break
-        q = _orth(y[:, :room], prev)  # re-orthonormalise every pass (QR): no growth or loss of rank
+        # re-orthonormalise every pass (QR): no growth or loss of rank
+        q = _orth(y[:, :room], prev, None if (prev is None or it.coef is None) else it.coef[:, :room])
         qr_ = round_test(q, precision)
         if method == "krylov-rr" and last and not auto:  # Rayleigh–Ritz: T·Q only
             ys, _, _, z = _run_pass(src, [qr_], plan, pass_index=j, keep_z=keep, reduce=reduce, image_gram=True)
@@ -1084,6 +1091,9 @@ class _Iterate:
         # Krylov: XᵀY of the blocks that have images, one block column per pass (V'·L·l flops
         # then, instead of V'·L² at every finish): the Nyström core, and Rayleigh–Ritz's.
         self.core: Optional[torch.Tensor] = None
+        self.coef: Optional[torch.Tensor] = None  # Xᵀ·(newest image): the next block's first projection
+        self.y_norm = 0.0  # ‖Y‖₂ for the Nyström shift: max_j ‖Y_j‖₂ (below)
+        self._span: Optional[torch.Tensor] = None  # the blocks side by side, grown once per pass
         self.zs: list[torch.Tensor] = []
         self.last_gram = None
         self.result = None
@@ -1117,13 +1127,27 @@ class _Iterate:
                 self.next_check = passes + max(1, math.ceil(need) - 2)
         return False
 
+    def span(self) -> Optional[torch.Tensor]:
+        """The blocks side by side (V' × L; None before the first), as the next block is orthogonalised
+        against them: kept from pass to pass (one V'×L copy per pass, shared with :meth:`finish`),
+        except for ``fast``, whose products saw rounded blocks (:func:`round_test`)."""
+        if not self.basis:
+            return None
+        return torch.cat(self.basis, dim=1) if self.precision == "fast" else self._span
+
     def add(self, q, qr_, y, z, *, last_gram=None) -> None:
         if self.method == "subspace":
             self.basis, self.used, self.images, self.zs = [q], [qr_], [y], ([z] if self.keep else [])
+            self._span, self.y_norm = qr_, _norm2(y)
             return
         self.basis.append(q), self.used.append(qr_)
+        self._span = qr_ if self._span is None else torch.cat([self._span, qr_], dim=1)
         if y is not None:
             self.images.append(y)
+            # ‖Y‖₂ ≥ max_j ‖Y_j‖₂ ≥ ‖Y‖₂/√m, and in practice = ‖Y‖₂ to round-off: X_1 = orth(A·Ω) holds
+            # A's top direction, so ‖Y_1‖₂ = ‖A·X_1‖₂ ≈ ‖A‖₂ ≥ ‖Y‖₂. One V'×l estimate per block
+            # instead of one of V'×L at every finish.
+            self.y_norm = max(self.y_norm, _norm2(y))
             # (not for `fast`: Nyström re-orthonormalises its rounded blocks, a core of another basis)
             if len(self.images) == len(self.used) and self.precision != "fast":
                 self._grow_core(y)
@@ -1134,7 +1158,7 @@ class _Iterate:
     def _grow_core(self, y: torch.Tensor) -> None:
         """Append the new block's column to the core B = XᵀY: c = Xᵀy_new, and by the symmetry
         of A the new row is the old part of c transposed (x_newᵀ·A·X_old = (X_oldᵀ·A·x_new)ᵀ)."""
-        c = torch.cat([x.T @ y for x in self.used])  # block by block: no V'×L copy of X
+        c = self.coef = self._span.T @ y
         old = 0 if self.core is None else self.core.shape[0]
         if old == 0:
             self.core = c
@@ -1143,7 +1167,7 @@ class _Iterate:
 
     def finish(self, probe_y, *, tol: float) -> dict:
         """Eigenpairs of the approximation from the blocks so far and its error estimate."""
-        xk = torch.cat(self.used, dim=1)
+        xk = self._span
         self.kk = kk = min(self.k, xk.shape[1])
         n_vec = kk if (self.vectors or self.probes is not None) else 0
         if self.method == "krylov-rr" or self.last_gram is not None:
@@ -1152,8 +1176,10 @@ class _Iterate:
             roundoff = core["roundoff"]
         else:
             # The blocks are orthonormal unless `fast` rounded them (then nystrom() re-orthonormalises).
+            # (a fresh concatenation of the images, which the core may overwrite)
             lam, vecs, core = nystrom(xk, torch.cat(self.images, dim=1), precision=self.precision,
-                                      orthonormal=self.precision != "fast", n_vectors=n_vec, qty=self.core)
+                                      orthonormal=self.precision != "fast", n_vectors=n_vec, qty=self.core,
+                                      overwrite_y=True, y_norm=self.y_norm if self.precision != "fast" else None)
             roundoff = core["shift"] * xk.shape[1]
         err = nystrom_error(lam, vecs, self.energy, kk, probes=self.probes, probe_images=probe_y, roundoff=roundoff)
         err.update(sigma_error(lam, err["sigma_upper"], kk, precision=self.precision, tol=tol))
@@ -1333,20 +1359,22 @@ def probe_matrix(n_cols: int, n_probes: int, *, seed: int, precision: str, devic
 
 
 def nystrom(x: torch.Tensor, y: torch.Tensor, *, precision: str, orthonormal: bool, n_vectors: int = 0,
-            qty: Optional[torch.Tensor] = None):
+            qty: Optional[torch.Tensor] = None, overwrite_y: bool = False, y_norm: Optional[float] = None):
     """Shifted Nyström from any full-rank test block X (V' × L) and Y = A·X, all fp64.
 
     A non-orthonormal X (a Gaussian Ω, or blocks rounded by ``fast``) is orthonormalised first:
     X = Q·R and A·Q = Y·R⁻¹ — the same approximation (same span) with the well-conditioned core
     of Tropp et al. (2017), who orthonormalise their test matrix. Returns
     :func:`nystrom_eigh`'s (lam, vecs, core) with ``core["r"]`` (None when X was orthonormal).
-    ``qty`` = XᵀY may be given for an orthonormal X.
+    ``qty`` = XᵀY and ``y_norm`` = ‖Y‖₂ may be given for an orthonormal X, and ``overwrite_y``
+    lets the core take y's memory (a temporary of the caller's).
     """
-    r, own = None, False
+    r, own = None, overwrite_y
     if not orthonormal:
         x, r = torch.linalg.qr(x)
-        y, own, qty = torch.linalg.solve_triangular(r, y, upper=True, left=False), True, None
-    lam, vecs, core = nystrom_eigh(x, y, precision=precision, n_vectors=n_vectors, overwrite_y=own, qty=qty)
+        y, own, qty, y_norm = torch.linalg.solve_triangular(r, y, upper=True, left=False), True, None, None
+    lam, vecs, core = nystrom_eigh(x, y, precision=precision, n_vectors=n_vectors, overwrite_y=own, qty=qty,
+                                   y_norm=y_norm)
     core["r"] = r
     return lam, vecs, core
 
