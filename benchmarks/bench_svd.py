@@ -25,7 +25,8 @@ found by a sweep against the known σ (an oracle the default does not have), at 
 ``--target`` (1e-3) and the accuracy the default delivered (rounded up to a power of ten, at least
 1e-6). The sweep runs at the configuration's first N (accuracy depends on the spectrum and l, not
 on N), then every matched setting is timed at every N, the methods taking turns. Every randomized
-method uses l = 2k test vectors and returns its vectors.
+peer uses l = 2k test vectors (and so does rankest's subspace iteration; its Krylov methods use
+their default block, l = k + max(20, k/5)), and every method returns its vectors.
 
 The streamed run feeds rows generated on the fly from a seeded low-rank + decay model
 (t_i = g_iᵀ·diag(s)·Wᵀ, g_i ~ N(0, I_r), W orthonormal V'×r, V' = 8192) through the
@@ -459,16 +460,19 @@ def write_report(results: dict, out: Path, command: str, pngs: list[str]) -> Non
         "and rankest) and returns its singular vectors.",
         "* **rankest default** = `randomized_svd(T, k)`, every default: passes=\"auto\" (block Krylov, passes "
         "until its a-posteriori estimate of the relative error of σ_1…σ_k is ≤ tol = 1e-3), fp32 products for "
-        "fp32 input, l = 2k. It is never tuned: its passes are its own decision, and its error estimate and "
+        "fp32 input, its default block l = k + max(20, k/5). It is never tuned: its passes are its own decision, "
+        "and its error estimate and "
         "the check after the passes that may have converged are in its time.",
         f"* **Peers at matched accuracy**: for every other method, the fewest iterations whose worst relative "
         f"error over σ_1…σ_k is ≤ the target, found by a sweep against the known σ (an oracle no user has): "
         f"`n_iter` for sklearn (its default normaliser) and fbpca, `niter` for torch, ARPACK `tol` for svds, "
         f"passes for rankest's fixed-pass methods. Two targets: {tgt:g} (the default's tolerance), and the "
         "accuracy the default actually delivered (rounded up to a power of ten, at least 1e-6) — what a user of a "
-        "peer would have to ask for to get the same numbers. l = 2k for every randomized method.",
+        "peer would have to ask for to get the same numbers. l = 2k for every peer and for rankest's subspace "
+        "iteration; rankest's fixed-pass Krylov rows use the default's block.",
         f"* **Times**: each matched setting is run {results['repeats']} times, the methods taking turns; the "
-        "tables give each method's fastest run. Products: multiplications of T or Tᵀ by a block of l columns.",
+        "tables give each method's fastest run. Products: multiplications of T or Tᵀ by a block of the method's "
+        "l columns.",
         "* Peak memory: rise of the process's peak RSS (VmHWM, reset before each call) above the RSS with the "
         "matrix loaded.", "",
         "## Speed at matched accuracy: each peer's time / rankest default's time", "",

@@ -83,7 +83,8 @@ def measure(a: torch.Tensor, k: int, precision: str, passes: int, method: str = 
     if passes == "auto":  # the defaults: passes="auto", method, tol (the precision follows the dtype)
         res = randomized_svd(x, k, return_vectors=False, seed=1)
     else:
-        res = randomized_svd(x, k, passes=passes, method=method, precision=precision, return_vectors=False, seed=1)
+        res = randomized_svd(x, k, passes=passes, method=method, precision=precision, return_vectors=False, seed=1,
+                             oversample=k)
     sec = time.perf_counter() - t0
     sh = res.S.numpy()
     rel = np.abs(sh - s[:k]) / s[:k]

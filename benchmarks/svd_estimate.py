@@ -68,14 +68,15 @@ def main() -> int:
                     res = randomized_svd(torch.from_numpy(a), args.k, tol=tol, seed=seed, return_vectors=False)
                 info = res.info
                 true = float((np.abs(res.S.numpy() - s) / s).max())
-                rows.append(dict(kind=kind, tol=tol, passes=int(info["passes"]), true=true,
+                rows.append(dict(kind=kind, tol=tol, passes=int(info["passes"]), l=int(info["l"]), true=true,
                                  est=float(info["sigma_rel_error"]),
                                  first=float(info.get("sigma_rel_error_first_order", info["sigma_rel_error"])),
                                  contracted=bool(info.get("sigma_rel_error_first_order", -1.0) >
                                                  info["sigma_rel_error"])))
     lines = ["# The stopping estimate of `randomized_svd(A, k)` against the fp64 SVD", "",
              "```", "python benchmarks/svd_estimate.py" + (f" --seeds {args.seeds}" if args.seeds != 6 else ""), "```", "",
-             f"{provenance()}; {time.time() - t0:.0f} s. Fresh {N}×{V} fp64 matrices, k = {args.k} (l = 2k), "
+             f"{provenance()}; {time.time() - t0:.0f} s. Fresh {N}×{V} fp64 matrices, k = {args.k} (the default block: "
+             f"l = {sorted({r['l'] for r in rows})}), "
              f"{args.seeds} seeds per spectrum, tol ∈ {TOLS}: {len(rows)} runs. *est/true*: the estimate the default "
              "stopped on over the true worst relative error of σ̂_1…σ̂_k (≥ 1: conservative), over the runs whose "
              "true error is above 1e-12 (below, both are round-off). *contracted*: runs where the contracted "

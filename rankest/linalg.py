@@ -820,14 +820,29 @@ def _check_int(name: str, value, *, minimum: int, hint: str = "") -> int:
     return int(value)
 
 
+def default_oversample(k: int, passes, method: str, *, once: bool = False) -> int:
+    """The default number of extra test columns p (l = k + p).
+
+    One pass (Nyström, also a one-shot stream) and subspace iteration: p = k, i.e. l = 2k — the
+    single-pass Nyström needs l ≈ 2k for a near-optimal error (Tropp et al. 2017, §5.4: the
+    bound's factor 1 + k/(l − k − 1) ≈ 2), and sklearn's 10 extra columns are too few for the slow
+    decays of target matrices. Block Krylov: p = max(20, k/5) — its accuracy grows with the
+    dimension of the Krylov space more than with the block width (Musco & Musco 2015 take l = k),
+    so a narrow block reaches the tolerance with fewer products and a smaller finish: to a true
+    1e-3 on σ_1…σ_100 it took a basis of 480, 720 and 600 columns at l = 120 against 600, 1000 and
+    800 at l = 2k on σ_i = 1/i, make_low_rank_matrix(tail 0.8) and σ_i = i^-0.5
+    (benchmarks/reports/svd_oversample_cpu.md).
+    """
+    if passes == 1 or once or method == "subspace":
+        return k
+    return max(20, k // 5)
+
+
 def _resolve(k, oversample, passes, method, precision, n_probes, seed, tol, max_passes, src: _Source):
     """Check the options and resolve every 'auto' (each with the reason)."""
     k = _check_int("k", k, minimum=1, hint=" (the number of singular values: choose 1 <= k < V')")
     if oversample is None:
-        # l = 2k: the single-pass Nyström needs l ≈ 2k for a near-optimal error (Tropp et al.
-        # 2017, §5.4: the bound's factor 1 + k/(l − k − 1) ≈ 2); sklearn's 10 extra columns
-        # are too few for the slow decays of target matrices.
-        oversample = k
+        oversample = default_oversample(k, passes, method, once=src.once is not None)
     oversample = _check_int("oversample", oversample, minimum=0)
     auto = passes == "auto"
     if auto:
@@ -877,7 +892,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         Number of singular values, k ≥ 1. k ≥ V' (or k ≥ N in memory) computes the exact
         spectrum instead (fp64 SVD in memory, fp64 Gram of a stream) and warns.
     oversample : int, optional
-        Extra test columns: l = k + oversample (capped at V'). Default k, i.e. l = 2k.
+        Extra test columns: l = k + oversample (capped at V'). Default (:func:`default_oversample`):
+        k (l = 2k) for one pass and subspace iteration, max(20, k/5) for block Krylov.
     passes : int or "auto"
         Passes over the rows. 1: shifted Nyström (single pass, :func:`streaming_nystrom`).
         q ≥ 2: ``method`` with q passes (q − 1 power steps of Halko et al. 2011). "auto"
@@ -1187,7 +1203,9 @@ class _Iterate:
         return err
 
 
-CONTRACTION_MAX = 0.25  # the per-pass contraction below which the first-order estimate is contracted
+CONTRACTION_MAX = 0.5  # the per-pass contraction below which the first-order estimate is contracted
+# (a ρ measured over a check planned passes ahead includes the slow early passes: 0.32 over passes 3→7 on
+# make_low_rank_matrix(tail 0.8) at l = 120, where the first-order 1.7e-3 stood for a true 6.4e-6)
 CONTRACTION_START = 1e-2  # ... once the first-order estimate itself is this small (sin θ small)
 CONTRACTION_FLOOR = 100.0  # ... but never below 100 unit round-offs of the products (the products' noise)
 
@@ -1207,7 +1225,7 @@ def contracted_error(err: dict, previous: tuple[int, float], passes: int, *, flo
     otherwise e_q is kept. Never below e_q^{3/2} (on fast decays ρ falls to ~1e-2, and e_q·ρ fell
     below the truth in trials: the next contraction is not the last one there) nor below ``floor``. Not a bound: an empirical estimate, checked against the
     fp64 SVD on fresh matrices (tests/test_linalg.py: test_contracted_estimate_is_conservative;
-    benchmarks/reports/svd_estimate.md: above the truth in every run, by 2.4× at least, over
+    benchmarks/reports/svd_estimate.md: above the truth in every run, by 3× at least, over
     7 spectra × 4 tolerances; svd_accuracy.md). It
     replaces ``sigma_rel_error`` in place; the first-order one is kept as
     ``sigma_rel_error_first_order`` and the contraction as ``contraction``.

@@ -272,8 +272,9 @@ def test_matches_sklearn_at_equal_settings():
         ours, krylov, theirs = [], [], []
         for seed in range(3):
             rel = lambda x: float(np.max(np.abs(np.asarray(x)[:k] - s[:k]) / s[:k]))  # noqa: E731
-            ours.append(rel(randomized_svd(a, k, passes=passes, seed=seed, return_vectors=False).S))
-            krylov.append(rel(randomized_svd(a, k, passes=3, method="krylov", seed=seed, return_vectors=False).S))
+            ours.append(rel(randomized_svd(a, k, passes=passes, oversample=k, seed=seed, return_vectors=False).S))
+            krylov.append(rel(randomized_svd(a, k, passes=3, oversample=k, method="krylov", seed=seed,
+                                             return_vectors=False).S))
             _, s_sk, _ = sk_rsvd(a.numpy(), k, n_oversamples=k, n_iter=passes - 1, power_iteration_normalizer="QR",
                                  random_state=seed)
             theirs.append(rel(s_sk))
@@ -374,7 +375,8 @@ def test_nystrom_core_rank_deficient():
 def test_krylov_rr_saves_the_last_product(monkeypatch):
     """krylov-rr's last pass multiplies by T only (T·Q and its l×l Gram): q − 1 passes of
     Tᵀ(T·X) and one of T·X — 2q − 1 products with T instead of 2q — and its Ritz values sit
-    between subspace iteration's and the Nyström-finished Krylov's on the i^-1 spectrum."""
+    between subspace iteration's and the Nyström-finished Krylov's on the i^-1 spectrum (all three
+    with the same l = 2k: the default block of the Krylov methods is narrower)."""
     from rankest import linalg
     from rankest.testing import count_calls
 
@@ -382,10 +384,10 @@ def test_krylov_rr_saves_the_last_product(monkeypatch):
     a = make_matrix("poly1")
     s, _, _ = truth(a)
     rel = lambda r: float(np.max(np.abs(r.S.numpy() - s[:K]) / s[:K]))  # noqa: E731
-    rr = randomized_svd(a, K, passes=3, method="krylov-rr", chunk_rows=N // 4, seed=5)
+    rr = randomized_svd(a, K, passes=3, method="krylov-rr", oversample=K, chunk_rows=N // 4, seed=5)
     assert calls == {"gram_apply": 2 * 4, "gram_of_image": 4}  # 4 chunks per pass
     sub = randomized_svd(a, K, passes=3, method="subspace", seed=5, return_vectors=False)
-    kry = randomized_svd(a, K, passes=3, method="krylov", seed=5, return_vectors=False)
+    kry = randomized_svd(a, K, passes=3, method="krylov", oversample=K, seed=5, return_vectors=False)
     assert rel(kry) < rel(rr) < rel(sub)
     assert np.all(rr.S.numpy() <= s[:K] * (1 + 1e-12))  # Ritz values: below the truth (interlacing)
 
