@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankest.errors import UserError
-from rankest.linalg import (InputError, UNIT_ROUNDOFF, nystrom_eigh, probe_inflation, randomized_svd,
-                            streaming_nystrom, gaussian_test_matrix)
+from rankest.linalg import (CONTRACTION_MAX, InputError, UNIT_ROUNDOFF, default_oversample, nystrom_eigh,
+                            probe_inflation, randomized_svd, streaming_nystrom, gaussian_test_matrix)
 
 N, V, K = 1500, 400, 40
 
@@ -477,7 +477,8 @@ def test_contracted_estimate_is_conservative(kind):
         assert info["sigma_rel_error"] <= tol and rel <= tol, (seed, tol, rel, info["sigma_rel_error"])
         # conservative wherever the estimate is above the products' noise (the floor of contracted_error)
         assert info["sigma_rel_error"] >= rel or rel <= 1e-12, (seed, tol, rel, info["sigma_rel_error"])
-        if "contraction" in info and info["contraction"] <= 0.25 and info["sigma_rel_error_first_order"] <= 1e-2:
+        if ("contraction" in info and info["contraction"] <= CONTRACTION_MAX
+                and info["sigma_rel_error_first_order"] <= 1e-2):
             assert info["sigma_rel_error"] <= info["sigma_rel_error_first_order"]
 
 
@@ -525,8 +526,23 @@ def test_auto_krylov_stops_at_max_memory():
     16·500·60·3 bytes, so the run stops after 4 passes and says why."""
     a = _fresh("sklearn tail 0.8", 6)
     with pytest.warns(UserWarning, match="max_memory"):
-        res = randomized_svd(a, 30, max_memory=16 * 500 * 60 * 3, return_vectors=False)
+        res = randomized_svd(a, 30, oversample=30, max_memory=16 * 500 * 60 * 3, return_vectors=False)
     assert res.info["passes"] == 4
+
+
+def test_default_block_is_narrow_for_krylov_only():
+    """l = 2k where the width sets the accuracy (one pass, also of a one-shot stream, and subspace
+    iteration); l = k + max(20, k/5) for block Krylov, fixed or "auto", in memory or streamed."""
+    a = make_matrix("poly1")
+    assert randomized_svd(a, 10, passes=1, return_vectors=False).info["l"] == 20
+    assert randomized_svd(iter([a[:700], a[700:]]), 10, return_vectors=False).info["l"] == 20
+    assert randomized_svd(a, 10, passes=3, method="subspace", return_vectors=False).info["l"] == 20
+    for kw in ({"passes": 3}, {"passes": 3, "method": "krylov-rr"}, {}):
+        assert randomized_svd(a, 10, return_vectors=False, **kw).info["l"] == 30, kw
+    assert randomized_svd(lambda: iter([a]), 10, return_vectors=False).info["l"] == 30
+    assert randomized_svd(a, 10, oversample=5, return_vectors=False).info["l"] == 15  # as given
+    assert [default_oversample(k, "auto", "krylov") for k in (1, 100, 150, 1024)] == [20, 20, 30, 204]
+    assert default_oversample(300, 4, "subspace") == 300 and default_oversample(300, 1, "krylov") == 300
 
 
 def test_fixed_passes_are_reported_and_tol_is_checked():
