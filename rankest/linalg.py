@@ -944,8 +944,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         σ to three digits, ten times finer than the W-error tolerance of ``trusted_d``, and the
         accuracy at which randomized SVDs are usually compared — Halko et al. 2011 §7, Musco &
         Musco 2015 §6 measure per-vector errors of 1e-3 to 1e-2). The estimate is the
-        first-order bound of :func:`sigma_error` (40 to 15,000 times the true error where it
-        stopped), sharpened from the second check on by its per-pass contraction
+        first-order bound of :func:`sigma_error` (20 to 120 times the true error at least, per
+        spectrum, where the default stopped in benchmarks/reports/svd_estimate.md), sharpened from the second check on by its per-pass contraction
         (:func:`contracted_error`: Ritz values converge with sin²θ, the first-order bound with
         sin θ) — empirical, checked against fp64 SVDs (benchmarks/reports/svd_accuracy.md,
         tests). Values below the products' round-off floor
@@ -1266,8 +1266,8 @@ def sigma_error(lam: torch.Tensor, sigma_upper: np.ndarray, k: int, *, precision
     """The estimate ``passes="auto"`` drives down: max over i ≤ k of (σ_i^up − σ̂_i)/σ̂_i.
 
     σ_i^up is :func:`nystrom_error`'s ``sigma_upper`` (λ_i − λ̂_i ≤ ‖M v_i‖, first order: an
-    overestimate: 40 to 15,000 times the true error where the defaults stopped, in
-    benchmarks/reports/svd_accuracy.md). Values the
+    overestimate: 20 to 120 times the true error at least, per spectrum, where the default stopped
+    in benchmarks/reports/svd_estimate.md). Values the
     products' round-off can hide are left out: the probe images A·Θ carry errors ~u·λ_1, which
     move the estimate of σ_i by ~u·λ_1/(2λ_i) relative, so only σ̂_i with u·λ̂_1/λ̂_i ≤ tol
     (σ̂_i ≥ √(u/tol)·σ̂_1: 7.7e-3·σ̂_1 for fp32 products at tol = 1e-3, 3e-7·σ̂_1 for fp64) can be
