@@ -823,20 +823,22 @@ def _check_int(name: str, value, *, minimum: int, hint: str = "") -> int:
     return int(value)
 
 
-def default_oversample(k: int, passes, method: str, *, once: bool = False) -> int:
+def default_oversample(k: int, passes, method: str, *, streamed: bool = False) -> int:
     """The default number of extra test columns p (l = k + p).
 
-    One pass (Nyström, also a one-shot stream) and subspace iteration: p = k, i.e. l = 2k — the
-    single-pass Nyström needs l ≈ 2k for a near-optimal error (Tropp et al. 2017, §5.4: the
-    bound's factor 1 + k/(l − k − 1) ≈ 2), and sklearn's 10 extra columns are too few for the slow
-    decays of target matrices. Block Krylov: p = max(20, k/5) — its accuracy grows with the
-    dimension of the Krylov space more than with the block width (Musco & Musco 2015 take l = k),
-    so a narrow block reaches the tolerance with fewer products and a smaller finish: to a true
-    1e-3 on σ_1…σ_100 it took a basis of 480, 720 and 600 columns at l = 120 against 600, 1000 and
-    800 at l = 2k on σ_i = 1/i, make_low_rank_matrix(tail 0.8) and σ_i = i^-0.5
-    (benchmarks/reports/svd_oversample_cpu.md).
+    One pass (Nyström), subspace iteration and any stream: p = k, i.e. l = 2k — the single-pass
+    Nyström needs l ≈ 2k for a near-optimal error (Tropp et al. 2017, §5.4: the bound's factor
+    1 + k/(l − k − 1) ≈ 2), and sklearn's 10 extra columns are too few for the slow decays of
+    target matrices. Block Krylov on an in-memory matrix: p = max(20, k/5) — its accuracy grows
+    with the dimension of the Krylov space more than with the block width (Musco & Musco 2015
+    take l = k), so a narrow block reaches the tolerance with fewer products and a smaller
+    finish, in a pass or two more: to a true 1e-3 on σ_1…σ_100 it took a basis of 480, 720 and 600
+    columns at l = 120 against 600, 1000 and 800 at l = 2k on σ_i = 1/i, make_low_rank_matrix(tail
+    0.8) and σ_i = i^-0.5 (benchmarks/reports/svd_oversample_cpu.md). A stream keeps 2k: each of
+    its passes reads every row again (a row cache on disk feeding a GPU is bound by the read, not
+    by the products), so its passes are the cost to save.
     """
-    if passes == 1 or once or method == "subspace":
+    if passes == 1 or streamed or method == "subspace":
         return k
     return max(20, k // 5)
 
@@ -845,7 +847,7 @@ def _resolve(k, oversample, passes, method, precision, n_probes, seed, tol, max_
     """Check the options and resolve every 'auto' (each with the reason)."""
     k = _check_int("k", k, minimum=1, hint=" (the number of singular values: choose 1 <= k < V')")
     if oversample is None:
-        oversample = default_oversample(k, passes, method, once=src.once is not None)
+        oversample = default_oversample(k, passes, method, streamed=not src.in_memory)
     oversample = _check_int("oversample", oversample, minimum=0)
     auto = passes == "auto"
     if auto:
@@ -896,7 +898,8 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         spectrum instead (fp64 SVD in memory, fp64 Gram of a stream) and warns.
     oversample : int, optional
         Extra test columns: l = k + oversample (capped at V'). Default (:func:`default_oversample`):
-        k (l = 2k) for one pass and subspace iteration, max(20, k/5) for block Krylov.
+        max(20, k/5) for block Krylov in memory; k (l = 2k) for one pass, subspace iteration and
+        streams.
     passes : int or "auto"
         Passes over the rows. 1: shifted Nyström (single pass, :func:`streaming_nystrom`).
         q ≥ 2: ``method`` with q passes (q − 1 power steps of Halko et al. 2011). "auto"

@@ -484,7 +484,7 @@ def test_contracted_estimate_is_conservative(kind):
 
 def test_auto_in_fp32_and_on_a_stream_counts_its_passes():
     """fp32 input (fp32 products) on the slow decay: still within tol; a stream is read once per
-    pass reported, and gives the in-memory passes and values."""
+    pass reported, and gives the in-memory passes and values at the same block."""
     a = _fresh("i^-0.5", 11)
     s = np.linalg.svd(a.numpy(), compute_uv=False)[:30]
     res32 = randomized_svd(a.float(), 30, seed=2)
@@ -496,7 +496,7 @@ def test_auto_in_fp32_and_on_a_stream_counts_its_passes():
         return (a[i:i + 250] for i in range(0, a.shape[0], 250))
 
     streamed = randomized_svd(chunks, 30, seed=2, precision="fp64")
-    mem = randomized_svd(a, 30, seed=2)
+    mem = randomized_svd(a, 30, seed=2, oversample=30)  # a stream's default block, l = 2k
     assert len(reads) == streamed.info["passes"] == mem.info["passes"] >= 2
     np.testing.assert_allclose(streamed.S.numpy(), mem.S.numpy(), rtol=1e-10)
     # without probes there is no estimate to drive: the passes run to max_passes, and a stream
@@ -532,17 +532,19 @@ def test_auto_krylov_stops_at_max_memory():
 
 def test_default_block_is_narrow_for_krylov_only():
     """l = 2k where the width sets the accuracy (one pass, also of a one-shot stream, and subspace
-    iteration); l = k + max(20, k/5) for block Krylov, fixed or "auto", in memory or streamed."""
+    iteration) and on a stream (every pass a read of every row); l = k + max(20, k/5) for block
+    Krylov in memory, fixed or "auto"."""
     a = make_matrix("poly1")
     assert randomized_svd(a, 10, passes=1, return_vectors=False).info["l"] == 20
     assert randomized_svd(iter([a[:700], a[700:]]), 10, return_vectors=False).info["l"] == 20
     assert randomized_svd(a, 10, passes=3, method="subspace", return_vectors=False).info["l"] == 20
     for kw in ({"passes": 3}, {"passes": 3, "method": "krylov-rr"}, {}):
         assert randomized_svd(a, 10, return_vectors=False, **kw).info["l"] == 30, kw
-    assert randomized_svd(lambda: iter([a]), 10, return_vectors=False).info["l"] == 30
+    assert randomized_svd(lambda: iter([a]), 10, return_vectors=False).info["l"] == 20
     assert randomized_svd(a, 10, oversample=5, return_vectors=False).info["l"] == 15  # as given
     assert [default_oversample(k, "auto", "krylov") for k in (1, 100, 150, 1024)] == [20, 20, 30, 204]
     assert default_oversample(300, 4, "subspace") == 300 and default_oversample(300, 1, "krylov") == 300
+    assert default_oversample(300, "auto", "krylov", streamed=True) == 300
 
 
 def test_fixed_passes_are_reported_and_tol_is_checked():

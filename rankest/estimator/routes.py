@@ -114,12 +114,12 @@ def auto_passes_note() -> str:
 
 def multipass_method(n_cols: int, k: int, passes: Union[int, str], *, budget: int) -> str:
     """Block Krylov (fewer passes to a given accuracy: :data:`rankest.linalg.DEFAULT_METHOD`)
-    when its basis of at least 3 blocks of its default l columns
+    when its basis of at least 3 blocks of a stream's default l = 2k columns
     (:func:`rankest.linalg.default_oversample`; blocks and images, fp64) fits the memory budget —
     ``passes="auto"`` stops adding blocks at the budget — else subspace iteration (two blocks
     whatever the passes)."""
     blocks = 3 if passes == "auto" else max(1, int(passes) - 1)
-    need = 2 * 8 * n_cols * min(k + default_oversample(k, passes, DEFAULT_METHOD), n_cols) * blocks
+    need = 2 * 8 * n_cols * min(k + default_oversample(k, passes, DEFAULT_METHOD, streamed=True), n_cols) * blocks
     return DEFAULT_METHOD if need <= budget else "subspace"
 
 
