@@ -6,8 +6,8 @@ Block Krylov converges on the gap σ_k / σ_{l+1}, and every pass costs two prod
 plus a finish on a basis of passes·l columns. A narrower block needs more passes, a wider one
 fewer, each dearer. This script runs ``randomized_svd(T, k, oversample=p)`` with every other
 default, on the three matrices of ``bench_svd.py`` (the same builders, seeds and sizes), for
-p ∈ {20 (the default at k = 100: max(20, k/5)), 35, 50, 100 (l = 2k), 150}. It reports the passes the estimate chose, the
-estimate, the true worst relative error of σ̂_1…σ̂_k against the fp64 SVD, and the fastest of
+p ∈ {20 (the default at k = 100: max(20, k/5)), 35, 50, 100 (l = 2k), 150}. It reports the
+passes the estimate chose, the estimate, the true worst relative error of σ̂_1…σ̂_k against the fp64 SVD, and the fastest of
 ``--repeats`` calls, taken in turns. Writes benchmarks/reports/svd_oversample_cpu.md (+ PNG).
 """
 

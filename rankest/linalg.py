@@ -948,12 +948,13 @@ def randomized_svd(A_or_stream: Union[torch.Tensor, np.ndarray, Callable[[], Ite
         accuracy at which randomized SVDs are usually compared — Halko et al. 2011 §7, Musco &
         Musco 2015 §6 measure per-vector errors of 1e-3 to 1e-2). The estimate is the
         first-order bound of :func:`sigma_error` (20 to 120 times the true error at least, per
-        spectrum, where the default stopped in benchmarks/reports/svd_estimate.md), sharpened from the second check on by its per-pass contraction
-        (:func:`contracted_error`: Ritz values converge with sin²θ, the first-order bound with
-        sin θ) — empirical, checked against fp64 SVDs (benchmarks/reports/svd_accuracy.md,
-        tests). Values below the products' round-off floor
-        (σ_i < √(u/tol)·σ_1, u the unit round-off of the products) are refined until they stop
-        improving instead (``below_roundoff`` counts them; fp64 products resolve them).
+        spectrum, where the default stopped in benchmarks/reports/svd_estimate.md), sharpened
+        from the second check on by its per-pass contraction (:func:`contracted_error`: Ritz
+        values converge with sin²θ, the first-order bound with sin θ) — empirical, checked
+        against fp64 SVDs (benchmarks/reports/svd_accuracy.md, tests). Values below the
+        products' round-off floor (σ_i < √(u/tol)·σ_1, u the unit round-off of the products) are
+        refined until they stop improving instead (``below_roundoff`` counts them; fp64 products
+        resolve them).
     max_passes : int
         ``passes="auto"``: the most passes (default 12).
     max_memory : int
@@ -1163,13 +1164,16 @@ class _Iterate:
             self.basis, self.used, self.images, self.zs = [q], [qr_], [y], ([z] if self.keep else [])
             self._span, self.y_norm = qr_, _norm2(y)
             return
-        self.basis.append(q), self.used.append(qr_)
+        widths = [b.shape[1] for b in self.used] + [qr_.shape[1]]
         self._span = qr_ if self._span is None else torch.cat([self._span, qr_], dim=1)
+        # the blocks as views of the span: one copy of the basis is kept, not two
+        self.used = list(torch.split(self._span, widths, dim=1))
+        self.basis = self.used if self.precision != "fast" else self.basis + [q]
         if y is not None:
             self.images.append(y)
-            # ‖Y‖₂ ≥ max_j ‖Y_j‖₂ ≥ ‖Y‖₂/√m, and in practice = ‖Y‖₂ to round-off: X_1 = orth(A·Ω) holds
-            # A's top direction, so ‖Y_1‖₂ = ‖A·X_1‖₂ ≈ ‖A‖₂ ≥ ‖Y‖₂. One V'×l estimate per block
-            # instead of one of V'×L at every finish.
+            # ‖Y‖₂ ≥ max_j ‖Y_j‖₂ ≥ ‖Y‖₂/√m, and in practice = ‖Y‖₂ to round-off: X_1 = orth(A·Ω)
+            # holds A's top direction, so ‖Y_1‖₂ = ‖A·X_1‖₂ ≈ ‖A‖₂ ≥ ‖Y‖₂. One V'×l estimate per
+            # block instead of one of V'×L at every finish.
             self.y_norm = max(self.y_norm, _norm2(y))
             # (not for `fast`: Nyström re-orthonormalises its rounded blocks, a core of another basis)
             if len(self.images) == len(self.used) and self.precision != "fast":
